@@ -1,0 +1,145 @@
+-- keyledger schema. Applied at every start; every statement is idempotent.
+--
+-- Two groups of tables live here:
+--   * better-auth's own tables ("user", session, organization, member), created only if absent so keyledger
+--     can point at an existing Rybbit database and read its sessions unchanged;
+--   * keyledger's tables: the append-only event log (the source of truth), the outbox that guarantees every
+--     event reaches NATS, and the projections derived from the log.
+
+-- ---------------------------------------------------------------------------------------------------------
+-- better-auth tables (quoted camelCase columns, as better-auth's Postgres adapter creates them)
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS "user" (
+    id              text PRIMARY KEY,
+    name            text NOT NULL,
+    email           text NOT NULL UNIQUE,
+    "emailVerified" boolean NOT NULL DEFAULT false,
+    image           text,
+    "createdAt"     timestamptz NOT NULL DEFAULT now(),
+    "updatedAt"     timestamptz NOT NULL DEFAULT now()
+);
+-- The admin plugin's ban columns; Rybbit has them, a plain better-auth database may not.
+ALTER TABLE "user" ADD COLUMN IF NOT EXISTS role text;
+ALTER TABLE "user" ADD COLUMN IF NOT EXISTS banned boolean;
+ALTER TABLE "user" ADD COLUMN IF NOT EXISTS "banReason" text;
+ALTER TABLE "user" ADD COLUMN IF NOT EXISTS "banExpires" timestamptz;
+
+CREATE TABLE IF NOT EXISTS session (
+    id           text PRIMARY KEY,
+    "expiresAt"  timestamptz NOT NULL,
+    token        text NOT NULL UNIQUE,
+    "createdAt"  timestamptz NOT NULL DEFAULT now(),
+    "updatedAt"  timestamptz NOT NULL DEFAULT now(),
+    "ipAddress"  text,
+    "userAgent"  text,
+    "userId"     text NOT NULL REFERENCES "user"(id) ON DELETE CASCADE
+);
+
+-- ---------------------------------------------------------------------------------------------------------
+-- The event log: one append-only table, message-db style.
+--   position: global order of insertion (NOT of commit: see the outbox below for why we never tail it).
+--   (stream_id, version) unique: the optimistic-concurrency check. stream_id is the API key's id.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS events (
+    position     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           uuid        NOT NULL UNIQUE,
+    stream_id    text        NOT NULL,
+    version      integer     NOT NULL CHECK (version > 0),
+    type         text        NOT NULL,
+    data         jsonb       NOT NULL,
+    metadata     jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT events_stream_version_key UNIQUE (stream_id, version)
+);
+CREATE INDEX IF NOT EXISTS events_recorded_at_idx ON events (recorded_at);
+
+-- Append-only even for the table owner: triggers fire for owners too (only a superuser disabling triggers
+-- gets past this, which the audit hash chain is there to catch).
+CREATE OR REPLACE FUNCTION keyledger_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'events is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+CREATE OR REPLACE TRIGGER events_no_update_delete BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION keyledger_events_append_only();
+
+CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION keyledger_events_append_only();
+REVOKE UPDATE, DELETE, TRUNCATE ON events FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------------------
+-- The outbox: one row per event not yet acknowledged by JetStream.
+-- Filled by a trigger, so *every* writer of the log (HTTP handlers, CLI import, sweepers, psql) gets its events
+-- published: it is impossible to commit an event without committing its outbox row in the same transaction.
+-- The relay deletes a row only after JetStream acknowledged the event. It reads "all rows present", never
+-- "rows after the last position I saw", so a transaction that took a lower position but committed later is
+-- simply picked up on the next pass: the gap problem of tailing a sequence cannot lose an event here.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS outbox (
+    position bigint PRIMARY KEY
+);
+CREATE OR REPLACE FUNCTION keyledger_events_to_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbox (position) VALUES (NEW.position);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER events_to_outbox AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION keyledger_events_to_outbox();
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Projections. Each projection records, per key, the last version it applied (projection_tracking), in the
+-- same transaction as its update: that is what makes redelivered or reordered NATS messages harmless.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS projection_tracking (
+    projection text    NOT NULL,
+    stream_id  text    NOT NULL,
+    version    integer NOT NULL,
+    PRIMARY KEY (projection, stream_id)
+);
+
+-- Advance a projection's tracking for one key from version-1 to version, or fail with SQLSTATE KL409.
+-- The failure aborts the surrounding transaction, so a projection update can never commit out of order.
+CREATE OR REPLACE FUNCTION keyledger_advance(p_projection text, p_stream_id text, p_version integer)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_version = 1 THEN
+        INSERT INTO projection_tracking (projection, stream_id, version)
+        VALUES (p_projection, p_stream_id, 1)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        UPDATE projection_tracking SET version = p_version
+        WHERE projection = p_projection AND stream_id = p_stream_id AND version = p_version - 1;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'projection % is not at version % of %', p_projection, p_version - 1, p_stream_id
+            USING ERRCODE = 'KL409';
+    END IF;
+END $$;
+
+-- The active-key table: keys that exist (created and not revoked), whatever their enabled/expiry state,
+-- because get/list show disabled and expired keys and verify must tell KEY_DISABLED from INVALID_API_KEY.
+-- Verification reads it by hash. It only ever holds hashes, never a plaintext key.
+CREATE TABLE IF NOT EXISTS active_api_keys (
+    id                       text PRIMARY KEY,
+    key_hash                 text        NOT NULL UNIQUE,
+    config_id                text        NOT NULL DEFAULT 'default',
+    reference_id             text        NOT NULL,
+    name                     text,
+    start                    text,
+    prefix                   text,
+    enabled                  boolean     NOT NULL DEFAULT true,
+    expires_at               timestamptz,
+    rate_limit_enabled       boolean     NOT NULL DEFAULT false,
+    rate_limit_time_window   integer,
+    rate_limit_max           integer,
+    refill_interval          integer,
+    refill_amount            integer,
+    remaining                integer,
+    permissions              jsonb,
+    metadata                 jsonb,
+    created_at               timestamptz NOT NULL,
+    updated_at               timestamptz NOT NULL,
+    version                  integer     NOT NULL
+);
+CREATE INDEX IF NOT EXISTS active_api_keys_owner_idx ON active_api_keys (reference_id, config_id, created_at);

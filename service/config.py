@@ -1,0 +1,84 @@
+"""Configuration, from the environment only. See the README's configuration table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip().rstrip("/") for v in (value or "").split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Topology:
+    """NATS names. The defaults are the public contract; tests override them to isolate themselves."""
+
+    prefix: str = "apikey"  # subjects: <prefix>.events.<kind>.<keyId>, <prefix>.cache.invalidate
+    events_stream: str = "APIKEY_EVENTS"
+    invalidations_stream: str = "APIKEY_INVALIDATIONS"
+    consumer_prefix: str = "keyledger"
+
+    @property
+    def events_subjects(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    def event_subject(self, kind: str, key_id: str) -> str:
+        return f"{self.prefix}.events.{kind}.{key_id}"
+
+    @property
+    def invalidation_subject(self) -> str:
+        return f"{self.prefix}.cache.invalidate"
+
+    def consumer(self, name: str) -> str:
+        return f"{self.consumer_prefix}-{name}"
+
+    @classmethod
+    def from_env(cls) -> "Topology":
+        env = os.environ
+        return cls(
+            prefix=env.get("KEYLEDGER_SUBJECT_PREFIX", cls.prefix),
+            events_stream=env.get("KEYLEDGER_EVENTS_STREAM", cls.events_stream),
+            invalidations_stream=env.get("KEYLEDGER_INVALIDATIONS_STREAM", cls.invalidations_stream),
+            consumer_prefix=env.get("KEYLEDGER_CONSUMER_PREFIX", cls.consumer_prefix),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    nats_url: str
+    secret: str
+    trusted_origins: tuple[str, ...] = ()
+    topology: Topology = field(default_factory=Topology)
+    enable_metadata: bool = False  # better-auth's default: metadata on create is refused unless enabled
+    max_body_bytes: int = 64 * 1024
+    pool_min: int = 2
+    pool_max: int = 10
+    run_relay: bool = True
+    run_projections: bool = True
+
+    @classmethod
+    def from_env(cls, *, database_url: str | None = None, nats_url: str | None = None,
+                 secret: str | None = None, default_origins: tuple[str, ...] = ()) -> "Settings":
+        env = os.environ
+        secret = secret or env.get("BETTER_AUTH_SECRET") or env.get("AUTH_SECRET")
+        if not secret:
+            raise ConfigError("BETTER_AUTH_SECRET (or AUTH_SECRET) must be set: it signs the session cookies")
+        db = database_url or env.get("DATABASE_URL")
+        nats = nats_url or env.get("NATS_URL")
+        if not db or not nats:
+            raise ConfigError("DATABASE_URL and NATS_URL must both be set (or neither, for the embedded mode)")
+        return cls(
+            database_url=db,
+            nats_url=nats,
+            secret=secret,
+            trusted_origins=_csv(env.get("TRUSTED_ORIGINS")) or default_origins,
+            topology=Topology.from_env(),
+            enable_metadata=env.get("KEYLEDGER_ENABLE_METADATA", "").lower() in ("1", "true", "yes"),
+            pool_max=int(env.get("KEYLEDGER_POOL_MAX", cls.pool_max)),
+        )

@@ -1,0 +1,227 @@
+"""The pure domain core: ``decide(command, state) -> events`` and ``evolve(state, event) -> state``.
+
+No I/O, no framework, driver or client imports: the clock and the key material arrive inside the command, so
+every rule here can be tested by folding lists of events. The store loads a key's events, folds them with
+``evolve``, asks ``decide`` what happens, and appends the answer at the next version (the unique
+``(stream_id, version)`` index turns a concurrent writer into a retry, never a double write).
+
+Authorization is a domain rule: a key belongs to its ``reference_id``; anyone else is told the key does not
+exist (better-auth answers 404 ``KEY_NOT_FOUND`` for another user's key, never 403).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from .events import (
+    ApiKeyCreated,
+    ApiKeyDisabled,
+    ApiKeyEnabled,
+    ApiKeyRevoked,
+    ApiKeyUpdated,
+    Event,
+)
+
+# better-auth's bounds for ``expiresIn`` (seconds).
+MIN_EXPIRES_IN = 86_400
+MAX_EXPIRES_IN = 365 * 86_400
+
+
+class DomainError(Exception):
+    """A rule refused the command. ``status``/``code``/``message`` are better-auth's wire values."""
+
+    status = 400
+    code = "BAD_REQUEST"
+    message = "Bad request"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+
+
+class KeyNotFound(DomainError):
+    status = 404
+    code = "KEY_NOT_FOUND"
+    message = "API Key not found"
+
+
+class NoValuesToUpdate(DomainError):
+    code = "NO_VALUES_TO_UPDATE"
+    message = "No values to update."
+
+
+class ExpiresInTooSmall(DomainError):
+    code = "EXPIRES_IN_IS_TOO_SMALL"
+    message = "The expiresIn is smaller than the predefined minimum value."
+
+
+class ExpiresInTooLarge(DomainError):
+    code = "EXPIRES_IN_IS_TOO_LARGE"
+    message = "The expiresIn is larger than the predefined maximum value."
+
+
+class KeyState(msgspec.Struct, frozen=True, kw_only=True):
+    """What the log says about one key: the fold of its events."""
+
+    id: str
+    version: int
+    key_hash: str
+    reference_id: str
+    config_id: str
+    name: str | None
+    start: str | None
+    prefix: str | None
+    enabled: bool
+    expires_at: dt.datetime | None
+    metadata: dict[str, Any] | None
+    permissions: dict[str, list[str]] | None
+    created: ApiKeyCreated
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    revoked: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    actor_id: str  # the user acting (the owner check compares it with reference_id)
+    now: dt.datetime
+
+
+class CreateKey(Command, frozen=True, kw_only=True):
+    key_id: str
+    key_hash: str
+    start: str
+    prefix: str | None = None
+    name: str | None = None
+    expires_in: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class UpdateKey(Command, frozen=True, kw_only=True):
+    key_id: str
+    name: str | UnsetType = UNSET
+    enabled: bool | UnsetType = UNSET
+    expires_in: int | None | UnsetType = UNSET
+    metadata: dict[str, Any] | None | UnsetType = UNSET
+
+
+class RevokeKey(Command, frozen=True, kw_only=True):
+    key_id: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evolve: state + event -> state
+# ----------------------------------------------------------------------------------------------------------
+def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, at: dt.datetime) -> KeyState:
+    if isinstance(event, ApiKeyCreated):
+        return KeyState(
+            id=key_id,
+            version=version,
+            key_hash=event.key_hash,
+            reference_id=event.reference_id,
+            config_id=event.config_id,
+            name=event.name,
+            start=event.start,
+            prefix=event.prefix,
+            enabled=event.enabled,
+            expires_at=event.expires_at,
+            metadata=event.metadata,
+            permissions=event.permissions,
+            created=event,
+            created_at=at,
+            updated_at=at,
+        )
+    if state is None:
+        raise ValueError(f"{type(event).__name__} before ApiKeyCreated for key {key_id}")
+    changes: dict[str, Any] = {"version": version, "updated_at": at}
+    if isinstance(event, ApiKeyUpdated):
+        for field in ("name", "expires_at", "metadata"):
+            value = getattr(event, field)
+            if value is not UNSET:
+                changes[field] = value
+    elif isinstance(event, ApiKeyDisabled):
+        changes["enabled"] = False
+    elif isinstance(event, ApiKeyEnabled):
+        changes["enabled"] = True
+    elif isinstance(event, ApiKeyRevoked):
+        changes["revoked"] = True
+    return msgspec.structs.replace(state, **changes)
+
+
+def fold(events: list[tuple[int, dt.datetime, Event]], key_id: str) -> KeyState | None:
+    """Fold ``(version, recorded_at, event)`` triples, in version order, into the key's state."""
+    state: KeyState | None = None
+    for version, at, event in events:
+        state = evolve(state, event, key_id=key_id, version=version, at=at)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decide: command + state -> events
+# ----------------------------------------------------------------------------------------------------------
+def _owned(state: KeyState | None, actor_id: str) -> KeyState:
+    # Unknown, revoked and someone else's key are the same answer, so ids cannot be probed.
+    if state is None or state.revoked or state.reference_id != actor_id:
+        raise KeyNotFound()
+    return state
+
+
+def _expires_at(now: dt.datetime, expires_in: int | None) -> dt.datetime | None:
+    if expires_in is None:
+        return None
+    if expires_in < MIN_EXPIRES_IN:
+        raise ExpiresInTooSmall()
+    if expires_in > MAX_EXPIRES_IN:
+        raise ExpiresInTooLarge()
+    return now + dt.timedelta(seconds=expires_in)
+
+
+def decide(command: Command, state: KeyState | None) -> list[Event]:
+    if isinstance(command, CreateKey):
+        if state is not None:  # a 32-letter random id collided: astronomically unlikely, never silent
+            raise DomainError("Key id already exists")
+        return [
+            ApiKeyCreated(
+                key_hash=command.key_hash,
+                reference_id=command.actor_id,
+                user_id=command.actor_id,
+                name=command.name,
+                start=command.start,
+                prefix=command.prefix,
+                expires_at=_expires_at(command.now, command.expires_in),
+                metadata=command.metadata,
+            )
+        ]
+
+    if isinstance(command, RevokeKey):
+        key = _owned(state, command.actor_id)
+        return [ApiKeyRevoked(key_hash=key.key_hash)]
+
+    if isinstance(command, UpdateKey):
+        key = _owned(state, command.actor_id)
+        if all(getattr(command, f) is UNSET for f in ("name", "enabled", "expires_in", "metadata")):
+            raise NoValuesToUpdate()
+        changed: dict[str, Any] = {}
+        if command.name is not UNSET and command.name != key.name:
+            changed["name"] = command.name
+        if command.expires_in is not UNSET:
+            # Like better-auth, setting expiresIn restarts the clock from now, so it is always a change.
+            changed["expires_at"] = _expires_at(command.now, command.expires_in)
+        if command.metadata is not UNSET and command.metadata != key.metadata:
+            changed["metadata"] = command.metadata
+        events: list[Event] = []
+        if command.enabled is not UNSET and command.enabled != key.enabled:
+            flip = ApiKeyEnabled if command.enabled else ApiKeyDisabled
+            events.append(flip(key_hash=key.key_hash))
+        if changed:
+            events.append(ApiKeyUpdated(key_hash=key.key_hash, **changed))
+        return events
+
+    raise TypeError(f"unknown command {type(command).__name__}")

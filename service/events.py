@@ -1,0 +1,160 @@
+"""The API-key lifecycle events: what the log stores and NATS carries.
+
+Events are frozen, tagged msgspec Structs. Stored events are kept forever, so two rules hold for every change
+to this file: a new field always gets a default (old rows lack it), and a field is never renamed or removed.
+
+Only the key's *hash* (better-auth's ``base64url(sha256(key))``) ever appears in an event; the plaintext key
+exists only in the create response.
+
+This module is part of the pure domain core: it imports no framework, driver or client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Union
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="type", rename="camel"):
+    """Base of all events. ``key_hash`` lets consumers (caches) act without a lookup."""
+
+    key_hash: str
+
+
+class ApiKeyCreated(Event, frozen=True, kw_only=True, tag=True):
+    config_id: str = "default"
+    reference_id: str  # owner: the user id (or organization id for org keys)
+    user_id: str | None = None  # the user who created it
+    name: str | None = None
+    start: str | None = None
+    prefix: str | None = None
+    enabled: bool = True
+    expires_at: dt.datetime | None = None
+    metadata: dict[str, Any] | None = None
+    permissions: dict[str, list[str]] | None = None
+    rate_limit_enabled: bool = False
+    rate_limit_time_window: int | None = 86_400_000
+    rate_limit_max: int | None = 10
+    remaining: int | None = None
+    refill_amount: int | None = None
+    refill_interval: int | None = None
+
+
+class ApiKeyUpdated(Event, frozen=True, kw_only=True, tag=True):
+    """Carries only the fields that changed; an absent field is unchanged (``null`` is a real value)."""
+
+    name: str | None | UnsetType = UNSET
+    expires_at: dt.datetime | None | UnsetType = UNSET
+    metadata: dict[str, Any] | None | UnsetType = UNSET
+
+
+class ApiKeyDisabled(Event, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+class ApiKeyEnabled(Event, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+class ApiKeyRevoked(Event, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+AnyEvent = Union[ApiKeyCreated, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked]
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls for cls in (ApiKeyCreated, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked)
+}
+
+
+def kind(event_type: str) -> str:
+    """``ApiKeyRevoked`` -> ``revoked``: the subject token and the name people read."""
+    return event_type.removeprefix("ApiKey").lower()
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as the log holds it: the domain event plus where and when it was recorded, and by whom."""
+
+    id: str  # uuid, also the JetStream Nats-Msg-Id
+    stream_id: str  # the key id
+    version: int
+    position: int
+    recorded_at: dt.datetime
+    metadata: dict[str, Any]
+    event: Event
+
+    @property
+    def type(self) -> str:
+        return type(self.event).__name__
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The public JSON shape of an event, on NATS, in ``history --json`` and in exports."""
+
+    id: str
+    type: str
+    key_id: str
+    version: int
+    position: int
+    occurred_at: dt.datetime
+    actor: dict[str, Any]
+    data: dict[str, Any]
+
+
+# One encoder/decoder pair, built once and reused.
+_encoder = msgspec.json.Encoder()
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
+def encode_data(event: Event) -> bytes:
+    """The ``data`` column / envelope ``data``: the event's fields without the ``type`` tag."""
+    fields = msgspec.to_builtins(event)
+    del fields["type"]
+    return _encoder.encode(fields)
+
+
+def decode_data(event_type: str, data: bytes | str) -> Event:
+    try:
+        decoder = _data_decoders[event_type]
+    except KeyError:
+        raise ValueError(f"unknown event type {event_type!r}") from None
+    return decoder.decode(data)
+
+
+def data_from_builtins(event_type: str, data: dict[str, Any]) -> Event:
+    return msgspec.convert(data, EVENT_TYPES[event_type])
+
+
+def to_envelope(recorded: RecordedEvent) -> Envelope:
+    data = msgspec.to_builtins(recorded.event)
+    del data["type"]
+    return Envelope(
+        id=recorded.id,
+        type=recorded.type,
+        key_id=recorded.stream_id,
+        version=recorded.version,
+        position=recorded.position,
+        occurred_at=recorded.recorded_at,
+        actor=recorded.metadata,
+        data=data,
+    )
+
+
+def encode_envelope(recorded: RecordedEvent) -> bytes:
+    return _encoder.encode(to_envelope(recorded))
+
+
+def decode_envelope(payload: bytes) -> RecordedEvent:
+    env = _envelope_decoder.decode(payload)
+    return RecordedEvent(
+        id=env.id,
+        stream_id=env.key_id,
+        version=env.version,
+        position=env.position,
+        recorded_at=env.occurred_at,
+        metadata=env.actor,
+        event=data_from_builtins(env.type, env.data),
+    )

@@ -318,6 +318,8 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return _json_error(exc.status, exc.code, exc.message, **exc.extra)
     if isinstance(exc, DomainError):
         return _json_error(exc.status, exc.code, exc.message)
+    if isinstance(exc, store.ConcurrencyConflict):
+        return _json_error(409, "CONFLICT", "The key is being changed concurrently; try again")
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
         log.warning("database unavailable: %s", type(exc).__name__)
         return _json_error(503, "SERVICE_UNAVAILABLE", "The database is unavailable; nothing was changed")

@@ -31,7 +31,7 @@ def parse_json(raw: bytes, content_type: str | None) -> Any:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
     try:
         body = _decoder.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise ApiError(400, "BAD_REQUEST", "Invalid JSON in request body") from None
     return body
 

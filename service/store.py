@@ -14,7 +14,9 @@ only be written after the earlier one committed, so per-key order in the log is 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import random
 import uuid
 from typing import Any
 
@@ -42,11 +44,14 @@ FROM session s JOIN "user" u ON u.id = s."userId"
 WHERE s.token = %s AND s."expiresAt" > now()
 """
 
-MAX_ATTEMPTS = 8  # a conflict means someone else appended to this key; each retry re-reads and re-decides
+# A conflict means someone else appended to this key; each retry re-reads and re-decides, after a short random
+# pause so that a crowd of writers on one key spreads out instead of colliding again in lockstep.
+MAX_ATTEMPTS = 40
+RETRY_PAUSE_S = 0.004
 
 
 class ConcurrencyConflict(Exception):
-    """Another writer appended to the key between our read and our append."""
+    """Another writer appended to the key between our read and our append (409 if retries run out)."""
 
 
 class ProjectionBehind(Exception):
@@ -195,6 +200,7 @@ async def execute(
             recorded = await append(conn, key_id, version, new_events, metadata, command.now)
         except ConcurrencyConflict:
             stream = None  # someone else won: re-read and decide again
+            await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S))
             continue
         for r in recorded:
             state = evolve(state, r.event, key_id=key_id, version=r.version, at=r.recorded_at)

@@ -37,11 +37,13 @@ CREATE TABLE IF NOT EXISTS session (
 
 -- ---------------------------------------------------------------------------------------------------------
 -- The event log: one append-only table, message-db style.
---   position: global order of insertion (NOT of commit: see the outbox below for why we never tail it).
+--   position: global order of insertion, NOT of commit (a later position can commit first). Nothing tails it
+--     blindly: the relay reads the outbox instead, and the audit sealer waits for lower positions to resolve.
 --   (stream_id, version) unique: the optimistic-concurrency check. stream_id is the API key's id.
 -- ---------------------------------------------------------------------------------------------------------
+CREATE SEQUENCE IF NOT EXISTS events_position_seq AS bigint;
 CREATE TABLE IF NOT EXISTS events (
-    position     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    position     bigint      NOT NULL PRIMARY KEY,  -- set by the events_position trigger, never by writers
     id           uuid        NOT NULL UNIQUE,
     stream_id    text        NOT NULL,
     version      integer     NOT NULL CHECK (version > 0),
@@ -51,6 +53,19 @@ CREATE TABLE IF NOT EXISTS events (
     recorded_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT events_stream_version_key UNIQUE (stream_id, version)
 );
+ALTER SEQUENCE events_position_seq OWNED BY events.position;
+
+-- Every writer's transaction id is assigned *before* it draws a position. So once every transaction that was
+-- running when the sequence stood at L has ended, no position <= L can still appear: that is the horizon the
+-- audit sealer uses to chain events in position order without ever skipping a late committer.
+CREATE OR REPLACE FUNCTION keyledger_events_position() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_current_xact_id();
+    NEW.position := nextval('events_position_seq');
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER events_position BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION keyledger_events_position();
 CREATE INDEX IF NOT EXISTS events_recorded_at_idx ON events (recorded_at);
 
 -- Append-only even for the table owner: triggers fire for owners too (only a superuser disabling triggers

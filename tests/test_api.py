@@ -329,3 +329,21 @@ def test_history_cli(service: Service, alice: dict[str, str]) -> None:
 
     unknown = run("doesnotexist")
     assert unknown.returncode == 1 and "doesnotexist" in unknown.stderr and unknown.stdout == ""
+
+
+def test_write_path_catches_up_a_projection_that_is_behind(service: Service, alice: dict[str, str], db: Any) -> None:
+    """After a projection reset the inline apply finds no tracking row at version n-1 (KL409) and falls back to
+    catching the key up from the log in the same transaction: the answer still reflects the whole history."""
+    key = service.create_key(alice, name="reset-me")
+    with db.transaction():
+        db.execute("DELETE FROM active_api_keys WHERE id = %s", (key["id"],))
+        db.execute("DELETE FROM projection_tracking WHERE stream_id = %s", (key["id"],))
+    # The subscriber may or may not have rebuilt it meanwhile (it only acts on new messages); either way:
+    response = service.post("api-key/update", alice, json={"keyId": key["id"], "enabled": False})
+    assert response.status_code == 200, response.text
+    row = db.execute("SELECT enabled, version, name FROM active_api_keys WHERE id = %s", (key["id"],)).fetchone()
+    assert row == (False, 2, "reset-me")
+    tracked = db.execute("SELECT version FROM projection_tracking WHERE stream_id = %s AND projection = %s",
+                         (key["id"], "active_api_keys")).fetchone()
+    assert tracked == (2,)
+    assert service.verify(key["key"])["error"]["code"] == "KEY_DISABLED"

@@ -3,8 +3,9 @@
 A command costs two database round trips on the hot path:
 
 1. one pipelined read of the caller's session and of the key's stream (``load``);
-2. one pipelined transaction: ``INSERT`` the new events at ``version+1..``, apply the ``active_api_keys``
-   projection to them, ``COMMIT`` (``append``). The outbox row is written by a trigger on ``events``.
+2. one pipelined transaction: ``BEGIN``, ``INSERT`` the new events at ``version+1..``, apply the
+   ``active_api_keys`` projection to them, ``COMMIT`` (``append``), flushed with a single Sync. The outbox
+   row is written by a trigger on ``events``.
 
 There is no global lock: the unique ``(stream_id, version)`` index is the concurrency check. Two concurrent
 revokes of one key both decide ``ApiKeyRevoked`` at version n+1; one insert wins, the other fails with a
@@ -140,19 +141,23 @@ def _with_positions(pending: list[RecordedEvent], positions: list[int]) -> list[
 
 
 async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[RecordedEvent]:
-    # Everything below is sent in one network round trip: BEGIN, INSERTs, projection updates, COMMIT.
+    # One network round trip: BEGIN, the INSERTs, the projection updates and COMMIT are queued in a pipeline
+    # and flushed with a single Sync. (psycopg's transaction() would sync after BEGIN and after COMMIT too:
+    # three round trips instead of one, measured with a libpq trace.) On any error the server skips the rest,
+    # COMMIT included, so nothing is written; we then roll the aborted transaction back.
     try:
         async with conn.pipeline():
-            async with conn.transaction():
-                cursors = await _insert(conn, pending)
-                for r in pending:
-                    await active_keys.apply(conn, r)
-            positions = [(await c.fetchone())[0] for c in cursors]
-    except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name == "events_stream_version_key":
+            await conn.execute("BEGIN")
+            cursors = await _insert(conn, pending)
+            for r in pending:
+                await active_keys.apply(conn, r)
+            await conn.execute("COMMIT")
+        positions = [(await c.fetchone())[0] for c in cursors]
+    except psycopg.Error as exc:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.execute("ROLLBACK")
+        if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_stream_version_key":
             raise ConcurrencyConflict() from exc
-        raise
-    except psycopg.DatabaseError as exc:
         if exc.sqlstate == "KL409":
             raise ProjectionBehind() from exc
         raise

@@ -1,4 +1,4 @@
-"""The outbox relay: every committed event reaches JetStream, at least once, in per-key order.
+"""The outbox relay: every committed event reaches JetStream, at least once, in position order per batch.
 
 Guarantee without two-phase commit: an event's outbox row is committed with the event (trigger in
 schema.sql) and deleted only after JetStream acknowledged the publish. So:
@@ -12,8 +12,11 @@ schema.sql) and deleted only after JetStream acknowledged the publish. So:
 
 Order: rows are published in position order, one batch at a time, and a batch that fails is retried from
 its first unacknowledged row, so nothing is skipped. A key's version n+1 is only appended after version n
-committed, so n is always in an earlier or the same batch. Only one relay publishes at a time (a Postgres
-advisory lock), so several service processes never interleave their batches.
+committed, so n is always in an earlier batch or earlier in the same one. The publishes of a batch are in
+flight together (one ack round trip per batch, not per event); if one fails while a later one of the same
+batch was stored, the retry lands after it, so the stream order is "almost always" per-key order. Consumers
+must (and ours do) order by the envelope's per-key ``version``, never by arrival. Only one relay publishes
+at a time (a Postgres advisory lock), so several service processes never interleave their batches.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import string
 import sys
 from pathlib import Path
@@ -34,7 +35,10 @@ log = logging.getLogger("keyledger")
 class Environment:
     """The URLs and secret to use, starting embedded servers when no URLs are configured."""
 
-    def __init__(self, *, need_nats: bool = True) -> None:
+    def __init__(self, *, need_nats: bool = True, owner: bool = False) -> None:
+        """``owner``: this process runs the service and stops the embedded servers when it exits (even ones
+        it adopted from a crashed predecessor). Short-lived commands only stop what they started."""
+        self.owner = owner
         self.embedded = not os.environ.get("DATABASE_URL") and not os.environ.get("NATS_URL")
         self.secret: str | None = None
         self._servers: list[Any] = []
@@ -67,6 +71,8 @@ class Environment:
 
     def stop(self) -> None:
         for server in reversed(self._servers):
+            if getattr(server, "adopted", False) and not self.owner:
+                continue  # someone else's server (a running `keyledger serve`): leave it alone
             try:
                 server.stop()
             except Exception:  # best effort at exit
@@ -82,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .runtime import migrate
 
-    env = Environment()
+    env = Environment(owner=True)
     try:
         origins = (f"http://{args.host}:{args.port}", f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}")
         settings = Settings.from_env(database_url=env.database_url, nats_url=env.nats_url, secret=env.secret,
@@ -96,6 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print("keyledger: WARNING: no BETTER_AUTH_SECRET set; using a generated DEVELOPMENT secret "
                       f"stored in {env.data_dir / 'dev-secret'}. Never use this in production.", file=sys.stderr)
         print(f"keyledger: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
+        # before it; make that handler an exception so the `finally` below still stops the embedded servers.
+        signal.signal(signal.SIGTERM, _raise_system_exit)
         uvicorn.run(
             create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False,
             loop="uvloop", http="httptools", lifespan="on",
@@ -103,6 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         env.stop()
     return 0
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:

@@ -243,15 +243,22 @@ class EmbeddedPostgres:
     STOP_TIMEOUT: Final = 15.0
     INITDB_TIMEOUT: Final = 120.0
 
-    def __init__(self, data_dir: Path, socket_dir: Path, port: int, pid: int) -> None:
-        """Internal: use :meth:`start`.  Describes an already running server."""
+    def __init__(self, data_dir: Path, socket_dir: Path, port: int, pid: int, *, adopted: bool = False) -> None:
+        """Internal: use :meth:`start`.  Describes an already running server.
+
+        ``adopted`` is True when the server was already running (another process started it): such a
+        handle is not stopped at interpreter exit, so a short-lived command (``keyledger dev-session``)
+        never stops the server a running ``keyledger serve`` is using.
+        """
+        self.adopted: Final = adopted
         self.data_dir: Final = data_dir
         self._database = DEFAULT_DATABASE
         self.socket_dir = socket_dir
         self.port = port
         self.pid = pid
         self._atexit_registered = False
-        self._register_atexit()
+        if not adopted:
+            self._register_atexit()
 
     # -- construction ------------------------------------------------------------------
 
@@ -290,7 +297,7 @@ class EmbeddedPostgres:
         pid = int(lines[0])
         if not _is_running_postmaster(pid) or not lines[4].strip():
             return None
-        return cls(data_dir, Path(lines[4].strip()), int(lines[3]), pid)
+        return cls(data_dir, Path(lines[4].strip()), int(lines[3]), pid, adopted=True)
 
     @classmethod
     def _start_new(cls, data_dir: Path, settings: dict[str, str]) -> EmbeddedPostgres:
@@ -598,6 +605,28 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+_NATS_PID_NAME = "nats-server.pid"
+
+
+def _stop_orphan(pid_file: Path) -> None:
+    """Stop a nats-server left running on this store dir by an owner that was killed (SIGKILL skips atexit).
+
+    Two servers must never share a JetStream store dir, and the orphan would hold the port we want.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE or "nats-server" not in proc.name():
+            return
+    except (OSError, ValueError, psutil.Error):
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except psutil.TimeoutExpired:
+        proc.kill()
+
+
 class EmbeddedNats:
     """A ``nats-server -js`` child process on 127.0.0.1 with a persistent store dir.
 
@@ -632,6 +661,7 @@ class EmbeddedNats:
         """
         store_dir = Path(store_dir).expanduser().absolute()
         store_dir.mkdir(parents=True, exist_ok=True)
+        _stop_orphan(store_dir / _NATS_PID_NAME)
         binary = find_nats_server()
         attempts = 1 if port is not None else 3
         last_error: EmbeddedServerError | None = None
@@ -697,7 +727,7 @@ class EmbeddedNats:
         """Launch the process and wait (bounded) until it speaks the NATS protocol on its port."""
         args = [
             self.binary, "-a", self.HOST, "-p", str(self.port), "-js",
-            "-sd", str(self.store_dir), "-l", str(self.log_path),
+            "-sd", str(self.store_dir), "-l", str(self.log_path), "-P", str(self.store_dir / _NATS_PID_NAME),
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             log_offset = log.tell()

@@ -9,7 +9,6 @@ Every error, the framework's own 404/405/413 included, leaves as ``{"message": .
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -19,13 +18,13 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, Router, get, post
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from . import inputs, records, store
-from .auth import COOKIE_NAMES, check_origin, session_token
+from . import inputs, openapi, records, store
+from .auth import check_origin, session_token
 from .config import Settings
 from .domain import MAX_EXPIRES_IN, CreateKey, DomainError, RevokeKey, UpdateKey
 from .errors import MISSING, ApiError, unauthorized, validation
@@ -292,6 +291,14 @@ def _invalid(code: str, message: str) -> dict[str, Any]:
     return {"valid": False, "error": {"message": message, "code": code}, "key": None}
 
 
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document() -> dict[str, Any]:
+    return _OPENAPI
+
+
+_OPENAPI = openapi.document()
+
+
 @get("/health", summary="Liveness: the database answers", include_in_schema=True)
 async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _rt(request)
@@ -348,15 +355,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         finally:
             await runtime.stop()
 
-    from litestar import Router
-
-    api = Router(path="/api/auth", route_handlers=[create_key, get_key, list_keys, update_key, delete_key, verify_key])
+    api = Router(path="/api/auth", route_handlers=API_ROUTES)
     return Litestar(
-        route_handlers=[api, health],
+        route_handlers=[api, health, openapi_document],
         lifespan=[lifespan],
-        state=__import__("litestar").datastructures.State({"runtime": runtime}),
+        state=State({"runtime": runtime}),
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="keyledger", version="0.1.0", path="/schema"),
+        openapi_config=None,  # the document is openapi.py's, served at /openapi.json
         logging_config=None,
     )
+
+
+API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key]

@@ -155,7 +155,11 @@ async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent])
         positions = [(await c.fetchone())[0] for c in cursors]
     except psycopg.Error as exc:
         if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.execute("ROLLBACK")
+            # conn.rollback(), not execute("ROLLBACK"): psycopg reacts to a ROLLBACK *result* by dropping its
+            # prepared-statement cache and queueing a DEALLOCATE ALL that can land in the next pipeline after
+            # a fresh Parse ("prepared statement _pg3_N does not exist"). Server-side prepared statements
+            # survive a rollback, so there is nothing to forget.
+            await conn.rollback()
         if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_stream_version_key":
             raise ConcurrencyConflict() from exc
         if exc.sqlstate == "KL409":

@@ -347,3 +347,13 @@ def test_write_path_catches_up_a_projection_that_is_behind(service: Service, ali
                          (key["id"], "active_api_keys")).fetchone()
     assert tracked == (2,)
     assert service.verify(key["key"])["error"]["code"] == "KEY_DISABLED"
+
+
+def test_openapi_documents_every_route(service: Service) -> None:
+    doc = httpx.get(f"{service.url}/openapi.json").json()
+    for path in ("create", "get", "list", "update", "delete", "verify"):
+        assert f"/api/auth/api-key/{path}" in doc["paths"]
+    delete = doc["paths"]["/api/auth/api-key/delete"]["post"]
+    body = delete["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert doc["components"]["schemas"][body]["required"] == ["keyId"]
+    assert {"200", "400", "401", "403", "404"} <= set(delete["responses"])

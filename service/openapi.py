@@ -1,0 +1,175 @@
+"""The OpenAPI document, built from msgspec Structs that describe the wire shapes.
+
+Handlers parse their bodies by hand (to reproduce better-auth's error precedence exactly), so the framework
+cannot infer request bodies; rather than publish a document that says "no body", we describe each endpoint
+here, next to nothing else, and a test checks that every route is documented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Error(msgspec.Struct):
+    message: str
+    code: str
+
+
+class KeyRecord(msgspec.Struct, rename="camel"):
+    id: str
+    config_id: str
+    name: str | None
+    start: str | None
+    prefix: str | None
+    reference_id: str
+    enabled: bool
+    expires_at: str | None
+    created_at: str
+    updated_at: str
+    refill_interval: int | None
+    refill_amount: int | None
+    last_refill_at: str | None
+    rate_limit_enabled: bool
+    rate_limit_time_window: int | None
+    rate_limit_max: int | None
+    request_count: int
+    remaining: int | None
+    last_request: str | None
+    permissions: dict[str, list[str]] | None
+    metadata: dict[str, Any] | None
+
+
+class CreatedKey(KeyRecord, rename="camel"):
+    key: str  # the plaintext key: returned by create only, never again
+
+
+class CreateBody(msgspec.Struct, rename="camel", omit_defaults=True):
+    name: str | None = None
+    prefix: str | None = None
+    expires_in: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class UpdateBody(msgspec.Struct, rename="camel", omit_defaults=True):
+    key_id: str
+    name: str | None = None
+    enabled: bool | None = None
+    expires_in: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DeleteBody(msgspec.Struct, rename="camel"):
+    key_id: str
+
+
+class Success(msgspec.Struct):
+    success: bool
+
+
+class ListAnswer(msgspec.Struct, rename="camel", omit_defaults=True):
+    api_keys: list[KeyRecord]
+    total: int
+    limit: int | None = None
+    offset: int | None = None
+
+
+class VerifyBody(msgspec.Struct):
+    key: str
+
+
+class VerifyAnswer(msgspec.Struct):
+    valid: bool
+    error: Error | None
+    key: KeyRecord | None
+
+
+class Health(msgspec.Struct):
+    ok: bool
+    nats: bool
+
+
+_STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, Success, ListAnswer, VerifyBody,
+            VerifyAnswer, Health]
+_COOKIE = [{"betterAuthSession": []}]
+
+
+def _ref(struct: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{struct.__name__}"}
+
+
+def _json(struct: type, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(struct)}}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {status: _json(Error, text) for status, text in (c.split(" ", 1) for c in codes)}
+
+
+def _query(name: str, kind: str, required: bool = False, description: str = "") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": {"type": kind}, "description": description}
+
+
+COMMON_POST_ERRORS = ("400 malformed JSON (BAD_REQUEST) or body schema (VALIDATION_ERROR)",
+                      "403 cookie sent without a trusted Origin (MISSING_OR_NULL_ORIGIN, INVALID_ORIGIN)",
+                      "401 no valid session (UNAUTHORIZED), banned user (USER_BANNED)",
+                      "413 body over 64 KiB (PAYLOAD_TOO_LARGE)", "415 not JSON (UNSUPPORTED_MEDIA_TYPE)",
+                      "503 database unavailable (SERVICE_UNAVAILABLE)")
+
+
+def document() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(_STRUCTS, ref_template="#/components/schemas/{name}")
+
+    def post(summary: str, body: type, ok: type, *errors: str) -> dict[str, Any]:
+        return {"post": {
+            "summary": summary, "security": _COOKIE,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+            "responses": {"200": _json(ok, "success"), **_errors(*COMMON_POST_ERRORS, *errors)},
+        }}
+
+    paths = {
+        "/api/auth/api-key/create": post(
+            "Create an API key; the answer carries the plaintext key, once", CreateBody, CreatedKey,
+            "401 no session (UNAUTHORIZED_SESSION)"),
+        "/api/auth/api-key/update": post("Update one of your keys (name, enabled, expiresIn, metadata)",
+                                         UpdateBody, KeyRecord, "404 not yours or unknown (KEY_NOT_FOUND)"),
+        "/api/auth/api-key/delete": post("Revoke one of your keys, immediately and permanently", DeleteBody,
+                                         Success, "404 not yours, unknown or already revoked (KEY_NOT_FOUND)",
+                                         "409 changed concurrently too often (CONFLICT)"),
+        "/api/auth/api-key/get": {"get": {
+            "summary": "One of your keys, without the key", "security": _COOKIE,
+            "parameters": [_query("id", "string", True)],
+            "responses": {"200": _json(KeyRecord, "the key"),
+                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)",
+                                    "404 not yours or unknown (KEY_NOT_FOUND)")},
+        }},
+        "/api/auth/api-key/list": {"get": {
+            "summary": "Your keys", "security": _COOKIE,
+            "parameters": [_query("limit", "integer"), _query("offset", "integer"),
+                           _query("sortBy", "string", description="createdAt, updatedAt, name, expiresAt, enabled, id"),
+                           _query("sortDirection", "string", description="asc or desc"),
+                           _query("configId", "string")],
+            "responses": {"200": _json(ListAnswer, "keys"),
+                          **_errors("400 bad paging (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)")},
+        }},
+        "/api/auth/api-key/verify": {"post": {
+            "summary": "Verify a key (for downstream services); HTTP 200 with valid=false for bad keys",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(VerifyBody)}}},
+            "responses": {"200": _json(VerifyAnswer, "INVALID_API_KEY, KEY_DISABLED or KEY_EXPIRED when invalid"),
+                          **_errors("400 body schema (VALIDATION_ERROR)", "503 database unavailable")},
+        }},
+        "/health": {"get": {"summary": "The database answers; whether NATS is connected",
+                            "responses": {"200": _json(Health, "healthy")}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "keyledger", "version": "0.1.0",
+                 "description": "better-auth-compatible API-key service on an event-sourced core"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"betterAuthSession": {"type": "apiKey", "in": "cookie",
+                                                      "name": "better-auth.session_token"}},
+        },
+    }

@@ -56,8 +56,12 @@ class Runtime:
         if self.settings.run_projections:
             from .projections.subscriber import ActiveKeysSubscriber
 
+            from .projections.invalidations import InvalidationProjection
+
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus)
             self._tasks.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
+            invalidations = InvalidationProjection(self.bus)
+            self._tasks.append(asyncio.create_task(invalidations.run(), name="projection-invalidations"))
 
     async def stop(self) -> None:
         for task in self._tasks:

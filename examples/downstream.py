@@ -1,0 +1,73 @@
+"""A downstream service protected by keyledger keys: one route, ``GET /api/data``, behind ``KeyCache``.
+
+Run it next to a keyledger instance:
+
+    python examples/downstream.py --keyledger-url http://127.0.0.1:3000 --nats-url nats://127.0.0.1:4222 --port 3100
+    curl -H "Authorization: Bearer $KEY" http://127.0.0.1:3100/api/data      # {"ok": true, "keyId": "..."}
+    curl "http://127.0.0.1:3100/api/data?api_key=$KEY"                       # the same
+
+A missing, invalid, revoked, disabled or expired key gets 401 ``{"error": "Unauthorized"}``. Revoking the
+key in keyledger makes the next requests fail within milliseconds: the cache evicts it when keyledger's
+invalidation arrives over NATS. Settings also come from the environment: ``KEYLEDGER_URL``, ``NATS_URL``,
+``KEYLEDGER_SUBJECT_PREFIX`` and ``KEYLEDGER_INVALIDATIONS_STREAM`` (the same names the service reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request, get
+
+from keyledger.client import KeyCache, litestar_middleware
+from keyledger.config import Topology
+
+
+def create_app(cache: KeyCache) -> Litestar:
+    """The app; its lifespan starts and closes ``cache``."""
+
+    @get("/api/data")
+    async def data(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return {"ok": True, "keyId": request.state.api_key["id"]}
+
+    @get("/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "cacheCaughtUp": cache.caught_up}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await cache.start()
+        try:
+            yield
+        finally:
+            await cache.close()
+
+    return Litestar(
+        route_handlers=[data, health],
+        middleware=[litestar_middleware(cache, exclude=("/health",))],
+        lifespan=[lifespan],
+        logging_config=None,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="example downstream service using keyledger's KeyCache")
+    parser.add_argument("--keyledger-url", default=os.environ.get("KEYLEDGER_URL", "http://127.0.0.1:3000"))
+    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3100)
+    parser.add_argument("--staleness", type=float, default=1.0,
+                        help="seconds a cached key may be served while invalidations cannot be proven")
+    args = parser.parse_args(argv)
+    cache = KeyCache(args.keyledger_url, args.nats_url or None, topology=Topology.from_env(),
+                     staleness=args.staleness)
+    uvicorn.run(create_app(cache), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

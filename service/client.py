@@ -1,0 +1,593 @@
+"""A verifying cache for services that accept keyledger API keys: ``KeyCache`` plus ASGI/Litestar middleware.
+
+Why a cache at all: asking keyledger over HTTP on every request costs a round trip and makes keyledger a
+single point of failure for every downstream request. Why this one is safe: keyledger's invalidation
+projection publishes, within milliseconds of a revocation, disable or relevant update, a message on
+``<prefix>.cache.invalidate``; the cache evicts the key the moment it arrives, and the next request
+re-verifies over HTTP (where keyledger answers from the table the revoking transaction already changed).
+
+The cache only ever trusts itself as far as it can *prove* it has heard every invalidation:
+
+* **Proof of hearing.** Every ``sync_interval`` the cache makes a JetStream API round trip on its NATS
+  connection (``STREAM.INFO`` on the invalidations stream). NATS delivers a connection's messages in order,
+  so when the answer arrives every invalidation stored before it was asked has been received. The time the
+  last successful round trip *started* is ``synced_at``. This covers what nats-py's disconnected callback
+  cannot: a silent network partition, or a disconnect it has not noticed yet.
+* **Bounded staleness, fail-closed.** A cached positive is served only if it was verified, or the cache was
+  synced, within ``staleness`` seconds (default 1 s). Otherwise it is re-verified over HTTP.
+* **Catching up.** A disconnect (or a client-side slow-consumer drop) opens a *gap*. After reconnecting, the
+  cache reads the invalidations it missed from the JetStream stream, from just after the last stream sequence
+  it had proven (``cursor``) up to the stream's end, before trusting itself again. If it cannot prove it saw
+  them all (the stream lost messages past its limits, was purged or recreated, is missing, or the gap is
+  larger than ``max_replay``) it flushes every entry instead.
+* **Fail-closed on keyledger outages.** If keyledger cannot be asked, ``verify`` answers invalid
+  (``KEYLEDGER_UNAVAILABLE``), never valid from an entry it cannot trust. ``fail_open=True`` changes only
+  this: a cached positive that is merely *stale* (not evicted, not expired) is then served during the outage.
+* **No fill after eviction.** A verification that was in flight while its key was invalidated is answered
+  but not cached, so a pre-revocation answer can never be stored after the revocation's eviction.
+
+The hot path (``verify_cached``) is a sha256, a dict lookup, a clock read and two comparisons. Entries are
+keyed by the raw 32-byte digest; invalidations carry ``base64url(sha256(key))`` and are decoded once.
+
+Messages, logs and the cache itself hold only hashes, never a plaintext key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import datetime as dt
+import hashlib
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import httpx
+import msgspec
+
+from .config import Topology
+
+log = logging.getLogger("keyledger.client")
+
+__all__ = ["Invalidation", "KeyAuthMiddleware", "KeyCache", "VerifyResult", "litestar_middleware"]
+
+VERIFY_PATH = "/api/auth/api-key/verify"
+UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
+
+_sha256 = hashlib.sha256
+_monotonic = time.monotonic
+
+
+class VerifyResult(msgspec.Struct, frozen=True):
+    """keyledger's verify answer (better-auth's shape): ``valid``, ``error`` ``{message, code}``, ``key`` record."""
+
+    valid: bool
+    error: dict[str, Any] | None = None
+    key: dict[str, Any] | None = None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.get("id") if self.key else None
+
+    @property
+    def code(self) -> str | None:
+        return self.error.get("code") if self.error else None
+
+
+class Invalidation(msgspec.Struct, frozen=True, rename="camel"):
+    """One message on ``<prefix>.cache.invalidate``. ``position`` orders them; repeats are harmless."""
+
+    key_id: str
+    key_hash: str
+    reason: str
+    position: int
+    occurred_at: str
+
+
+def _unavailable() -> VerifyResult:
+    return VerifyResult(False, {"message": "keyledger is unavailable", "code": "KEYLEDGER_UNAVAILABLE"})
+
+
+_MISSING_KEY = VerifyResult(False, {"message": "API key is required", "code": "KEY_NOT_FOUND"})
+_answer_decoder = msgspec.json.Decoder(VerifyResult)
+_invalidation_decoder = msgspec.json.Decoder(Invalidation)
+_encoder = msgspec.json.Encoder()
+_NEVER = float("inf")
+
+
+def _digest_of_hash(key_hash: str) -> bytes:
+    """``base64url(sha256)`` without padding, as in events and invalidations, back to the 32 raw bytes."""
+    return base64.urlsafe_b64decode(key_hash + "=" * (-len(key_hash) % 4))
+
+
+def _epoch(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+class _Entry:
+    __slots__ = ("result", "key_id", "deadline", "verified_at")
+
+    def __init__(self, result: VerifyResult, key_id: str | None, deadline: float, verified_at: float) -> None:
+        self.result = result
+        self.key_id = key_id
+        self.deadline = deadline  # monotonic: expiresAt, max_age or negative_ttl, whichever is first
+        self.verified_at = verified_at  # monotonic time the HTTP verification was *sent*
+
+
+class KeyCache:
+    """Verifies API keys against keyledger, caching answers and evicting them on invalidation.
+
+    Use it as ``async with KeyCache(...) as cache:`` or call ``await cache.start()`` / ``await cache.close()``.
+
+    :param base_url: keyledger's HTTP base, e.g. ``http://127.0.0.1:3000``.
+    :param nats_url: NATS for invalidations; ``None`` runs without them (every positive then lives at most
+        ``staleness`` seconds: a plain short-TTL cache).
+    :param topology: subject prefix and invalidations stream (``Topology.from_env()`` reads
+        ``KEYLEDGER_SUBJECT_PREFIX`` / ``KEYLEDGER_INVALIDATIONS_STREAM``).
+    :param staleness: how old (seconds) a positive may be when the cache cannot prove it heard every
+        invalidation (NATS down, catching up, partitioned).
+    :param negative_ttl: how long an invalid answer is cached (0 disables).
+    :param max_age: upper bound on any positive's life, invalidations or not (``None``: no bound). A safety
+        net for what the cache cannot see, such as an invalidation projection that is not running.
+    :param fail_open: serve stale (never evicted, never expired) positives while keyledger is unreachable.
+    :param sync_interval: period of the proof round trip; default ``staleness / 4``.
+    :param max_replay: the largest gap replayed message by message; a larger one flushes everything.
+    :param max_entries: a full cache drops expired entries, then everything (it is only a cache).
+    :param on_invalidation: called (synchronously) after each invalidation was applied.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        nats_url: str | None = None,
+        *,
+        topology: Topology | None = None,
+        staleness: float = 1.0,
+        negative_ttl: float = 1.0,
+        max_age: float | None = 300.0,
+        fail_open: bool = False,
+        http_timeout: float = 2.0,
+        sync_interval: float | None = None,
+        max_replay: int = 10_000,
+        max_entries: int = 100_000,
+        http_client: httpx.AsyncClient | None = None,
+        on_invalidation: Callable[[Invalidation], None] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.nats_url = nats_url
+        self.topology = topology or Topology()
+        self.staleness = staleness
+        self.negative_ttl = negative_ttl
+        self.max_age = max_age
+        self.fail_open = fail_open
+        self.http_timeout = http_timeout
+        self.sync_interval = sync_interval if sync_interval is not None else max(staleness / 4, 0.01)
+        self.max_replay = max_replay
+        self.max_entries = max_entries
+        self.on_invalidation = on_invalidation
+
+        self._entries: dict[bytes, _Entry] = {}
+        self._by_id: dict[str, bytes] = {}
+        self._inflight: dict[bytes, asyncio.Task[VerifyResult]] = {}
+        # Eviction log for the "no fill after eviction" rule: (generation, digest, key id, was it a flush).
+        self._generation = 0
+        self._evictions: collections.deque[tuple[int, bytes | None, str | None, bool]] = collections.deque(maxlen=1024)
+
+        self._http = http_client
+        self._own_http = http_client is None
+        self._verify_url = self.base_url + VERIFY_PATH
+        self._nc: Any = None
+        self._js: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._synced_at = -_NEVER  # monotonic start of the last proof round trip
+        self._gap = True  # nothing proven yet: the first sync resolves it
+        self._epoch = 0  # bumped on every disconnect, so a round trip that spans one proves nothing
+        self._cursor: int | None = None  # last invalidations-stream sequence proven received
+
+        # Observability (plain counters; the hot path updates none of them).
+        self.http_verifications = 0
+        self.invalidations_applied = 0
+        self.flushes = 0
+        self.replayed = 0
+        self.last_invalidation: Invalidation | None = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------------------------------------------
+    async def start(self) -> "KeyCache":
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.http_timeout,
+                limits=httpx.Limits(max_keepalive_connections=20, keepalive_expiry=60),
+            )
+        if self.nats_url and self._task is None:
+            self._task = asyncio.create_task(self._supervise(), name="keyledger-cache-nats")
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:  # cancelled or failed: closing either way
+                pass
+            self._task = None
+        if self._nc is not None:
+            try:
+                await asyncio.wait_for(self._nc.close(), 2)
+            except Exception:
+                pass
+            self._nc = None
+        if self._http is not None and self._own_http:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> "KeyCache":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def trusted(self) -> bool:
+        """True while the cache has proven, within ``staleness``, that it heard every invalidation."""
+        return _monotonic() - self._synced_at <= self.staleness
+
+    @property
+    def caught_up(self) -> bool:
+        """True while connected with no gap: every invalidation up to the last proof has been received."""
+        return self.connected and not self._gap and self.trusted
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Verification
+    # ------------------------------------------------------------------------------------------------------
+    def verify_cached(self, key: str) -> VerifyResult | None:
+        """The cached answer for ``key`` if it may be served right now, else ``None``. Never does I/O."""
+        entry = self._entries.get(_sha256(key.encode()).digest())
+        if entry is None:
+            return None
+        now = _monotonic()
+        if now >= entry.deadline:
+            return None
+        staleness = self.staleness
+        if now - self._synced_at > staleness and now - entry.verified_at > staleness:
+            return None  # cannot prove no invalidation was missed: re-verify
+        return entry.result
+
+    async def verify(self, key: str) -> VerifyResult:
+        """Verify ``key``: from the cache when that is provably fresh, else over HTTP (then cached)."""
+        result = self.verify_cached(key)
+        if result is not None:
+            return result
+        if not key:
+            return _MISSING_KEY
+        digest = _sha256(key.encode()).digest()
+        task = self._inflight.get(digest)
+        if task is None:  # one HTTP verification per key at a time; later callers share it
+            task = asyncio.ensure_future(self._verify_remote(key, digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda _t, d=digest: self._inflight.pop(d, None))
+        return await asyncio.shield(task)
+
+    async def _verify_remote(self, key: str, digest: bytes) -> VerifyResult:
+        if self._http is None:
+            await self.start()
+        assert self._http is not None
+        generation = self._generation
+        sent = _monotonic()
+        self.http_verifications += 1
+        try:
+            response = await self._http.post(
+                self._verify_url, content=_encoder.encode({"key": key}),
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            log.warning("keyledger verify failed: %s", type(exc).__name__)
+            return self._unavailable(digest)
+        if response.status_code != 200:
+            if 400 <= response.status_code < 500 and response.status_code != 429:
+                return VerifyResult(False, {"message": "Invalid API key.", "code": "INVALID_API_KEY"})
+            return self._unavailable(digest)
+        try:
+            result = _answer_decoder.decode(response.content)
+        except msgspec.DecodeError:
+            return self._unavailable(digest)
+        if not self._evicted_since(generation, digest, result.key_id):
+            self._store(digest, result, sent)
+        return result
+
+    def _unavailable(self, digest: bytes) -> VerifyResult:
+        if self.fail_open:
+            entry = self._entries.get(digest)
+            if entry is not None and entry.result.valid and _monotonic() < entry.deadline:
+                return entry.result
+        return _unavailable()
+
+    def _evicted_since(self, generation: int, digest: bytes, key_id: str | None) -> bool:
+        if generation == self._generation:
+            return False
+        if self._generation - generation > len(self._evictions):
+            return True  # the log no longer reaches back that far: assume the worst
+        for gen, evicted, evicted_id, flushed in reversed(self._evictions):
+            if gen <= generation:
+                break
+            if flushed or evicted == digest or (key_id is not None and evicted_id == key_id):
+                return True
+        return False
+
+    def _store(self, digest: bytes, result: VerifyResult, sent: float) -> None:
+        if result.valid:
+            deadline = sent + self.max_age if self.max_age is not None else _NEVER
+            key = result.key or {}
+            expires = _epoch(key.get("expiresAt"))
+            if expires is not None:
+                deadline = min(deadline, sent + (expires - time.time()))
+            key_id = key.get("id")
+        else:
+            deadline = sent + self.negative_ttl
+            key_id = None
+        if deadline <= _monotonic():
+            return
+        if len(self._entries) >= self.max_entries:
+            self._make_room()
+        self._entries[digest] = _Entry(result, key_id, deadline, sent)
+        if key_id:
+            self._by_id[key_id] = digest
+
+    def _make_room(self) -> None:
+        now = _monotonic()
+        self._entries = {d: e for d, e in self._entries.items() if e.deadline > now}
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._by_id = {e.key_id: d for d, e in self._entries.items() if e.key_id}
+
+    # ------------------------------------------------------------------------------------------------------
+    # Eviction
+    # ------------------------------------------------------------------------------------------------------
+    def invalidate(self, *, key_hash: str | None = None, key_id: str | None = None) -> None:
+        """Evict one key, by hash and/or id (what an invalidation message does)."""
+        digest = _digest_of_hash(key_hash) if key_hash else None
+        if digest is not None:
+            self._entries.pop(digest, None)
+        if key_id is not None:
+            by_id = self._by_id.pop(key_id, None)
+            if by_id is not None:
+                self._entries.pop(by_id, None)
+        self._generation += 1
+        self._evictions.append((self._generation, digest, key_id, False))
+
+    def flush(self, why: str = "") -> None:
+        """Evict everything."""
+        had = len(self._entries)
+        self._entries.clear()
+        self._by_id.clear()
+        self._generation += 1
+        self._evictions.append((self._generation, None, None, True))
+        self.flushes += 1
+        if why and had:
+            log.warning("key cache flushed (%d entries): %s", had, why)
+
+    def _apply(self, payload: bytes) -> None:
+        try:
+            inv = _invalidation_decoder.decode(payload)
+            self.invalidate(key_hash=inv.key_hash, key_id=inv.key_id)
+        except Exception as exc:  # unreadable: we cannot tell which key, so no key may be trusted
+            self.flush(f"unreadable invalidation ({type(exc).__name__})")
+            return
+        self.invalidations_applied += 1
+        self.last_invalidation = inv
+        if self.on_invalidation is not None:
+            try:
+                self.on_invalidation(inv)
+            except Exception:
+                log.exception("on_invalidation callback failed")
+
+    async def _on_message(self, msg: Any) -> None:
+        self._apply(msg.data)
+
+    # ------------------------------------------------------------------------------------------------------
+    # NATS: connection, proof round trips, catching up
+    # ------------------------------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        import nats
+
+        delay = 0.05
+        while self._nc is None:
+            try:
+                self._nc = await nats.connect(
+                    self.nats_url,
+                    name="keyledger-cache",
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("NATS not available (%s); verifying over HTTP meanwhile", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._js = self._nc.jetstream(timeout=max(min(self.staleness, 2.0), 0.2))
+        await self._nc.subscribe(self.topology.invalidation_subject, cb=self._on_message)
+        while True:
+            try:
+                if self._nc.is_closed:
+                    return
+                if self._nc.is_connected:
+                    if self._gap:
+                        await self._catch_up()
+                    else:
+                        await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("cache sync: %s: %s", type(exc).__name__, exc)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.sync_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _on_disconnect(self) -> None:
+        self._epoch += 1
+        self._gap = True
+        log.warning("key cache: NATS disconnected; positives older than %ss are re-verified", self.staleness)
+
+    async def _on_reconnect(self) -> None:
+        log.info("key cache: NATS reconnected; catching up on invalidations")
+        self._wake.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
+        if isinstance(exc, SlowConsumerError):  # the client dropped messages: some may be invalidations
+            self._epoch += 1
+            self._gap = True
+            self._wake.set()
+        log.debug("key cache NATS error: %s", exc)
+
+    async def _stream_state(self) -> tuple[int, int] | None:
+        """(first_seq, last_seq) of the invalidations stream, or None if it does not exist."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await self._js.stream_info(self.topology.invalidations_stream)
+        except NotFoundError:
+            return None
+        return info.state.first_seq, info.state.last_seq
+
+    async def _sync(self) -> None:
+        """One proof round trip; also moves the cursor to the stream's end (all of it was received live)."""
+        epoch, sent = self._epoch, _monotonic()
+        state = await self._stream_state()
+        if state is None:
+            await self._nc.flush(timeout=max(self.staleness, 0.2))
+        if epoch != self._epoch or self._gap:
+            return
+        self._cursor = None if state is None else state[1]
+        self._synced_at = sent
+
+    async def _catch_up(self) -> None:
+        """Close a gap: replay what the stream holds after the cursor, or flush if that cannot be proven."""
+        epoch, sent = self._epoch, _monotonic()
+        for _ in range(3):  # repeat until the stream's end stops moving (closes a publish-vs-SUB race)
+            state = await self._stream_state()
+            cursor = self._cursor
+            if state is None:
+                self.flush("invalidations stream missing")
+                self._cursor = None
+                break
+            first, last = state
+            if last == cursor:
+                break
+            if cursor is None or last < cursor or first > cursor + 1 or last - cursor > self.max_replay:
+                self.flush(f"cannot replay invalidations {cursor} -> {last} (stream holds {first}..{last})")
+                self._cursor = last
+                continue
+            if not await self._replay(cursor + 1, last):
+                self.flush("invalidations missing from the stream")
+            self._cursor = last
+        if epoch != self._epoch:
+            return  # disconnected again meanwhile: still a gap
+        self._gap = False
+        self._synced_at = sent
+        log.info("key cache: caught up at stream sequence %s", self._cursor)
+
+    async def _replay(self, first: int, last: int) -> bool:
+        from nats.js.errors import NotFoundError
+
+        for start in range(first, last + 1, 64):
+            seqs = range(start, min(start + 64, last + 1))
+            msgs = await asyncio.gather(
+                *(self._js.get_msg(self.topology.invalidations_stream, s) for s in seqs), return_exceptions=True
+            )
+            for msg in msgs:
+                if isinstance(msg, NotFoundError):
+                    return False
+                if isinstance(msg, BaseException):
+                    raise msg
+                self._apply(msg.data)
+                self.replayed += 1
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Middleware
+# ----------------------------------------------------------------------------------------------------------
+_UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(UNAUTHORIZED_BODY)).encode())]
+
+
+def key_from_scope(scope: dict[str, Any]) -> str | None:
+    """``Authorization: Bearer <key>``, else the ``api_key`` query parameter."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    query = scope.get("query_string", b"")
+    if b"api_key=" in query:
+        values = urllib.parse.parse_qs(query.decode("latin-1")).get("api_key")
+        if values and values[0]:
+            return values[0]
+    return None
+
+
+class KeyAuthMiddleware:
+    """Plain ASGI middleware: 401 ``{"error": "Unauthorized"}`` unless the request carries a valid key.
+
+    On success the verified key record is ``scope["state"]["api_key"]`` (Litestar: ``request.state.api_key``).
+    ``exclude`` lists path prefixes that need no key (health checks). Lifespan events pass through.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], cache: KeyCache, *, exclude: Collection[str] = ()) -> None:
+        self.app = app
+        self.cache = cache
+        self.exclude = tuple(exclude)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or (self.exclude and scope["path"].startswith(self.exclude)):
+            await self.app(scope, receive, send)
+            return
+        key = key_from_scope(scope)
+        result = None
+        if key:
+            result = self.cache.verify_cached(key) or await self.cache.verify(key)
+        if result is None or not result.valid:
+            await self._deny(scope, send)
+            return
+        scope.setdefault("state", {})["api_key"] = result.key
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _deny(scope: dict[str, Any], send: Any) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": _UNAUTHORIZED_HEADERS})
+        await send({"type": "http.response.body", "body": UNAUTHORIZED_BODY})
+
+
+def litestar_middleware(cache: KeyCache, *, exclude: Collection[str] = ()) -> Any:
+    """``Litestar(middleware=[litestar_middleware(cache)])``: the same middleware, as Litestar declares it."""
+    from litestar.middleware import DefineMiddleware
+
+    return DefineMiddleware(KeyAuthMiddleware, cache=cache, exclude=exclude)

@@ -93,6 +93,11 @@ REVOKE UPDATE, DELETE, TRUNCATE ON events FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS outbox (
     position bigint PRIMARY KEY
 );
+-- A queue table: every row is deleted soon after insert. Vacuum it eagerly so the relay's scans never wade
+-- through thousands of dead tuples at high revoke rates.
+ALTER TABLE outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+                        autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0,
+                        autovacuum_analyze_threshold = 500);
 CREATE OR REPLACE FUNCTION keyledger_events_to_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO outbox (position) VALUES (NEW.position);

@@ -33,11 +33,12 @@ from .log import EVENT_COLUMNS, row_to_event
 
 log = logging.getLogger("keyledger.relay")
 
+# The oldest pending positions come from the outbox's primary-key index, then each event by its own key.
 NEXT_BATCH = f"""
 SELECT {EVENT_COLUMNS}
-FROM outbox o JOIN events e ON e.position = o.position
-ORDER BY o.position
-LIMIT %s
+FROM (SELECT position FROM outbox ORDER BY position LIMIT %s) o
+JOIN events e ON e.position = o.position
+ORDER BY e.position
 """
 MARK_PUBLISHED = "DELETE FROM outbox WHERE position = ANY(%s)"
 LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.outbox-relay', 0))"

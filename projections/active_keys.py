@@ -51,7 +51,12 @@ ADVANCE = "SELECT keyledger_advance(%s, %s, %s)"
 # row lock alone could not serialise two subscribers catching up the same new key.
 LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtextextended(%s || '/' || %s, 0))"
 TRACKED_VERSION = "SELECT version FROM projection_tracking WHERE projection = %s AND stream_id = %s FOR UPDATE"
-TRACKED_VERSIONS = "SELECT stream_id, version FROM projection_tracking WHERE projection = %s AND stream_id = ANY(%s)"
+# One primary-key lookup per key (a generic plan for "stream_id = ANY(...)" filtered every tracked row).
+TRACKED_VERSIONS = """
+SELECT t.stream_id, t.version
+FROM unnest(%s::text[]) AS k(stream_id)
+JOIN projection_tracking t ON t.projection = %s AND t.stream_id = k.stream_id
+"""
 
 
 def _json(value: Any) -> Jsonb | None:
@@ -125,5 +130,5 @@ async def catch_up(conn: AsyncConnection[Any], key_id: str, upto_version: int, p
 
 
 async def tracked_versions(conn: AsyncConnection[Any], key_ids: list[str], projection: str = NAME) -> dict[str, int]:
-    cur = await conn.execute(TRACKED_VERSIONS, (projection, key_ids))
+    cur = await conn.execute(TRACKED_VERSIONS, (key_ids, projection))
     return dict(await cur.fetchall())

@@ -55,7 +55,8 @@ class ActiveKeysSubscriber:
             topology.events_subjects,
             durable=durable,
             stream=topology.events_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            # AckAll: one ack per batch (acking the last message acks everything delivered before it).
+            config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL,
                                   ack_wait=30, max_ack_pending=10_000),
         )
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
@@ -77,5 +78,5 @@ class ActiveKeysSubscriber:
                 self.skipped += 1
                 continue
             self.applied += await active_keys.catch_up(conn, key_id, version)
-        for msg in msgs:
-            await msg.ack()
+        if msgs:
+            await msgs[-1].ack()  # AckAll: covers the whole batch, only after it was applied

@@ -163,3 +163,43 @@ CREATE TABLE IF NOT EXISTS active_api_keys (
     version                  integer     NOT NULL
 );
 CREATE INDEX IF NOT EXISTS active_api_keys_owner_idx ON active_api_keys (reference_id, config_id, created_at);
+
+-- The active_api_keys projection, as one function that applies one event. It has two call sites and no twin:
+-- the append statement (store.py) calls it inline, in the transaction that records the event, and the NATS
+-- subscriber (projections/active_keys.py) calls it for events it finds the projection has not seen yet.
+-- keyledger_advance at the end makes a second or out-of-order application abort the transaction.
+CREATE OR REPLACE FUNCTION keyledger_project_active_key(
+    p_stream_id text, p_version integer, p_type text, p_data jsonb, p_at timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    CASE p_type
+    WHEN 'ApiKeyCreated' THEN
+        INSERT INTO active_api_keys (
+            id, key_hash, config_id, reference_id, name, start, prefix, enabled, expires_at,
+            rate_limit_enabled, rate_limit_time_window, rate_limit_max, refill_interval, refill_amount,
+            remaining, permissions, metadata, created_at, updated_at, version)
+        VALUES (
+            p_stream_id, p_data->>'keyHash', coalesce(p_data->>'configId', 'default'), p_data->>'referenceId',
+            p_data->>'name', p_data->>'start', p_data->>'prefix', coalesce((p_data->>'enabled')::boolean, true),
+            (p_data->>'expiresAt')::timestamptz, coalesce((p_data->>'rateLimitEnabled')::boolean, false),
+            (p_data->>'rateLimitTimeWindow')::integer, (p_data->>'rateLimitMax')::integer,
+            (p_data->>'refillInterval')::integer, (p_data->>'refillAmount')::integer,
+            (p_data->>'remaining')::integer, nullif(p_data->'permissions', 'null'::jsonb),
+            nullif(p_data->'metadata', 'null'::jsonb), p_at, p_at, p_version);
+    WHEN 'ApiKeyUpdated' THEN  -- carries only the fields that changed
+        UPDATE active_api_keys SET
+            name       = CASE WHEN p_data ? 'name' THEN p_data->>'name' ELSE name END,
+            expires_at = CASE WHEN p_data ? 'expiresAt' THEN (p_data->>'expiresAt')::timestamptz ELSE expires_at END,
+            metadata   = CASE WHEN p_data ? 'metadata' THEN nullif(p_data->'metadata', 'null'::jsonb) ELSE metadata END,
+            updated_at = p_at, version = p_version
+        WHERE id = p_stream_id;
+    WHEN 'ApiKeyDisabled', 'ApiKeyEnabled' THEN
+        UPDATE active_api_keys SET enabled = (p_type = 'ApiKeyEnabled'), updated_at = p_at, version = p_version
+        WHERE id = p_stream_id;
+    WHEN 'ApiKeyRevoked' THEN
+        DELETE FROM active_api_keys WHERE id = p_stream_id;
+    ELSE
+        NULL;  -- an event type this projection does not care about still advances its tracking
+    END CASE;
+    PERFORM keyledger_advance('active_api_keys', p_stream_id, p_version);
+END $$;

@@ -1,11 +1,13 @@
 """The write path: load a key's events, decide, append at the next version, project inline. One place.
 
-A command costs two database round trips on the hot path:
+A command costs two statements, two database round trips, on the hot path:
 
-1. one pipelined read of the caller's session and of the key's stream (``load``);
-2. one pipelined transaction: ``BEGIN``, ``INSERT`` the new events at ``version+1..``, apply the
-   ``active_api_keys`` projection to them, ``COMMIT`` (``append``), flushed with a single Sync. The outbox
-   row is written by a trigger on ``events``.
+1. ``LOAD``: the caller's session and the key's stream, in one statement (``load``);
+2. ``APPEND``: one statement that inserts the new events at ``version+1..`` and, for each, calls the
+   ``active_api_keys`` projection function (``append``). A single statement is its own transaction: the
+   events, their outbox rows (a trigger on ``events``) and the projection change commit together or not at
+   all. (We measured the alternatives: a pipeline of BEGIN/INSERT/apply/COMMIT costs one event-loop wake-up
+   per statement in psycopg, and ``transaction()`` adds two round trips.)
 
 There is no global lock: the unique ``(stream_id, version)`` index is the concurrency check. Two concurrent
 revokes of one key both decide ``ApiKeyRevoked`` at version n+1; one insert wins, the other fails with a
@@ -24,25 +26,46 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
 
 from .domain import Command, KeyState, decide, evolve, fold
-from .events import Event, RecordedEvent, encode_data
-from .log import READ_STREAM, as_fold_input, read_stream, row_to_event
+from .events import Event, RecordedEvent, decode_data, encode_data
+from .log import as_fold_input, read_stream
 from .projections import active_keys
 
+_encoder = msgspec.json.Encoder()
+
+# Insert the events (arrays in version order) and apply each to the projection, in one statement. The
+# projection function aborts the statement (KL409) unless the key's projection was exactly one version behind,
+# so a misordered or repeated application can never commit.
 APPEND = """
+WITH appended AS (
+    INSERT INTO events (id, stream_id, version, type, data, metadata, recorded_at)
+    SELECT * FROM unnest(%(id)s::uuid[], %(stream)s::text[], %(version)s::integer[], %(type)s::text[],
+                         %(data)s::jsonb[], %(metadata)s::jsonb[], %(at)s::timestamptz[])
+    RETURNING position, stream_id, version, type, data, recorded_at
+)
+SELECT position, keyledger_project_active_key(stream_id, version, type, data, recorded_at)
+FROM appended
+"""
+# The same insert without the inline projection, for the slow path (the projection then catches up).
+APPEND_ONLY = """
 INSERT INTO events (id, stream_id, version, type, data, metadata, recorded_at)
-VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s)
+SELECT * FROM unnest(%(id)s::uuid[], %(stream)s::text[], %(version)s::integer[], %(type)s::text[],
+                     %(data)s::jsonb[], %(metadata)s::jsonb[], %(at)s::timestamptz[])
 RETURNING position
 """
 
-# The better-auth session, joined with its user for the ban. An expired session is no session.
-SESSION_QUERY = """
-SELECT s.id, s."userId",
-       coalesce(u.banned, false) AND (u."banExpires" IS NULL OR u."banExpires" > now()) AS banned
-FROM session s JOIN "user" u ON u.id = s."userId"
-WHERE s.token = %s AND s."expiresAt" > now()
+# The better-auth session (joined with its user for the ban; an expired session is no session) and the key's
+# events in version order, as two JSON arrays in one row.
+LOAD = """
+SELECT
+    (SELECT json_build_array(s.id, s."userId",
+                             coalesce(u.banned, false) AND (u."banExpires" IS NULL OR u."banExpires" > now()))
+     FROM session s JOIN "user" u ON u.id = s."userId"
+     WHERE s.token = %(token)s AND s."expiresAt" > now())::text,
+    (SELECT json_agg(json_build_array(e.id, e.version, e.position, e.recorded_at, e.type, e.data, e.metadata)
+                     ORDER BY e.version)
+     FROM events e WHERE e.stream_id = %(key)s)::text
 """
 
 # A conflict means someone else appended to this key; each retry re-reads and re-decides, after a short random
@@ -73,24 +96,37 @@ class Session(tuple):  # (session_id, user_id, banned)
         return bool(self[2])
 
 
+class _StreamRow(msgspec.Struct, array_like=True):
+    id: str
+    version: int
+    position: int
+    recorded_at: dt.datetime
+    type: str
+    data: msgspec.Raw
+    metadata: dict[str, Any]
+
+
+_session_decoder = msgspec.json.Decoder(tuple[str, str, bool])
+_stream_decoder = msgspec.json.Decoder(list[_StreamRow])
+
+
 async def load(
     conn: AsyncConnection[Any], session_token: str | None, key_id: str | None
 ) -> tuple[Session | None, list[RecordedEvent]]:
-    """The caller's session and the key's stream, in one round trip (pipeline)."""
-    async with conn.pipeline():
-        session_cur = await conn.execute(SESSION_QUERY, (session_token,)) if session_token else None
-        stream_cur = await conn.execute(READ_STREAM, (key_id, 0)) if key_id else None
-        row = await session_cur.fetchone() if session_cur else None
-        rows = await stream_cur.fetchall() if stream_cur else []
-    return (Session(row) if row else None), [row_to_event(r) for r in rows]
+    """The caller's session and the key's stream, in one statement."""
+    cur = await conn.execute(LOAD, {"token": session_token, "key": key_id})
+    session_json, stream_json = await cur.fetchone()
+    session = Session(_session_decoder.decode(session_json)) if session_json else None
+    stream = [
+        RecordedEvent(id=r.id, stream_id=key_id, version=r.version, position=r.position, recorded_at=r.recorded_at,
+                      metadata=r.metadata, event=decode_data(r.type, r.data))
+        for r in (_stream_decoder.decode(stream_json) if stream_json else ())
+    ]
+    return session, stream
 
 
 async def load_session(conn: AsyncConnection[Any], session_token: str | None) -> Session | None:
-    if not session_token:
-        return None
-    cur = await conn.execute(SESSION_QUERY, (session_token,))
-    row = await cur.fetchone()
-    return Session(row) if row else None
+    return (await load(conn, session_token, None))[0] if session_token else None
 
 
 def _state(events: list[RecordedEvent], key_id: str) -> KeyState | None:
@@ -124,43 +160,32 @@ async def append(
         return await _append_catching_up(conn, pending)
 
 
-async def _insert(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[psycopg.AsyncCursor[Any]]:
-    cursors = []
-    for r in pending:
-        cursors.append(
-            await conn.execute(
-                APPEND,
-                (r.id, r.stream_id, r.version, r.type, encode_data(r.event).decode(), Jsonb(r.metadata), r.recorded_at),
-            )
-        )
-    return cursors
+def _params(pending: list[RecordedEvent]) -> dict[str, list[Any]]:
+    return {
+        "id": [r.id for r in pending],
+        "stream": [r.stream_id for r in pending],
+        "version": [r.version for r in pending],
+        "type": [r.type for r in pending],
+        "data": [encode_data(r.event).decode() for r in pending],
+        "metadata": [_encoder.encode(r.metadata).decode() for r in pending],
+        "at": [r.recorded_at for r in pending],
+    }
 
 
 def _with_positions(pending: list[RecordedEvent], positions: list[int]) -> list[RecordedEvent]:
     return [msgspec.structs.replace(r, position=p) for r, p in zip(pending, positions)]
 
 
+def _conflict(exc: psycopg.Error) -> bool:
+    return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_stream_version_key"
+
+
 async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[RecordedEvent]:
-    # One network round trip: BEGIN, the INSERTs, the projection updates and COMMIT are queued in a pipeline
-    # and flushed with a single Sync. (psycopg's transaction() would sync after BEGIN and after COMMIT too:
-    # three round trips instead of one, measured with a libpq trace.) On any error the server skips the rest,
-    # COMMIT included, so nothing is written; we then roll the aborted transaction back.
     try:
-        async with conn.pipeline():
-            await conn.execute("BEGIN")
-            cursors = await _insert(conn, pending)
-            for r in pending:
-                await active_keys.apply(conn, r)
-            await conn.execute("COMMIT")
-        positions = [(await c.fetchone())[0] for c in cursors]
+        cur = await conn.execute(APPEND, _params(pending))
+        positions = [row[0] for row in await cur.fetchall()]
     except psycopg.Error as exc:
-        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            # conn.rollback(), not execute("ROLLBACK"): psycopg reacts to a ROLLBACK *result* by dropping its
-            # prepared-statement cache and queueing a DEALLOCATE ALL that can land in the next pipeline after
-            # a fresh Parse ("prepared statement _pg3_N does not exist"). Server-side prepared statements
-            # survive a rollback, so there is nothing to forget.
-            await conn.rollback()
-        if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_stream_version_key":
+        if _conflict(exc):
             raise ConcurrencyConflict() from exc
         if exc.sqlstate == "KL409":
             raise ProjectionBehind() from exc
@@ -174,11 +199,11 @@ async def _append_catching_up(conn: AsyncConnection[Any], pending: list[Recorded
     # per-key lock. Still one transaction, so the 200 still means "verify already agrees".
     try:
         async with conn.transaction():
-            cursors = await _insert(conn, pending)
-            positions = [(await c.fetchone())[0] for c in cursors]
+            cur = await conn.execute(APPEND_ONLY, _params(pending))
+            positions = [row[0] for row in await cur.fetchall()]
             await active_keys.catch_up(conn, pending[0].stream_id, pending[-1].version)
-    except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name == "events_stream_version_key":
+    except psycopg.Error as exc:
+        if _conflict(exc):
             raise ConcurrencyConflict() from exc
         raise
     return _with_positions(pending, positions)

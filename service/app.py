@@ -367,4 +367,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
     )
 
 
+def create_app_from_env() -> Litestar:
+    """Factory for ``uvicorn --factory`` worker processes: everything comes from the environment."""
+    return create_app(Settings.from_env())
+
+
 API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key]

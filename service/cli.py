@@ -101,14 +101,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if env.secret:
                 print("keyledger: WARNING: no BETTER_AUTH_SECRET set; using a generated DEVELOPMENT secret "
                       f"stored in {env.data_dir / 'dev-secret'}. Never use this in production.", file=sys.stderr)
-        print(f"keyledger: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        print(f"keyledger: listening on http://{args.host}:{args.port}"
+              + (f" with {args.workers} worker processes" if args.workers > 1 else ""), file=sys.stderr, flush=True)
         # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
         # before it; make that handler an exception so the `finally` below still stops the embedded servers.
         signal.signal(signal.SIGTERM, _raise_system_exit)
-        uvicorn.run(
-            create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False,
-            loop="uvloop", http="httptools", lifespan="on",
-        )
+        common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, loop="uvloop",
+                      http="httptools", lifespan="on")
+        if args.workers > 1:
+            # Worker processes build their settings from the environment: hand them exactly ours.
+            os.environ.update(
+                DATABASE_URL=settings.database_url, NATS_URL=settings.nats_url,
+                BETTER_AUTH_SECRET=settings.secret, TRUSTED_ORIGINS=",".join(settings.trusted_origins),
+                KEYLEDGER_RUN_RELAY="1" if settings.run_relay else "0",
+                KEYLEDGER_RUN_PROJECTIONS="1" if settings.run_projections else "0",
+            )
+            uvicorn.run("keyledger.app:create_app_from_env", factory=True, workers=args.workers, **common)
+        else:
+            uvicorn.run(create_app(settings), **common)
     finally:
         env.stop()
     return 0
@@ -212,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the HTTP API, the outbox relay and the projections")
     p.add_argument("--host", default=os.environ.get("KEYLEDGER_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("KEYLEDGER_PORT", "3000")))
+    p.add_argument("--workers", type=int, default=int(os.environ.get("KEYLEDGER_WORKERS", "1")),
+                   help="HTTP worker processes (the relay and subscribers run in one of them)")
     p.add_argument("--no-relay", action="store_true", help="do not run the outbox relay in this process")
     p.add_argument("--no-projections", action="store_true", help="do not run the NATS projection subscribers")
     p.set_defaults(func=cmd_serve)

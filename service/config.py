@@ -59,6 +59,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     pool_min: int = 2
     pool_max: int = 10
+    relay_poll_s: float = 0.5  # the relay also polls, for writers in other processes that cannot nudge it
     run_relay: bool = True
     run_projections: bool = True
 
@@ -81,4 +82,7 @@ class Settings:
             topology=Topology.from_env(),
             enable_metadata=env.get("KEYLEDGER_ENABLE_METADATA", "").lower() in ("1", "true", "yes"),
             pool_max=int(env.get("KEYLEDGER_POOL_MAX", cls.pool_max)),
+            relay_poll_s=float(env.get("KEYLEDGER_RELAY_POLL_S", cls.relay_poll_s)),
+            run_relay=env.get("KEYLEDGER_RUN_RELAY", "1") != "0",
+            run_projections=env.get("KEYLEDGER_RUN_PROJECTIONS", "1") != "0",
         )

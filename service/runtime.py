@@ -37,7 +37,23 @@ def migrate(database_url: str) -> None:
         conn.commit()
 
 
+BACKGROUND_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.background', 0))"
+
+
 class Runtime:
+    """One process's share of the service: the HTTP pool, and, in exactly one process, the background work.
+
+    Several processes (``serve --workers N``, or several hosts) can serve the API at once. The outbox relay
+    and the NATS subscribers run in one of them only: whoever holds the ``keyledger.background`` advisory
+    lock (held by a dedicated connection; if that process dies, the lock is released and another takes
+    over within a second). One relay keeps batches in position order; one puller per durable consumer keeps
+    the subscribers' batch acknowledgements (AckAll) safe.
+
+    After a commit, a handler nudges the relay so publication does not wait for its next poll: directly when
+    the relay runs in this process, otherwise with an empty core-NATS message on ``<prefix>.internal.wake``
+    that the leader listens to. The ping carries nothing; losing it only delays publication to the next poll.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = AsyncConnectionPool(
@@ -49,26 +65,78 @@ class Runtime:
             open=False,
         )
         self.bus = Bus(settings.nats_url, settings.topology)
-        self.relay = OutboxRelay(settings.database_url, self.bus)
+        self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s)
+        self.leader = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._wake_subject = f"{settings.topology.prefix}.internal.wake"
 
     def nudge_relay(self) -> None:
-        self.relay.nudge()
+        if self.leader:
+            self.relay.nudge()
+        elif self.bus.connected and (self.settings.run_relay or self.settings.run_projections):
+            asyncio.get_running_loop().create_task(self._ping())
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.nc.publish(self._wake_subject, b"")  # type: ignore[union-attr]
 
     async def start(self) -> None:
         await self.pool.open(wait=True, timeout=15)
         self.bus.start()
+        if self.settings.run_relay or self.settings.run_projections:
+            self._tasks.append(asyncio.create_task(self._background(), name="background-leader"))
+
+    async def _background(self) -> None:
+        """Become the background leader (or wait to), run the relay and subscribers, step down on failure."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.settings.database_url,
+                                                                 autocommit=True) as conn:
+                    while not (await (await conn.execute(BACKGROUND_LOCK)).fetchone())[0]:
+                        await asyncio.sleep(1.0)
+                    await self._lead(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("background work stopped (%s: %s); retrying", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+
+    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        from .projections.invalidations import InvalidationProjection
+        from .projections.subscriber import ActiveKeysSubscriber
+
+        workers: list[asyncio.Task[Any]] = []
         if self.settings.run_relay:
-            self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+            workers.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         if self.settings.run_projections:
-            from .projections.subscriber import ActiveKeysSubscriber
-
-            from .projections.invalidations import InvalidationProjection
-
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus)
-            self._tasks.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
-            invalidations = InvalidationProjection(self.bus)
-            self._tasks.append(asyncio.create_task(invalidations.run(), name="projection-invalidations"))
+            workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
+            workers.append(asyncio.create_task(InvalidationProjection(self.bus).run(), name="projection-invalidations"))
+        workers.append(asyncio.create_task(self._listen_for_wake(), name="relay-wake"))
+        self.leader = True
+        try:
+            while True:  # hold the lock; a broken connection means another process may lead now
+                await asyncio.sleep(2.0)
+                await conn.execute("SELECT 1")
+        finally:
+            self.leader = False
+            for task in workers:
+                task.cancel()
+            for task in workers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _listen_for_wake(self) -> None:
+        await self.bus.ready()
+        while True:
+            try:
+                sub = await self.bus.nc.subscribe(self._wake_subject)  # type: ignore[union-attr]
+                async for _ in sub.messages:
+                    self.relay.nudge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         for task in self._tasks:

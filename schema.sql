@@ -173,7 +173,7 @@ CREATE OR REPLACE FUNCTION keyledger_project_active_key(
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     CASE p_type
-    WHEN 'ApiKeyCreated' THEN
+    WHEN 'ApiKeyCreated', 'ApiKeyImported' THEN  -- an imported key keeps its original creation time
         INSERT INTO active_api_keys (
             id, key_hash, config_id, reference_id, name, start, prefix, enabled, expires_at,
             rate_limit_enabled, rate_limit_time_window, rate_limit_max, refill_interval, refill_amount,
@@ -185,7 +185,8 @@ BEGIN
             (p_data->>'rateLimitTimeWindow')::integer, (p_data->>'rateLimitMax')::integer,
             (p_data->>'refillInterval')::integer, (p_data->>'refillAmount')::integer,
             (p_data->>'remaining')::integer, nullif(p_data->'permissions', 'null'::jsonb),
-            nullif(p_data->'metadata', 'null'::jsonb), p_at, p_at, p_version);
+            nullif(p_data->'metadata', 'null'::jsonb), coalesce((p_data->>'createdAt')::timestamptz, p_at), p_at,
+            p_version);
     WHEN 'ApiKeyUpdated' THEN  -- carries only the fields that changed
         UPDATE active_api_keys SET
             name       = CASE WHEN p_data ? 'name' THEN p_data->>'name' ELSE name END,

@@ -120,7 +120,8 @@ class RevokeKey(Command, frozen=True, kw_only=True):
 # evolve: state + event -> state
 # ----------------------------------------------------------------------------------------------------------
 def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, at: dt.datetime) -> KeyState:
-    if isinstance(event, ApiKeyCreated):
+    if isinstance(event, ApiKeyCreated):  # ApiKeyImported too (a subclass)
+        created_at = getattr(event, "created_at", None) or at
         return KeyState(
             id=key_id,
             version=version,
@@ -135,7 +136,7 @@ def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, a
             metadata=event.metadata,
             permissions=event.permissions,
             created=event,
-            created_at=at,
+            created_at=created_at,
             updated_at=at,
         )
     if state is None:

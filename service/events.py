@@ -43,6 +43,17 @@ class ApiKeyCreated(Event, frozen=True, kw_only=True, tag=True):
     refill_interval: int | None = None
 
 
+class ApiKeyImported(ApiKeyCreated, frozen=True, kw_only=True, tag=True):
+    """A key that existed before keyledger (better-auth's ``apikey`` table), adopted with its stored hash.
+
+    It behaves exactly like ``ApiKeyCreated`` (same fields), plus where it came from and when it was really
+    created, so existing keys keep working without being reissued.
+    """
+
+    source: str = "better-auth"
+    created_at: dt.datetime | None = None  # the source row's createdAt; None means "when imported"
+
+
 class ApiKeyUpdated(Event, frozen=True, kw_only=True, tag=True):
     """Carries only the fields that changed; an absent field is unchanged (``null`` is a real value)."""
 
@@ -63,9 +74,10 @@ class ApiKeyRevoked(Event, frozen=True, kw_only=True, tag=True):
     pass
 
 
-AnyEvent = Union[ApiKeyCreated, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked]
+AnyEvent = Union[ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked]
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls for cls in (ApiKeyCreated, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked)
+    cls.__name__: cls
+    for cls in (ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked)
 }
 
 

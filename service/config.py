@@ -6,6 +6,11 @@ import os
 from dataclasses import dataclass, field
 
 
+# TCP keepalives on every Postgres connection: the relay's and the background leader's advisory locks live as
+# long as their connection, so a peer that vanished without closing the socket must be noticed in seconds.
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
 class ConfigError(Exception):
     pass
 

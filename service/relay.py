@@ -27,7 +27,10 @@ from typing import Any
 
 import psycopg
 
-from .bus import Bus
+from nats.js.errors import NoStreamResponseError
+
+from .bus import Bus, ensure_streams
+from .config import PG_KEEPALIVES
 from .events import encode_envelope, kind
 from .log import EVENT_COLUMNS, row_to_event
 
@@ -68,7 +71,8 @@ class OutboxRelay:
         backoff = 0.05
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
+                                                                 **PG_KEEPALIVES) as conn:
                     await self._lead(conn)
                     backoff = 0.05
                     await self._relay(conn)
@@ -135,6 +139,13 @@ class OutboxRelay:
                 error = next(r for r in results if isinstance(r, BaseException))
                 log.warning("publish failed (%s); %d events wait in the outbox", type(error).__name__,
                             len(events) - len(acked))
+                if isinstance(error, NoStreamResponseError):
+                    # NATS came back without its JetStream state (new volume, stream deleted): declare the
+                    # streams again, or every retry fails the same way until the process restarts.
+                    try:
+                        await ensure_streams(js, topology)
+                    except Exception as exc:
+                        log.warning("could not declare the streams: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(min(0.05 * 2**failures, 1.0))
             else:
                 failures = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from .bus import Bus
-from .config import Settings
+from .config import PG_KEEPALIVES, Settings
 from .relay import OutboxRelay
 
 log = logging.getLogger("keyledger")
@@ -35,6 +36,22 @@ def migrate(database_url: str) -> None:
         conn.execute(MIGRATION_LOCK)
         conn.execute(sql)
         conn.commit()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Check a pooled connection before use, without a round trip unless something looks wrong.
+
+    A PostgreSQL restart breaks every idle connection in the pool; unchecked, the next requests would get them
+    and answer 503 although the database is back. A full check on every checkout would add a round trip to
+    the hot path. But an idle connection has nothing to read unless the server spoke first (a termination
+    notice, or the socket closed): so we peek at the socket, and only then run the real check, which fails and
+    makes the pool discard the connection.
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 BACKGROUND_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.background', 0))"
@@ -60,8 +77,13 @@ class Runtime:
             settings.database_url,
             min_size=settings.pool_min,
             max_size=settings.pool_max,
-            kwargs={"autocommit": True, "connect_timeout": 3},
+            kwargs={"autocommit": True, "connect_timeout": 3, **PG_KEEPALIVES},
             timeout=5.0,
+            check=_check_if_idle,
+            # psycopg_pool's reconnect backoff doubles up to reconnect_timeout (300 s by default): after a 30 s
+            # outage the service stayed 503 for 27 s with the database back. A short timeout ends a failing
+            # attempt early; the next request starts a fresh one.
+            reconnect_timeout=10.0,
             open=False,
         )
         self.bus = Bus(settings.nats_url, settings.topology)
@@ -90,8 +112,8 @@ class Runtime:
         """Become the background leader (or wait to), run the relay and subscribers, step down on failure."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.settings.database_url,
-                                                                 autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self.settings.database_url, autocommit=True,
+                                                                 **PG_KEEPALIVES) as conn:
                     while not (await (await conn.execute(BACKGROUND_LOCK)).fetchone())[0]:
                         await asyncio.sleep(1.0)
                     await self._lead(conn)

@@ -1,0 +1,632 @@
+"""Fault injection against real processes: NATS down, SIGKILL under load, Postgres down, redelivery.
+
+Every test starts its own ``keyledger serve`` (and, where it breaks them, its own private nats-server or
+PostgreSQL), on loopback or a Unix socket only: the machine's own servers are never stopped. Each test is
+bounded (a SIGALRM fails it after ``TEST_TIMEOUT_S``) and stops everything it started in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import psycopg
+import pytest
+
+from harness import Service, delete_streams, read_stream_messages, unique_topology, wait_until
+from keyledger.config import Topology
+from keyledger.domain import KeyState, fold
+from keyledger.embedded import start_nats, start_postgres
+from keyledger.events import RecordedEvent, encode_envelope, kind
+from keyledger.log import as_fold_input, read_stream
+from keyledger.runtime import migrate
+
+TEST_TIMEOUT_S = 55  # hard per-test bound, leaving a few seconds for the ``finally`` clean-ups (< 60 s)
+INVALID = {"valid": False, "error": {"message": "Invalid API key.", "code": "INVALID_API_KEY"}, "key": None}
+UNAVAILABLE = {"message": "The database is unavailable; nothing was changed", "code": "SERVICE_UNAVAILABLE"}
+PROJECTION = "active_api_keys"
+SUBSCRIBER_DURABLE = "active-api-keys"  # ActiveKeysSubscriber: NAME with '_' -> '-'
+
+
+@pytest.fixture(autouse=True)
+def _hard_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail (not hang) a test that exceeds TEST_TIMEOUT_S; its ``finally`` blocks still run."""
+
+    def expired(signum: int, frame: Any) -> None:
+        pytest.fail(f"{request.node.name} exceeded {TEST_TIMEOUT_S}s", pytrace=True)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------------
+def query(database_url: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def outbox(database_url: str) -> list[tuple[str, str, str, int]]:
+    """(event id, type, key id, version) of every event still waiting in the outbox, in position order."""
+    return [
+        tuple(r)  # type: ignore[misc]
+        for r in query(
+            database_url,
+            "SELECT e.id::text, e.type, e.stream_id, e.version FROM outbox o"
+            " JOIN events e ON e.position = o.position ORDER BY o.position",
+        )
+    ]
+
+
+def log_of(database_url: str, key_id: str) -> list[tuple[str, str, int]]:
+    """(event id, type, version) of a key's events, in version order."""
+    return [tuple(r) for r in query(  # type: ignore[misc]
+        database_url, "SELECT id::text, type, version FROM events WHERE stream_id = %s ORDER BY version", (key_id,))]
+
+
+def assert_consistent(database_url: str) -> None:
+    """Log and projection agree for every key: nothing half-done, nothing applied twice."""
+    rows = query(
+        database_url,
+        """
+        SELECT e.stream_id, max(e.version), count(*) FILTER (WHERE e.type = 'ApiKeyRevoked'),
+               bool_or(e.type = 'ApiKeyRevoked' AND e.version = (SELECT max(version) FROM events x
+                                                                WHERE x.stream_id = e.stream_id)),
+               a.version, t.version
+        FROM events e
+        LEFT JOIN active_api_keys a ON a.id = e.stream_id
+        LEFT JOIN projection_tracking t ON t.projection = %s AND t.stream_id = e.stream_id
+        GROUP BY e.stream_id, a.version, t.version
+        """,
+        (PROJECTION,),
+    )
+    problems = []
+    for key_id, last, revokes, revoked_last, row_version, tracked in rows:
+        if revokes > 1:
+            problems.append(f"{key_id}: {revokes} ApiKeyRevoked events")
+        if revokes and not revoked_last:
+            problems.append(f"{key_id}: events after ApiKeyRevoked")
+        if revokes and row_version is not None:
+            problems.append(f"{key_id}: revoked in the log but still in active_api_keys (v{row_version})")
+        if not revokes and row_version != last:
+            problems.append(f"{key_id}: log at v{last}, active_api_keys row at {row_version}")
+        if tracked != last:
+            problems.append(f"{key_id}: log at v{last}, projection_tracking at {tracked}")
+    orphans = query(database_url, "SELECT id FROM active_api_keys a"
+                                  " WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.stream_id = a.id)")
+    problems += [f"{r[0]}: active_api_keys row without events" for r in orphans]
+    assert not problems, "\n".join(problems[:20])
+
+
+def stream_index(nats_url: str, stream: str) -> list[tuple[str, str, str, int]]:
+    """(subject, Nats-Msg-Id, keyId, version) of every message in a JetStream stream, in stream order."""
+    out = []
+    for m in read_stream_messages(nats_url, stream):
+        envelope = json.loads(m.data)
+        out.append((m.subject, (m.headers or {}).get("Nats-Msg-Id"), envelope["keyId"], envelope["version"]))
+    return out
+
+
+def assert_stream_matches_log(nats_url: str, topology: Topology, database_url: str) -> list[tuple[str, str, str, int]]:
+    """Every event of the log is in the stream exactly once (by Nats-Msg-Id and by (keyId, version)),
+    on ``<prefix>.events.<kind>.<keyId>``, and the stream holds nothing else."""
+    messages = stream_index(nats_url, topology.events_stream)
+    ids = collections.Counter(m[1] for m in messages)
+    assert not [i for i, n in ids.items() if n > 1], f"duplicate Nats-Msg-Id in the stream: {ids.most_common(3)}"
+    versions = collections.Counter((m[2], m[3]) for m in messages)
+    assert not [v for v, n in versions.items() if n > 1], f"duplicate (keyId, version): {versions.most_common(3)}"
+    log = {r[0]: r for r in query(database_url, "SELECT id::text, type, stream_id, version FROM events")}
+    assert set(ids) == set(log), (
+        f"{len(set(log) - set(ids))} logged events missing from the stream, "
+        f"{len(set(ids) - set(log))} unknown messages in it")
+    for subject, msg_id, key_id, version in messages:
+        _, type_, stream_id, logged_version = log[msg_id]
+        assert (key_id, version) == (stream_id, logged_version)
+        assert subject == topology.event_subject(kind(type_), stream_id)
+    return messages
+
+
+def log_text(service: Service) -> str:
+    assert service.log_path is not None
+    return service.log_path.read_text(errors="replace") if service.log_path.exists() else ""
+
+
+def new_service(database_url: str, nats_url: str, topology: Topology, tmp_path: Path) -> Service:
+    return Service(database_url=database_url, nats_url=nats_url, topology=topology,
+                   log_path=tmp_path / "keyledger.log")
+
+
+def short_dir(tmp_path: Path, name: str) -> tuple[Path, Path | None]:
+    """A data dir whose Unix socket path fits sun_path, so a restarted PostgreSQL keeps the same URL."""
+    candidate = tmp_path / name
+    if len(str(candidate / ".s.PGSQL.5432")) <= 100:
+        return candidate, None
+    parent = Path(tempfile.mkdtemp(prefix="klf-", dir="/tmp"))
+    return parent / name, parent
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    started = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - started
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. NATS down: revocation is not blocked, the event waits in the outbox and goes out exactly once
+# ------------------------------------------------------------------------------------------------------
+def test_nats_down_delete_is_immediate_and_published_once_after_restart(db_factory: Any, tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "nats", port=None)
+    topology = unique_topology("nats")
+    service: Service | None = None
+    try:
+        database_url = db_factory.create("faults_nats")
+        service = new_service(database_url, server.url, topology, tmp_path).start()
+        me = service.session()
+        key = service.create_key(me, name="nats-down")
+        wait_until(lambda: not outbox(database_url), timeout=10, what="the create event published")
+
+        server.kill()
+        response, elapsed = timed(service.delete, me, key["id"])
+        assert response.status_code == 200 and response.json() == {"success": True}, response.text
+        assert elapsed < 1.0, f"delete took {elapsed:.3f}s with NATS down"
+        assert service.verify(key["key"]) == INVALID
+
+        events = log_of(database_url, key["id"])
+        assert [e[1] for e in events] == ["ApiKeyCreated", "ApiKeyRevoked"]
+        revoked_id = events[1][0]
+        assert outbox(database_url) == [(revoked_id, "ApiKeyRevoked", key["id"], 2)]
+        health = httpx.get(f"{service.url}/health", timeout=5)
+        assert health.status_code == 200 and health.json() == {"ok": True, "nats": False}
+
+        # Keep NATS down until the relay really failed a publish (not just a lucky gap), then restart it.
+        wait_until(lambda: "publish failed" in log_text(service), timeout=10, what="a failed publish")
+        assert outbox(database_url) == [(revoked_id, "ApiKeyRevoked", key["id"], 2)]
+        server.restart()
+
+        wait_until(lambda: not outbox(database_url), timeout=20, what="the outbox drained after NATS restart")
+        messages = assert_stream_matches_log(server.url, topology, database_url)
+        revoked = [m for m in messages if m[0] == f"{topology.prefix}.events.revoked.{key['id']}"]
+        assert revoked == [(f"{topology.prefix}.events.revoked.{key['id']}", revoked_id, key["id"], 2)]
+        assert_consistent(database_url)
+    finally:
+        if service is not None:
+            service.stop()
+        server.stop()
+
+
+def test_service_starts_and_revokes_while_nats_is_down(db_factory: Any, tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "nats", port=None)
+    server.stop()  # a known port and store dir, nothing listening on it
+    topology = unique_topology("natsboot")
+    service: Service | None = None
+    try:
+        database_url = db_factory.create("faults_natsboot")
+        service, boot = timed(new_service(database_url, server.url, topology, tmp_path).start)
+        health = httpx.get(f"{service.url}/health", timeout=5)
+        assert health.status_code == 200 and health.json() == {"ok": True, "nats": False}
+
+        me = service.session()
+        key = service.create_key(me, name="born-offline")
+        response, elapsed = timed(service.delete, me, key["id"])
+        assert response.status_code == 200 and elapsed < 1.0, (response.text, elapsed)
+        assert service.verify(key["key"]) == INVALID
+        assert [(e[1], e[3]) for e in outbox(database_url)] == [("ApiKeyCreated", 1), ("ApiKeyRevoked", 2)]
+
+        server.restart()
+        wait_until(lambda: not outbox(database_url), timeout=20, what="the outbox drained once NATS started")
+        messages = assert_stream_matches_log(server.url, topology, database_url)
+        assert [m[0] for m in messages] == [f"{topology.prefix}.events.created.{key['id']}",
+                                            f"{topology.prefix}.events.revoked.{key['id']}"]
+        wait_until(lambda: httpx.get(f"{service.url}/health", timeout=5).json()["nats"] is True, timeout=10,
+                   what="/health reporting NATS connected")
+        assert_consistent(database_url)
+        print(f"\n[faults] service boot with NATS down: {boot:.2f}s")
+    finally:
+        if service is not None:
+            service.stop()
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. SIGKILL under load: every acknowledged revoke survives and is published once; nothing is half-done
+# ------------------------------------------------------------------------------------------------------
+N_KEYS = 300
+CONCURRENCY = 16
+KILL_AFTER_ACKS = 100
+
+
+async def _create_keys(service: Service, headers: dict[str, str], n: int) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    remaining = iter(range(n))
+    async with httpx.AsyncClient(base_url=service.url, headers=headers, timeout=10) as client:
+        async def worker() -> None:
+            for i in remaining:
+                r = await client.post("/api/auth/api-key/create", json={"name": f"load-{i}"})
+                assert r.status_code == 200, r.text
+                keys[r.json()["id"]] = r.json()["key"]
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return keys
+
+
+async def _revoke_until_killed(service: Service, headers: dict[str, str], key_ids: list[str]) -> dict[str, Any]:
+    """Revoke concurrently; SIGKILL the service once KILL_AFTER_ACKS deletes were acknowledged."""
+    acked: list[str] = []
+    failed: dict[str, str] = {}
+    other: dict[str, int] = {}
+    not_sent: list[str] = []
+    killed = asyncio.Event()
+    remaining = iter(key_ids)
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=service.url, headers=headers, timeout=10, limits=limits) as client:
+        async def worker() -> None:
+            for key_id in remaining:
+                if killed.is_set():
+                    not_sent.append(key_id)
+                    continue
+                try:
+                    r = await client.post("/api/auth/api-key/delete", json={"keyId": key_id})
+                except httpx.TransportError as exc:
+                    failed[key_id] = type(exc).__name__
+                    continue
+                if r.status_code != 200:
+                    other[key_id] = r.status_code
+                    continue
+                acked.append(key_id)
+                if len(acked) >= KILL_AFTER_ACKS and not killed.is_set():
+                    killed.set()
+                    await asyncio.to_thread(service.kill)
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return {"acked": acked, "failed": failed, "other": other, "not_sent": not_sent}
+
+
+async def _verify_all(service: Service, keys: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    remaining = iter(keys.items())
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        async def worker() -> None:
+            for key_id, key in remaining:
+                r = await client.post("/api/auth/api-key/verify", json={"key": key})
+                assert r.status_code == 200, r.text
+                out[key_id] = r.json()
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return out
+
+
+def test_sigkill_under_revoke_load_loses_and_duplicates_nothing(db_factory: Any, nats_url: str,
+                                                                 tmp_path: Path) -> None:
+    topology = unique_topology("kill")
+    database_url = db_factory.create("faults_kill")
+    service = new_service(database_url, nats_url, topology, tmp_path)
+    try:
+        service.start()
+        me = service.session()
+        keys = asyncio.run(_create_keys(service, me, N_KEYS))
+        assert len(keys) == N_KEYS
+        result = asyncio.run(_revoke_until_killed(service, me, list(keys)))
+        assert service.proc is not None and service.proc.returncode == -signal.SIGKILL
+        acked, failed = set(result["acked"]), result["failed"]
+        assert not result["other"], f"unexpected statuses: {result['other']}"
+        assert len(acked) >= KILL_AFTER_ACKS
+        print(f"\n[faults] SIGKILL after {len(acked)} acknowledged deletes; {len(failed)} in flight failed "
+              f"({collections.Counter(failed.values())}), {len(result['not_sent'])} not sent")
+
+        # Straight after the crash, before any restart: the log alone already holds every acknowledged revoke.
+        revokes = collections.Counter(r[0] for r in query(
+            database_url, "SELECT stream_id FROM events WHERE type = 'ApiKeyRevoked'"))
+        assert not [k for k, n in revokes.items() if n > 1], "a key was revoked twice"
+        lost = acked - set(revokes)
+        assert not lost, f"{len(lost)} acknowledged deletes are not in the log: {sorted(lost)[:5]}"
+        assert set(revokes) <= acked | set(failed), "a revoke appeared for a key nobody tried to delete"
+        assert_consistent(database_url)
+
+        service.start()  # same port, database and topology
+        verdicts = asyncio.run(_verify_all(service, keys))
+        for key_id in keys:
+            if key_id in revokes:
+                assert verdicts[key_id] == INVALID, (key_id, verdicts[key_id])
+            else:
+                assert verdicts[key_id]["valid"] is True, (key_id, verdicts[key_id])
+
+        wait_until(lambda: not outbox(database_url), timeout=20, what="the outbox drained after the restart")
+        messages = assert_stream_matches_log(nats_url, topology, database_url)
+        published_revokes = collections.Counter(m[2] for m in messages if ".events.revoked." in m[0])
+        assert published_revokes == revokes  # each revocation exactly once, acknowledged ones included
+        assert_consistent(database_url)
+        print(f"[faults] {len(revokes)} revocations in the log ({len(revokes) - len(acked)} of the failed "
+              f"requests had committed), all published once")
+    finally:
+        service.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. Postgres down: a prompt 503 JSON error, nothing written, recovery without a restart of the service
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("outage", ["stop", "kill"])
+def test_postgres_down_is_a_prompt_503_and_the_service_recovers(nats_url: str, tmp_path: Path,
+                                                                outage: str) -> None:
+    data_dir, extra_dir = short_dir(tmp_path, "pg")
+    topology = unique_topology("pgdown")
+    pg = start_postgres(data_dir)
+    service: Service | None = None
+    try:
+        migrate(pg.url)
+        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+        me = service.session()
+        doomed = service.create_key(me, name="doomed")
+        survivor = service.create_key(me, name="survivor")
+        wait_until(lambda: not outbox(pg.url), timeout=10, what="the create events published")
+
+        getattr(pg, outage)()
+        timings = {}
+        for label, call in (
+            ("delete", lambda: service.delete(me, doomed["id"])),
+            ("verify", lambda: service.post("api-key/verify", json={"key": doomed["key"]})),
+            ("delete again", lambda: service.delete(me, doomed["id"])),
+        ):
+            response, timings[label] = timed(call)
+            assert response.status_code == 503 and response.json() == UNAVAILABLE, (label, response.text)
+            assert timings[label] < 10, f"{label} took {timings[label]:.2f}s with PostgreSQL down"
+
+        old_url = pg.url
+        pg = start_postgres(data_dir)
+        assert pg.url == old_url
+        restarted = time.monotonic()
+
+        def revoke() -> bool:
+            r = service.delete(me, doomed["id"])
+            assert r.status_code in (200, 503), r.text  # 404 would mean a "503" had written the revoke
+            return r.status_code == 200
+
+        wait_until(revoke, timeout=30, interval=0.2, what="a successful delete after PostgreSQL restarted")
+        recovery = time.monotonic() - restarted
+        assert service.verify(doomed["key"]) == INVALID
+        assert service.verify(survivor["key"])["valid"] is True
+        assert [e[1] for e in log_of(pg.url, doomed["id"])] == ["ApiKeyCreated", "ApiKeyRevoked"]
+        assert_consistent(pg.url)
+        wait_until(lambda: not outbox(pg.url), timeout=20, what="the outbox drained after recovery")
+        assert_stream_matches_log(nats_url, topology, pg.url)
+        print(f"\n[faults] postgres {outage}: " + ", ".join(f"{k} 503 in {v:.2f}s" for k, v in timings.items())
+              + f"; first 200 {recovery:.2f}s after restart")
+    finally:
+        if service is not None:
+            service.stop()
+        pg.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+        if extra_dir is not None:
+            shutil.rmtree(extra_dir, ignore_errors=True)
+
+
+def test_first_request_after_an_idle_postgres_restart_succeeds(nats_url: str, tmp_path: Path) -> None:
+    data_dir, extra_dir = short_dir(tmp_path, "pg")
+    topology = unique_topology("pgidle")
+    pg = start_postgres(data_dir)
+    service: Service | None = None
+    try:
+        migrate(pg.url)
+        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+        me = service.session()
+        key = service.create_key(me, name="idle")
+        assert service.verify(key["key"])["valid"] is True
+
+        pg.stop()  # no request reaches the service while PostgreSQL is down
+        pg = start_postgres(data_dir)
+        first = service.post("api-key/verify", json={"key": key["key"]})
+        assert first.status_code == 200 and first.json()["valid"] is True, first.text
+        assert service.delete(me, key["id"]).status_code == 200
+        assert_consistent(pg.url)
+    finally:
+        if service is not None:
+            service.stop()
+        pg.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+        if extra_dir is not None:
+            shutil.rmtree(extra_dir, ignore_errors=True)
+
+
+def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str, tmp_path: Path) -> None:
+    data_dir, extra_dir = short_dir(tmp_path, "pg")
+    topology = unique_topology("pglong")
+    pg = start_postgres(data_dir)
+    service: Service | None = None
+    try:
+        migrate(pg.url)
+        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+        key = service.create_key(service.session(), name="long-outage")
+        pg.kill()
+        down = time.monotonic()
+        while time.monotonic() - down < 16:  # traffic all along: every answer is a prompt 503
+            response, elapsed = timed(service.post, "api-key/verify", json={"key": key["key"]})
+            assert response.status_code == 503 and elapsed < 10, (response.text, elapsed)
+            time.sleep(0.5)
+        pg = start_postgres(data_dir)
+        back = time.monotonic()
+        # Each probe may itself wait the 5 s pool timeout, so measure the lag instead of trusting the poll.
+        wait_until(lambda: service.post("api-key/verify", json={"key": key["key"]}).status_code == 200,
+                   timeout=12, interval=0.2, what="a 200 after PostgreSQL was back")
+        lag = time.monotonic() - back
+        print(f"\n[faults] 16s outage: first 200 {lag:.2f}s after PostgreSQL was back")
+        assert lag < 6, f"503 for {lag:.1f}s after PostgreSQL was back"
+    finally:
+        if service is not None:
+            service.stop()
+        pg.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+        if extra_dir is not None:
+            shutil.rmtree(extra_dir, ignore_errors=True)
+
+
+def test_relay_redeclares_the_streams_when_nats_comes_back_empty(db_factory: Any, tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "nats", port=None)
+    topology = unique_topology("natsempty")
+    service: Service | None = None
+    try:
+        database_url = db_factory.create("faults_natsempty")
+        service = new_service(database_url, server.url, topology, tmp_path).start()
+        me = service.session()
+        key = service.create_key(me, name="state-lost")
+        wait_until(lambda: not outbox(database_url), timeout=10, what="the create event published")
+
+        server.kill()  # NATS loses its JetStream state (a new volume, a wiped store)
+        for path in server.store_dir.iterdir():
+            if path != server.log_path:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        server.restart()
+
+        assert service.delete(me, key["id"]).status_code == 200
+        wait_until(lambda: not outbox(database_url), timeout=10, what="the outbox drained into fresh streams")
+        messages = stream_index(server.url, topology.events_stream)
+        assert [m[0] for m in messages] == [f"{topology.prefix}.events.revoked.{key['id']}"]
+    finally:
+        if service is not None:
+            service.stop()
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. Redelivered, duplicated and reordered events: the subscriber rebuilds from the log, exactly once
+# ------------------------------------------------------------------------------------------------------
+async def _read_log(database_url: str, key_id: str) -> list[RecordedEvent]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        return await read_stream(conn, key_id)
+
+
+async def _publish(nats_url: str, topology: Topology, events: list[RecordedEvent]) -> int:
+    """Publish envelopes as the relay would, but with fresh Nats-Msg-Ids so JetStream keeps every copy."""
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        js = nc.jetstream(timeout=5)
+        seq = 0
+        for e in events:
+            ack = await js.publish(topology.event_subject(kind(e.type), e.stream_id), encode_envelope(e),
+                                   headers={"Nats-Msg-Id": str(uuid.uuid4())})
+            assert not ack.duplicate
+            seq = ack.seq
+        return seq
+    finally:
+        await nc.close()
+
+
+async def _consumer_acked(nats_url: str, topology: Topology, stream_seq: int) -> bool:
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        js = nc.jetstream(timeout=5)
+        try:
+            info = await js.consumer_info(topology.events_stream, topology.consumer(SUBSCRIBER_DURABLE))
+        except Exception:
+            return False
+        return info.ack_floor.stream_seq >= stream_seq and info.num_ack_pending == 0 and info.num_pending == 0
+    finally:
+        await nc.close()
+
+
+async def _stream_last_seq(nats_url: str, topology: Topology) -> int:
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        return (await nc.jetstream(timeout=5).stream_info(topology.events_stream)).state.last_seq
+    finally:
+        await nc.close()
+
+
+ROW = ("SELECT id, key_hash, reference_id, name, enabled, expires_at, created_at, updated_at, version"
+       " FROM active_api_keys WHERE id = %s")
+
+
+def _expected_row(state: KeyState) -> tuple[Any, ...]:
+    return (state.id, state.key_hash, state.reference_id, state.name, state.enabled, state.expires_at,
+            state.created_at, state.updated_at, state.version)
+
+
+def test_subscriber_rebuilds_from_duplicated_and_reordered_deliveries(db_factory: Any, nats_url: str,
+                                                                      tmp_path: Path) -> None:
+    topology = unique_topology("redeliver")
+    database_url = db_factory.create("faults_redeliver")
+    service = new_service(database_url, nats_url, topology, tmp_path)
+    try:
+        service.start()
+        me = service.session()
+        live = service.create_key(me, name="v1")                                                  # v1 created
+        for body in ({"name": "v2"}, {"enabled": False}, {"enabled": True, "name": "final"}):   # v2..v5
+            r = service.post("api-key/update", me, json={"keyId": live["id"], **body})
+            assert r.status_code == 200, r.text
+        gone = service.create_key(me, name="gone")                                                # v1 created
+        assert service.delete(me, gone["id"]).status_code == 200                                  # v2 revoked
+
+        wait_until(lambda: not outbox(database_url), timeout=10, what="the outbox drained")
+        last_seq = asyncio.run(_stream_last_seq(nats_url, topology))
+        wait_until(lambda: asyncio.run(_consumer_acked(nats_url, topology, last_seq)), timeout=15,
+                   what="the subscriber consumed the relay's messages")
+        inline_row = query(database_url, "SELECT * FROM active_api_keys WHERE id = %s", (live["id"],))
+        live_log = asyncio.run(_read_log(database_url, live["id"]))
+        gone_log = asyncio.run(_read_log(database_url, gone["id"]))
+        assert [e.version for e in live_log] == [1, 2, 3, 4, 5] and [e.version for e in gone_log] == [1, 2]
+        log_offset = len(log_text(service))
+
+        # Reset the projection for both keys, as a rebuild would.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for key_id in (live["id"], gone["id"]):
+                conn.execute("DELETE FROM active_api_keys WHERE id = %s", (key_id,))
+                conn.execute("DELETE FROM projection_tracking WHERE projection = %s AND stream_id = %s",
+                             (PROJECTION, key_id))
+        assert service.verify(live["key"]) == INVALID
+
+        def tracked(key_id: str) -> int | None:
+            rows = query(database_url, "SELECT version FROM projection_tracking WHERE projection = %s"
+                                       " AND stream_id = %s", (PROJECTION, key_id))
+            return rows[0][0] if rows else None
+
+        def settle(seq: int, versions: dict[str, int]) -> None:
+            wait_until(lambda: asyncio.run(_consumer_acked(nats_url, topology, seq))
+                       and all(tracked(k) == v for k, v in versions.items()),
+                       timeout=15, interval=0.05, what=f"the subscriber to settle at {versions}")
+
+        # Round 1: v2 before v1, each twice, interleaved with the revoked key's events in reverse.
+        L, G = live_log, gone_log
+        seq = asyncio.run(_publish(nats_url, topology, [L[1], G[1], L[0], L[1], G[0], G[1], L[0]]))
+        settle(seq, {live["id"]: 2, gone["id"]: 2})
+        state2 = fold(as_fold_input(L[:2]), live["id"])
+        assert state2 is not None and state2.name == "v2"
+        assert query(database_url, ROW, (live["id"],)) == [_expected_row(state2)]
+        assert query(database_url, ROW, (gone["id"],)) == []  # a revoked key never comes back
+
+        # Round 2: a gap (v5 first), duplicates of new and of already-applied versions, all out of order.
+        seq = asyncio.run(_publish(nats_url, topology, [L[4], L[2], L[4], L[3], L[0], L[2], L[1], G[0], G[1]]))
+        settle(seq, {live["id"]: 5, gone["id"]: 2})
+        state5 = fold(as_fold_input(L), live["id"])
+        assert state5 is not None and (state5.name, state5.enabled, state5.version) == ("final", True, 5)
+        assert query(database_url, ROW, (live["id"],)) == [_expected_row(state5)]
+        # The rebuilt row is identical, column for column, to the one the inline projection had written.
+        assert query(database_url, "SELECT * FROM active_api_keys WHERE id = %s", (live["id"],)) == inline_row
+        assert query(database_url, ROW, (gone["id"],)) == []
+        assert service.verify(live["key"])["valid"] is True and service.verify(gone["key"]) == INVALID
+
+        # Nothing was applied twice: the tracking guard (KL409) never fired, the subscriber never retried.
+        since = log_text(service)[log_offset:]
+        assert "subscriber:" not in since and "KL409" not in since and "not at version" not in since, since
+        assert_consistent(database_url)
+        # The log itself is untouched by all this: the relay published nothing new.
+        assert [e.id for e in asyncio.run(_read_log(database_url, live["id"]))] == [e.id for e in L]
+        assert not outbox(database_url)
+    finally:
+        service.stop()
+        asyncio.run(delete_streams(nats_url, topology))

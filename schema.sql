@@ -204,3 +204,33 @@ BEGIN
     END CASE;
     PERFORM keyledger_advance('active_api_keys', p_stream_id, p_version);
 END $$;
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Audit: the tamper-evident hash chain over the event log.
+--
+-- event_chain holds one row per event, in POSITION order: hash = sha256(prev_hash || canonical(event)),
+-- the exact input being documented in service/audit.py and the README ("Audit"). It is written by ONE sealer
+-- (service/audit.py, leader by advisory lock) after the events committed, never on the write path, so a
+-- revoke costs exactly what it cost before. Positions that never commit (rolled-back inserts) are simply
+-- absent: the chain links consecutive *existing* events.
+
+CREATE TABLE IF NOT EXISTS event_chain (
+    position   bigint NOT NULL PRIMARY KEY,  -- events.position of the sealed event
+    prev_hash  text   NOT NULL,              -- hash of the previous sealed event; 64 zeros for the first
+    hash       text   NOT NULL               -- lower-case hex sha256
+);
+
+-- Append-only, like events: UPDATE, DELETE and TRUNCATE are refused for the owner too. A superuser who
+-- disables the triggers can still rewrite the chain, which is why `audit verify --head POS:HASH` checks the
+-- log against a head published outside the database (NATS, `<prefix>.audit.head`).
+CREATE OR REPLACE FUNCTION keyledger_event_chain_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'event_chain is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+CREATE OR REPLACE TRIGGER event_chain_no_update_delete BEFORE UPDATE OR DELETE ON event_chain
+    FOR EACH ROW EXECUTE FUNCTION keyledger_event_chain_append_only();
+
+CREATE OR REPLACE TRIGGER event_chain_no_truncate BEFORE TRUNCATE ON event_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION keyledger_event_chain_append_only();
+REVOKE UPDATE, DELETE, TRUNCATE ON event_chain FROM PUBLIC;

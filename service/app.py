@@ -372,4 +372,6 @@ def create_app_from_env() -> Litestar:
     return create_app(Settings.from_env())
 
 
-API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key]
+from .history_api import key_history  # noqa: E402  (it reuses this module's helpers)
+
+API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key, key_history]

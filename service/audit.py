@@ -34,7 +34,8 @@ problem: positions are drawn at insert but become visible at commit, so a lower 
 higher one was seen. ``schema.sql`` assigns each writer's xid before its position (trigger
 ``events_position``), which gives a horizon: read ``L`` = the sequence's last value, THEN take a snapshot
 ``S``; every position <= L was drawn by a transaction whose xid existed before ``S``, so it has either ended
-or is listed in ``pg_snapshot_xip(S)``. Once none of those is still in progress, every position <= L is
+or is listed in ``pg_snapshot_xip(S)``. Once none of those is in a newer snapshot's xip list any more (not
+``pg_xact_status``, which says 'committed' a moment before the commit becomes visible), every position <= L is
 final (committed or never to appear) and the sealer chains the visible rows up to L in position order.
 Positions that never commit are simply absent: the chain links consecutive *existing* events.
 (This relies on ``events_position_seq`` having CACHE 1, the default: a cached value could be drawn later.)
@@ -78,8 +79,13 @@ RECOMPUTED_HASH = f"encode(sha256(convert_to(c.prev_hash || {CANONICAL}, 'UTF8')
 
 SEQUENCE_LAST_VALUE = "SELECT pg_sequence_last_value('events_position_seq')"
 CURRENT_SNAPSHOT_XIP = "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x"
+# "Still running" means: still in a NEW snapshot's xip list. Not pg_xact_status(): a transaction is marked
+# committed in the commit log *before* it leaves the proc array, and in between, a new snapshot still treats it
+# as running, so its rows are invisible although pg_xact_status already says 'committed' (a replay test caught
+# exactly that: a revoke sealed out of the rebuilt table).
 STILL_RUNNING = (
-    "SELECT array_agg(x) FROM unnest(%s::bigint[]) x WHERE pg_xact_status(x::text::xid8) = 'in progress'"
+    "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x "
+    "WHERE x::text::bigint = ANY(%s::bigint[])"
 )
 HEAD = "SELECT position, hash FROM event_chain ORDER BY position DESC LIMIT 1"
 TO_SEAL = f"""

@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON envelope per line")
     p.set_defaults(func=cmd_history)
 
+    from .audit import add_audit_commands
+
+    add_audit_commands(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

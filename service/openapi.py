@@ -85,13 +85,28 @@ class VerifyAnswer(msgspec.Struct):
     key: KeyRecord | None
 
 
+class Envelope(msgspec.Struct, rename="camel"):
+    id: str
+    type: str
+    key_id: str
+    version: int
+    position: int
+    occurred_at: str
+    actor: dict[str, Any]
+    data: dict[str, Any]
+
+
+class History(msgspec.Struct):
+    events: list[Envelope]
+
+
 class Health(msgspec.Struct):
     ok: bool
     nats: bool
 
 
 _STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, Success, ListAnswer, VerifyBody,
-            VerifyAnswer, Health]
+            VerifyAnswer, Envelope, History, Health]
 _COOKIE = [{"betterAuthSession": []}]
 
 
@@ -158,6 +173,13 @@ def document() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(VerifyBody)}}},
             "responses": {"200": _json(VerifyAnswer, "INVALID_API_KEY, KEY_DISABLED or KEY_EXPIRED when invalid"),
                           **_errors("400 body schema (VALIDATION_ERROR)", "503 database unavailable")},
+        }},
+        "/api/auth/api-key/history": {"get": {
+            "summary": "One of your keys' lifecycle events, oldest first (revoked keys included)",
+            "security": _COOKIE, "parameters": [_query("id", "string", True)],
+            "responses": {"200": _json(History, "the events, as on NATS"),
+                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)",
+                                    "404 not yours or unknown (KEY_NOT_FOUND)")},
         }},
         "/health": {"get": {"summary": "The database answers; whether NATS is connected",
                             "responses": {"200": _json(Health, "healthy")}}},

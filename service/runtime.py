@@ -134,6 +134,11 @@ class Runtime:
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus)
             workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
             workers.append(asyncio.create_task(InvalidationProjection(self.bus).run(), name="projection-invalidations"))
+        if self.settings.run_relay:
+            from .audit import AuditSealer
+
+            sealer = AuditSealer(self.settings.database_url, self.bus)
+            workers.append(asyncio.create_task(sealer.run(), name="audit-sealer"))
         workers.append(asyncio.create_task(self._listen_for_wake(), name="relay-wake"))
         self.leader = True
         try:

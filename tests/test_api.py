@@ -351,9 +351,24 @@ def test_write_path_catches_up_a_projection_that_is_behind(service: Service, ali
 
 def test_openapi_documents_every_route(service: Service) -> None:
     doc = httpx.get(f"{service.url}/openapi.json").json()
-    for path in ("create", "get", "list", "update", "delete", "verify"):
+    for path in ("create", "get", "list", "update", "delete", "verify", "history"):
         assert f"/api/auth/api-key/{path}" in doc["paths"]
     delete = doc["paths"]["/api/auth/api-key/delete"]["post"]
     body = delete["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     assert doc["components"]["schemas"][body]["required"] == ["keyId"]
     assert {"200", "400", "401", "403", "404"} <= set(delete["responses"])
+
+
+def test_history_endpoint_is_owner_only_and_outlives_revocation(service: Service, alice: dict[str, str],
+                                                                bob: dict[str, str]) -> None:
+    key = service.create_key(alice, name="h")
+    assert service.delete(alice, key["id"]).status_code == 200
+    mine = service.get("api-key/history", alice, params={"id": key["id"]})
+    assert mine.status_code == 200
+    events = mine.json()["events"]
+    assert [(e["type"], e["version"]) for e in events] == [("ApiKeyCreated", 1), ("ApiKeyRevoked", 2)]
+    assert events[1]["actor"]["userId"] == alice["x-test-user-id"] and key["key"] not in mine.text
+    for who, key_id in ((bob, key["id"]), (alice, "doesnotexist"), (alice, "a.b.>")):
+        other = service.get("api-key/history", who, params={"id": key_id})
+        assert other.status_code == 404 and other.json()["code"] == "KEY_NOT_FOUND"
+    assert service.get("api-key/history", {}, params={"id": key["id"]}).status_code == 401

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Audit and replay benchmark: 1,000,000 events, then replay, seal, verify, as-of and export, in events/s.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test python bench/audit_bench.py [--events N] [--keep]
+
+A fresh database ``kl_auditbench_<rand>`` is created on that server (schema.sql applied) and
+dropped at the end (``--keep`` keeps it and prints its URL). No service and no NATS: everything here reads
+the log directly, which is what the commands do.
+
+Seeding is fast because it is a COPY of rows generated in Python, *through* the events triggers (positions are
+drawn by ``events_position``, the outbox trigger runs too). The bench has no relay, so the outbox is emptied
+afterwards (``DELETE FROM outbox``): it would otherwise hold a million rows nobody publishes.
+
+Targets (issue 4): replay >= 250,000 events/s; verify >= 300,000 events/s; as-of over 1M events <= 5 s;
+export >= 200,000 events/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import io
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+TARGETS = {"replay_eps": 250_000, "verify_eps": 300_000, "as_of_s": 5.0, "export_eps": 200_000}
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Seeding: realistic lifecycles, interleaved across keys, COPYed through the triggers
+# ------------------------------------------------------------------------------------------------------------
+def generate(total: int, *, seed: int = 4, start: dt.datetime | None = None) -> Any:
+    """Yield COPY rows ``(id, stream_id, version, type, data, metadata, recorded_at)`` in append order.
+
+    About 3.3 events per key: every key is created; then, picked at random among live keys, updates
+    (name / expiry), disable/enable flips and revocations (a revoked key gets nothing more).
+    """
+    rng = random.Random(seed)
+    at = start or dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    step = dt.timedelta(milliseconds=7)
+    live: list[list[Any]] = []  # [key_id, version, key_hash, enabled]
+    encode = msgspec.json.encode
+    users = [uuid.uuid4().hex for _ in range(5000)]
+    n = 0
+    while n < total:
+        at += step
+        meta = encode({"userId": users[n % len(users)], "ipAddress": "10.0.0.1", "requestId": str(n)}).decode()
+        if not live or rng.random() < 0.30:
+            key_id = "".join(rng.choices(ALNUM, k=32))
+            key_hash = "".join(rng.choices(ALNUM, k=43))
+            expires = (at + dt.timedelta(days=rng.choice((1, 30, 365)))) if rng.random() < 0.5 else None
+            data = {
+                "keyHash": key_hash, "configId": "default", "referenceId": users[rng.randrange(len(users))],
+                "userId": None, "name": f"key {n}", "start": key_id[:6], "prefix": None, "enabled": True,
+                "expiresAt": expires, "metadata": None, "permissions": None, "rateLimitEnabled": False,
+                "rateLimitTimeWindow": 86400000, "rateLimitMax": 10, "remaining": None, "refillAmount": None,
+                "refillInterval": None,
+            }
+            live.append([key_id, 1, key_hash, True])
+            yield (str(uuid.UUID(int=rng.getrandbits(128), version=4)), key_id, 1, "ApiKeyCreated",
+                   encode(data).decode(), meta, at)
+        else:
+            i = rng.randrange(len(live))
+            key = live[i]
+            roll = rng.random()
+            key[1] += 1
+            if roll < 0.25:
+                etype, data = "ApiKeyRevoked", {"keyHash": key[2]}
+                live[i] = live[-1]
+                live.pop()
+            elif roll < 0.55:
+                etype = "ApiKeyEnabled" if not key[3] else "ApiKeyDisabled"
+                key[3] = not key[3]
+                data = {"keyHash": key[2]}
+            else:
+                etype = "ApiKeyUpdated"
+                data = {"keyHash": key[2], "name": f"renamed {n}"}
+                if rng.random() < 0.3:
+                    data["expiresAt"] = at + dt.timedelta(days=1)
+            yield (str(uuid.UUID(int=rng.getrandbits(128), version=4)), key[0], key[1], etype,
+                   encode(data).decode(), meta, at)
+        n += 1
+
+
+COPY_EVENTS = "COPY events (id, stream_id, version, type, data, metadata, recorded_at) FROM STDIN"
+
+
+def seed(database_url: str, total: int) -> float:
+    started = time.perf_counter()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            with cur.copy(COPY_EVENTS) as copy:
+                buf = io.StringIO()
+                for i, row in enumerate(generate(total), 1):
+                    eid, key, version, etype, data, meta, at = row
+                    # COPY text format: our strings hold no tab, newline or backslash except JSON escapes.
+                    buf.write(f"{eid}\t{key}\t{version}\t{etype}\t{_copy_text(data)}\t{_copy_text(meta)}\t"
+                              f"{at.isoformat()}\n")
+                    if i % 20_000 == 0:
+                        copy.write(buf.getvalue())
+                        buf = io.StringIO()
+                copy.write(buf.getvalue())
+        conn.execute("DELETE FROM outbox")  # no relay in this bench (see the module docstring)
+        conn.execute("VACUUM ANALYZE events")
+        conn.execute("VACUUM ANALYZE outbox")
+    return time.perf_counter() - started
+
+
+def _copy_text(value: str) -> str:
+    return value.replace("\\", "\\\\")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Database lifecycle
+# ------------------------------------------------------------------------------------------------------------
+def create_database(admin_url: str) -> tuple[str, str]:
+    name = f"kl_auditbench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = conninfo_to_dict(admin_url)
+    params["dbname"] = name
+    url = make_conninfo("", **params)
+    with psycopg.connect(url) as conn:
+        conn.execute((ROOT / "schema.sql").read_text())
+        conn.commit()
+    return name, url
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

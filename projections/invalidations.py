@@ -7,7 +7,7 @@ stream instead, so an invalidation exists for every committed event that needs o
 
 Guarantees, and how:
 
-* **None missed.** A durable pull consumer on the event stream; an event message is acked only after
+* **None missed.** A durable consumer on the event stream (``consumer.py``); an event message is acked only after
   JetStream acknowledged the invalidation publish (the PubAck proves it is stored in the invalidations
   stream, where a cache that was disconnected finds it). A crash between the two redelivers the event.
 * **Duplicates are harmless.** The invalidation is a pure function of the event, published with
@@ -16,10 +16,8 @@ Guarantees, and how:
 * **Order does not matter.** An invalidation only evicts; the cache re-verifies over HTTP, which answers
   from the current state. An out-of-order or stale invalidation therefore costs a cache miss, never a wrong
   answer. No database is needed.
-* **Latency.** ``fetch(batch>1)`` in nats-py 2.16 keeps waiting for the rest of the batch until its timeout
-  once the lingering pull is open, so a lone revocation would wait up to the timeout. We wait with
-  ``fetch(1)``, which returns the moment one message arrives, then drain the backlog the server told us
-  about (``num_pending``) with a no-wait batch fetch.
+* **Latency.** Messages are taken in whatever batch has arrived (``consumer.py``): a lone revocation is
+  handled the moment it arrives, a burst in one go, with all its publishes in flight together.
 * **Never a plaintext key**: events carry only the key hash, and that is all we copy.
 
 No framework imports here; the service's runtime starts ``InvalidationProjection(bus).run()`` as a task.
@@ -33,11 +31,10 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..bus import Bus
 from ..events import ApiKeyUpdated, RecordedEvent, decode_envelope
+from .consumer import consume
 
 log = logging.getLogger("keyledger.projections.invalidations")
 
@@ -110,11 +107,8 @@ class InvalidationProjection:
 
     name = NAME
 
-    def __init__(self, bus: Bus, *, batch: int = 256, idle_fetch_timeout: float = 1.0,
-                 publish_timeout: float = 2.0) -> None:
+    def __init__(self, bus: Bus, *, publish_timeout: float = 2.0) -> None:
         self.bus = bus
-        self.batch = batch
-        self.idle_fetch_timeout = idle_fetch_timeout
         self.publish_timeout = publish_timeout
         self.published = 0  # invalidations acknowledged by JetStream (duplicates included)
         self.ignored = 0  # events that call for no invalidation
@@ -133,38 +127,12 @@ class InvalidationProjection:
                 backoff = min(backoff * 2, 2.0)
 
     async def _consume(self) -> None:
-        js = await self.bus.ready()
-        topology = self.bus.topology
-        sub = await js.pull_subscribe(
-            topology.events_subjects,
-            durable=topology.consumer(NAME),
-            stream=topology.events_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=10, max_ack_pending=10_000),
-        )
-        backoff = 0.05
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(1, timeout=self.idle_fetch_timeout)
-                except NatsTimeout:
-                    continue
-                backlog = msgs[-1].metadata.num_pending if msgs[-1].reply else 0
-                if backlog:
-                    try:
-                        msgs += await sub.fetch(min(self.batch, backlog), timeout=0.05)
-                    except NatsTimeout:  # another instance took them: fine
-                        pass
-                if await self.handle(msgs):
-                    await asyncio.sleep(backoff)  # NATS struggling: the nak'd events come back after this
-                    backoff = min(backoff * 2, 2.0)
-                else:
-                    backoff = 0.05
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # connection gone: nothing to clean up
-                pass
+        await consume(self.bus, NAME, self._handle_batch, ack_wait=10)
+
+    async def _handle_batch(self, msgs: list[Any]) -> None:
+        failures = await self.handle(msgs)
+        if failures:  # NATS struggling: the nak'd events come back after a pause
+            await asyncio.sleep(0.1)
 
     async def handle(self, msgs: list[Any]) -> int:
         """Publish what ``msgs`` call for, concurrently; ack each message whose publish was acknowledged.

@@ -1,4 +1,4 @@
-"""Run a projection as a JetStream subscriber: a durable pull consumer on the event stream.
+"""Run a projection as a JetStream subscriber: a durable consumer on the event stream (``consumer.py``).
 
 Delivery is at-least-once and, across retries, not strictly ordered; the projection's per-key tracking
 makes that harmless: for each key in a batch we look up the version the projection already has, skip what
@@ -13,12 +13,13 @@ import logging
 from typing import Any
 
 import psycopg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy
 
 from ..bus import Bus
+from ..config import PG_KEEPALIVES
 from ..events import decode_envelope
 from . import active_keys
+from .consumer import consume
 
 log = logging.getLogger("keyledger.projections")
 
@@ -28,10 +29,9 @@ class ActiveKeysSubscriber:
 
     name = active_keys.NAME
 
-    def __init__(self, database_url: str, bus: Bus, *, batch: int = 256) -> None:
+    def __init__(self, database_url: str, bus: Bus) -> None:
         self.database_url = database_url
         self.bus = bus
-        self.batch = batch
         self.applied = 0
         self.skipped = 0
 
@@ -48,24 +48,11 @@ class ActiveKeysSubscriber:
                 backoff = min(backoff * 2, 2.0)
 
     async def _consume(self) -> None:
-        js = await self.bus.ready()
-        topology = self.bus.topology
-        durable = topology.consumer(self.name.replace("_", "-"))
-        sub = await js.pull_subscribe(
-            topology.events_subjects,
-            durable=durable,
-            stream=topology.events_stream,
+        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
+                                                         **PG_KEEPALIVES) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
-            config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=30, max_ack_pending=10_000),
-        )
-        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
-            while True:
-                try:
-                    msgs = await sub.fetch(self.batch, timeout=1.0)
-                except NatsTimeout:
-                    continue
-                await self.handle(conn, msgs)
+            await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
+                          ack_policy=AckPolicy.ALL)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
         newest: dict[str, int] = {}

@@ -189,7 +189,7 @@ def test_projection_restart_duplicates_and_disorder_never_miss_or_corrupt(nats_u
 
 
 def test_a_lone_event_is_invalidated_within_milliseconds(nats_url: str) -> None:
-    """fetch(1) wakes on the first message: a single revocation does not wait for a batch to fill."""
+    """A single revocation is handled the moment it arrives: it does not wait for a batch to fill."""
 
     async def scenario() -> None:
         topology = unique_topology("invlat")
@@ -229,7 +229,7 @@ async def _note(seen: dict[int, float], msg: Any) -> None:
 
 
 async def _settle(js: Any, topology: Topology) -> None:
-    """Wait until the projection's durable consumer exists (its first fetch is then pending)."""
+    """Wait until the projection's durable consumer exists (it then receives new events at once)."""
     deadline = time.monotonic() + 5
     while True:
         try:

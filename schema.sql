@@ -163,6 +163,9 @@ CREATE TABLE IF NOT EXISTS active_api_keys (
     version                  integer     NOT NULL
 );
 CREATE INDEX IF NOT EXISTS active_api_keys_owner_idx ON active_api_keys (reference_id, config_id, created_at);
+-- ApiKeyExpired recorded for the current deadline; the expiry sweeper looks for passed deadlines without it.
+ALTER TABLE active_api_keys ADD COLUMN IF NOT EXISTS expired boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS active_api_keys_expiry_idx ON active_api_keys (expires_at) WHERE NOT expired;
 
 -- The active_api_keys projection, as one function that applies one event. It has two call sites and no twin:
 -- the append statement (store.py) calls it inline, in the transaction that records the event, and the NATS
@@ -191,9 +194,25 @@ BEGIN
         UPDATE active_api_keys SET
             name       = CASE WHEN p_data ? 'name' THEN p_data->>'name' ELSE name END,
             expires_at = CASE WHEN p_data ? 'expiresAt' THEN (p_data->>'expiresAt')::timestamptz ELSE expires_at END,
+            expired    = CASE WHEN p_data ? 'expiresAt' THEN false ELSE expired END,
             metadata   = CASE WHEN p_data ? 'metadata' THEN nullif(p_data->'metadata', 'null'::jsonb) ELSE metadata END,
+            permissions = CASE WHEN p_data ? 'permissions' THEN nullif(p_data->'permissions', 'null'::jsonb)
+                               ELSE permissions END,
+            remaining  = CASE WHEN p_data ? 'remaining' THEN (p_data->>'remaining')::integer ELSE remaining END,
+            refill_amount = CASE WHEN p_data ? 'refillAmount' THEN (p_data->>'refillAmount')::integer
+                                 ELSE refill_amount END,
+            refill_interval = CASE WHEN p_data ? 'refillInterval' THEN (p_data->>'refillInterval')::integer
+                                   ELSE refill_interval END,
+            rate_limit_enabled = CASE WHEN p_data ? 'rateLimitEnabled' THEN (p_data->>'rateLimitEnabled')::boolean
+                                      ELSE rate_limit_enabled END,
+            rate_limit_time_window = CASE WHEN p_data ? 'rateLimitTimeWindow'
+                                          THEN (p_data->>'rateLimitTimeWindow')::integer ELSE rate_limit_time_window END,
+            rate_limit_max = CASE WHEN p_data ? 'rateLimitMax' THEN (p_data->>'rateLimitMax')::integer
+                                  ELSE rate_limit_max END,
             updated_at = p_at, version = p_version
         WHERE id = p_stream_id;
+    WHEN 'ApiKeyExpired' THEN  -- the row stays (get/list show it, verify says KEY_EXPIRED)
+        UPDATE active_api_keys SET expired = true, updated_at = p_at, version = p_version WHERE id = p_stream_id;
     WHEN 'ApiKeyDisabled', 'ApiKeyEnabled' THEN
         UPDATE active_api_keys SET enabled = (p_type = 'ApiKeyEnabled'), updated_at = p_at, version = p_version
         WHERE id = p_stream_id;

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 import psycopg
 import psycopg_pool
@@ -26,7 +29,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from . import inputs, openapi, records, store
 from .auth import check_origin, session_token
 from .config import Settings
-from .domain import MAX_EXPIRES_IN, CreateKey, DomainError, RevokeKey, UpdateKey
+from .domain import MAX_EXPIRES_IN, SERVER_FIELDS, CreateKey, DomainError, RevokeKey, UpdateKey
 from .errors import MISSING, ApiError, unauthorized, validation
 from .runtime import Runtime
 
@@ -64,7 +67,45 @@ async def _post_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 def _has_cookie(request: Request[Any, Any, Any]) -> bool:
-    return bool(request.headers.get("cookie"))
+    # A server caller's request is authenticated by its Bearer token alone; a cookie on it is ignored.
+    return bool(request.headers.get("cookie")) and _bearer(request) is None
+
+
+def _bearer(request: Request[Any, Any, Any]) -> str | None:
+    scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
+def _server_user(request: Request[Any, Any, Any], params: dict[str, Any], where: str) -> str | None:
+    """The user a server caller acts for, or None when the request carries no Bearer token.
+
+    ``Authorization: Bearer <KEYLEDGER_SERVICE_TOKEN>`` (compared in constant time) marks a trusted backend
+    (Rybbit's server), which names the user it acts for in ``userId``. A Bearer token that does not match is
+    401, with no fallback to a cookie; without a configured token there are no server callers at all.
+    """
+    presented = _bearer(request)
+    if presented is None:
+        return None
+    expected = _rt(request).settings.service_token
+    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise unauthorized()
+    user_id = params.get("userId", MISSING)
+    if not isinstance(user_id, str) or not inputs.plausible_key_id(user_id):
+        raise validation(f"{where}.userId", "string", user_id)
+    return user_id
+
+
+async def _identify(
+    request: Request[Any, Any, Any], conn: Any, params: dict[str, Any], key_id: str | None = None, *,
+    where: str = "body", code: str = "UNAUTHORIZED",
+) -> tuple[store.Session, list[Any], bool]:
+    """Who is calling (a server acting for ``userId``, or a better-auth session) and, when ``key_id`` is given,
+    that key's events: one statement either way. Returns (caller, stream, is_server)."""
+    server_user = _server_user(request, params, where)
+    session, stream = await store.load(conn, None if server_user else _token(request), key_id)
+    if server_user is not None:
+        return store.Session((None, server_user, False)), stream, True
+    return _authenticated(session, code), stream, False
 
 
 def _token(request: Request[Any, Any, Any]) -> str | None:
@@ -82,23 +123,46 @@ def _authenticated(session: store.Session | None, code: str = "UNAUTHORIZED") ->
 
 
 def _actor(request: Request[Any, Any, Any], session: store.Session) -> dict[str, Any]:
-    """Event metadata: who did it, from where. Never the key, never the cookie."""
+    """Event metadata: who did it, from where. Never the key, never the cookie or token."""
     client = request.client.host if request.client else None
     return {
         "userId": session.user_id,
-        "sessionId": session.id,
+        "sessionId": session.id,  # None for a server caller
+        "via": "server" if session.id is None else "session",
         "ipAddress": client,
         "userAgent": request.headers.get("user-agent"),
         "requestId": request.headers.get("x-request-id") or str(uuid.uuid4()),
     }
 
 
-def _server_only(body: dict[str, Any]) -> None:
-    if any(field in body for field in SERVER_ONLY):
-        raise ApiError(
-            400, "SERVER_ONLY_PROPERTY",
-            "The property you're trying to set can only be set from the server auth instance only.",
-        )
+def _server_fields(body: dict[str, Any], is_server: bool) -> dict[str, Any]:
+    """The server-only fields present in ``body``, validated, as command arguments (snake_case).
+
+    A browser session that sends any of them gets 400 ``SERVER_ONLY_PROPERTY``, as in better-auth.
+    """
+    present = {k: v for k, v in body.items() if k in SERVER_ONLY and k != "userId"}
+    if not is_server:
+        if present or "userId" in body:
+            raise ApiError(
+                400, "SERVER_ONLY_PROPERTY",
+                "The property you're trying to set can only be set from the server auth instance only.",
+            )
+        return {}
+    try:
+        fields = msgspec.convert(present, ServerFields)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "VALIDATION_ERROR", f"[body] Invalid input: {exc}") from None
+    return {f: v for f in SERVER_FIELDS if (v := getattr(fields, f)) is not msgspec.UNSET}
+
+
+class ServerFields(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    permissions: dict[str, list[str]] | None | msgspec.UnsetType = msgspec.UNSET
+    remaining: Annotated[int, msgspec.Meta(ge=0)] | None | msgspec.UnsetType = msgspec.UNSET
+    refill_amount: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
+    refill_interval: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
+    rate_limit_enabled: bool | msgspec.UnsetType = msgspec.UNSET
+    rate_limit_time_window: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
+    rate_limit_max: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
 
 
 def _expires_in(body: dict[str, Any]) -> Any:
@@ -137,8 +201,8 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     if "organizationId" in body or (config_id is not MISSING and config_id != "default"):
         raise ApiError(400, "INVALID_CONFIG_ID", "Only the default key configuration is supported")
     async with rt.pool.connection() as conn:
-        session = _authenticated(await store.load_session(conn, _token(request)), "UNAUTHORIZED_SESSION")
-        _server_only(body)
+        session, _, is_server = await _identify(request, conn, body, code="UNAUTHORIZED_SESSION")
+        server_fields = _server_fields(body, is_server)
         metadata = _metadata(rt, body)
         if name is not MISSING and not 1 <= len(name) <= 32:
             raise ApiError(400, "INVALID_NAME_LENGTH", "The name length is either too large or too small.")
@@ -150,7 +214,7 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             actor_id=session.user_id, now=_now(), key_id=key_id, key_hash=records.hash_key(key), start=key[:6],
             prefix=None if prefix is MISSING else prefix, name=None if name is MISSING else name,
             expires_in=None if expires_in is MISSING else expires_in,
-            metadata=None if metadata is MISSING else metadata,
+            metadata=None if metadata is MISSING else metadata, **server_fields,
         )
         state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=[])
     rt.nudge_relay()
@@ -159,9 +223,10 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 @get("/api-key/get", summary="Get one of your API keys (without the key)")
 async def get_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    key_id = inputs.string_field(dict(request.query_params), "id", required=True, where="query")
+    params = dict(request.query_params)
+    key_id = inputs.string_field(params, "id", required=True, where="query")
     async with _rt(request).pool.connection() as conn:
-        session = _authenticated(await store.load_session(conn, _token(request)))
+        session, _, _ = await _identify(request, conn, params, where="query")
         if not inputs.plausible_key_id(key_id):
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         cur = await conn.execute(GET_KEY, (key_id, session.user_id))
@@ -194,7 +259,7 @@ async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
         raise ApiError(400, "VALIDATION_ERROR", "[query] Invalid sortBy or sortDirection")
     config_id = params.get("configId") or "default"
     async with _rt(request).pool.connection() as conn:
-        session = _authenticated(await store.load_session(conn, _token(request)))
+        session, _, _ = await _identify(request, conn, params, where="query")
         # sort_by and direction come from fixed whitelists above, never from the request verbatim.
         cur = await conn.execute(
             f"SELECT {records.ROW_COLUMNS}, count(*) OVER () FROM active_api_keys "
@@ -228,9 +293,9 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     enabled = inputs.optional(body, "enabled", bool, "boolean")
     expires_in = _expires_in(body)
     async with rt.pool.connection() as conn:
-        session, stream = await store.load(conn, _token(request), key_id if inputs.plausible_key_id(key_id) else None)
-        session = _authenticated(session)
-        _server_only(body)
+        session, stream, is_server = await _identify(
+            request, conn, body, key_id if inputs.plausible_key_id(key_id) else None)
+        server_fields = _server_fields(body, is_server)
         metadata = _metadata(rt, body)
         if name is not MISSING and not 1 <= len(name) <= 32:
             raise ApiError(400, "INVALID_NAME_LENGTH", "The name length is either too large or too small.")
@@ -240,6 +305,7 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             actor_id=session.user_id, now=_now(), key_id=key_id,
             **{k: v for k, v in (("name", name), ("enabled", enabled), ("expires_in", expires_in),
                                  ("metadata", metadata)) if v is not MISSING},
+            **server_fields,
         )
         state, recorded = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
     if recorded:
@@ -254,8 +320,7 @@ async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     key_id = inputs.string_field(body, "keyId", required=True)
     plausible = inputs.plausible_key_id(key_id)
     async with rt.pool.connection() as conn:
-        session, stream = await store.load(conn, _token(request), key_id if plausible else None)
-        session = _authenticated(session)
+        session, stream, _ = await _identify(request, conn, body, key_id if plausible else None)
         if not plausible:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id)
@@ -273,6 +338,12 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """
     body = inputs.require_object(inputs.parse_json(await request.body(), request.headers.get("content-type")))
     key = inputs.string_field(body, "key", required=True)
+    wanted = body.get("permissions")
+    if wanted is not None:
+        try:
+            wanted = msgspec.convert(wanted, dict[str, list[str]])
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, "VALIDATION_ERROR", f"[body.permissions] Invalid input: {exc}") from None
     async with _rt(request).pool.connection() as conn:
         cur = await conn.execute(VERIFY_KEY, (records.hash_key(key),))
         row = await cur.fetchone()
@@ -284,7 +355,15 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     expires_at = row[13]
     if expires_at is not None and expires_at <= _now():
         return _invalid("KEY_EXPIRED", "API Key has expired")
+    if wanted and not _grants(record["permissions"] or {}, wanted):
+        # better-auth's answer when the key lacks a requested permission.
+        return _invalid("KEY_NOT_FOUND", "API Key not found")
     return {"valid": True, "error": None, "key": record}
+
+
+def _grants(held: dict[str, list[str]], wanted: dict[str, list[str]]) -> bool:
+    """Every requested action of every requested resource is held."""
+    return all(set(actions) <= set(held.get(resource) or ()) for resource, actions in wanted.items())
 
 
 def _invalid(code: str, message: str) -> dict[str, Any]:

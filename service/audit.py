@@ -78,7 +78,17 @@ CANONICAL = (
 RECOMPUTED_HASH = f"encode(sha256(convert_to(c.prev_hash || {CANONICAL}, 'UTF8')), 'hex')"
 
 SEQUENCE_LAST_VALUE = "SELECT pg_sequence_last_value('events_position_seq')"
-CURRENT_SNAPSHOT_XIP = "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x"
+# A snapshot's xip list only holds running xids *below its xmax* (latestCompletedXid + 1): a writer whose xid is
+# the newest assigned, with no later xid completed yet, is running but absent from xip (PostgreSQL's
+# GetSnapshotData skips xids >= xmax), so reading xip alone let the horizon pass an uncommitted revoke (the
+# replay test's resurrected keys). Hence OWN_XID: an autocommitted statement that takes an xid of its own and
+# commits. Every writer whose position is <= the sequence value read before it has a smaller xid (positions are
+# drawn after the xid, see the events_position trigger), and every snapshot taken after it has xmax > that xid,
+# so it lists each such writer still running in its xip.
+OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
+CURRENT_SNAPSHOT_XIP = (
+    "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE x::text::bigint < %s"
+)
 # "Still running" means: still in a NEW snapshot's xip list. Not pg_xact_status(): a transaction is marked
 # committed in the commit log *before* it leaves the proc array, and in between, a new snapshot still treats it
 # as running, so its rows are invisible although pg_xact_status already says 'committed' (a replay test caught
@@ -135,13 +145,15 @@ READ_SETTINGS = "SET work_mem = '256MB'"
 def final_horizon(conn: psycopg.Connection[Any], *, max_wait: float = 5.0, poll: float = 0.002) -> int | None:
     """The highest position L such that every position <= L is final, or None (nothing yet / timed out).
 
-    ``conn`` must be in autocommit mode: the sequence read and the snapshot are two statements, in that
-    order (a single statement would take its snapshot *before* reading the sequence).
+    ``conn`` must be in autocommit mode: the sequence read, the own-xid statement and the snapshot are three
+    statements, in that order (a single statement would take its snapshot *before* reading the sequence, and
+    the own xid must have committed before the snapshot is taken; see OWN_XID).
     """
     last = conn.execute(SEQUENCE_LAST_VALUE).fetchone()[0]
     if last is None:
         return None
-    running = conn.execute(CURRENT_SNAPSHOT_XIP).fetchone()[0] or []
+    own = conn.execute(OWN_XID).fetchone()[0]  # its own statement, committed before the snapshot below
+    running = conn.execute(CURRENT_SNAPSHOT_XIP, (own,)).fetchone()[0] or []
     deadline = time.monotonic() + max_wait
     while running:
         running = conn.execute(STILL_RUNNING, (running,)).fetchone()[0] or []

@@ -60,6 +60,7 @@ class Settings:
     secret: str
     trusted_origins: tuple[str, ...] = ()
     topology: Topology = field(default_factory=Topology)
+    service_token: str | None = None  # KEYLEDGER_SERVICE_TOKEN: Bearer token of trusted backend callers
     enable_metadata: bool = False  # better-auth's default: metadata on create is refused unless enabled
     max_body_bytes: int = 64 * 1024
     pool_min: int = 2
@@ -85,6 +86,7 @@ class Settings:
             secret=secret,
             trusted_origins=_csv(env.get("TRUSTED_ORIGINS")) or default_origins,
             topology=Topology.from_env(),
+            service_token=env.get("KEYLEDGER_SERVICE_TOKEN") or None,
             enable_metadata=env.get("KEYLEDGER_ENABLE_METADATA", "").lower() in ("1", "true", "yes"),
             pool_max=int(env.get("KEYLEDGER_POOL_MAX", cls.pool_max)),
             relay_poll_s=float(env.get("KEYLEDGER_RELAY_POLL_S", cls.relay_poll_s)),

@@ -21,6 +21,7 @@ from .events import (
     ApiKeyCreated,
     ApiKeyDisabled,
     ApiKeyEnabled,
+    ApiKeyExpired,
     ApiKeyRevoked,
     ApiKeyUpdated,
     Event,
@@ -83,6 +84,13 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
     created: ApiKeyCreated
     created_at: dt.datetime
     updated_at: dt.datetime
+    remaining: int | None = None
+    refill_amount: int | None = None
+    refill_interval: int | None = None
+    rate_limit_enabled: bool = False
+    rate_limit_time_window: int | None = 86_400_000
+    rate_limit_max: int | None = 10
+    expired: bool = False  # ApiKeyExpired recorded (and no later expiry change)
     revoked: bool = False
 
 
@@ -94,6 +102,11 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     now: dt.datetime
 
 
+# Fields only a server caller may set (better-auth's "server-only properties").
+SERVER_FIELDS = ("permissions", "remaining", "refill_amount", "refill_interval", "rate_limit_enabled",
+                 "rate_limit_time_window", "rate_limit_max")
+
+
 class CreateKey(Command, frozen=True, kw_only=True):
     key_id: str
     key_hash: str
@@ -102,6 +115,14 @@ class CreateKey(Command, frozen=True, kw_only=True):
     name: str | None = None
     expires_in: int | None = None
     metadata: dict[str, Any] | None = None
+    # server-only
+    permissions: dict[str, list[str]] | None = None
+    remaining: int | None = None
+    refill_amount: int | None = None
+    refill_interval: int | None = None
+    rate_limit_enabled: bool = False
+    rate_limit_time_window: int | None = 86_400_000
+    rate_limit_max: int | None = 10
 
 
 class UpdateKey(Command, frozen=True, kw_only=True):
@@ -110,9 +131,23 @@ class UpdateKey(Command, frozen=True, kw_only=True):
     enabled: bool | UnsetType = UNSET
     expires_in: int | None | UnsetType = UNSET
     metadata: dict[str, Any] | None | UnsetType = UNSET
+    # server-only
+    permissions: dict[str, list[str]] | None | UnsetType = UNSET
+    remaining: int | None | UnsetType = UNSET
+    refill_amount: int | None | UnsetType = UNSET
+    refill_interval: int | None | UnsetType = UNSET
+    rate_limit_enabled: bool | UnsetType = UNSET
+    rate_limit_time_window: int | None | UnsetType = UNSET
+    rate_limit_max: int | None | UnsetType = UNSET
 
 
 class RevokeKey(Command, frozen=True, kw_only=True):
+    key_id: str
+
+
+class ExpireKey(Command, frozen=True, kw_only=True):
+    """The expiry sweeper's command: not owner-bound; records ApiKeyExpired once, when the deadline passed."""
+
     key_id: str
 
 
@@ -138,15 +173,25 @@ def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, a
             created=event,
             created_at=created_at,
             updated_at=at,
+            remaining=event.remaining,
+            refill_amount=event.refill_amount,
+            refill_interval=event.refill_interval,
+            rate_limit_enabled=event.rate_limit_enabled,
+            rate_limit_time_window=event.rate_limit_time_window,
+            rate_limit_max=event.rate_limit_max,
         )
     if state is None:
         raise ValueError(f"{type(event).__name__} before ApiKeyCreated for key {key_id}")
     changes: dict[str, Any] = {"version": version, "updated_at": at}
     if isinstance(event, ApiKeyUpdated):
-        for field in ("name", "expires_at", "metadata"):
+        for field in ("name", "expires_at", "metadata", *SERVER_FIELDS):
             value = getattr(event, field)
             if value is not UNSET:
                 changes[field] = value
+        if event.expires_at is not UNSET:
+            changes["expired"] = False  # a new deadline: the sweeper will record its passing again
+    elif isinstance(event, ApiKeyExpired):
+        changes["expired"] = True
     elif isinstance(event, ApiKeyDisabled):
         changes["enabled"] = False
     elif isinstance(event, ApiKeyEnabled):
@@ -198,8 +243,16 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
                 prefix=command.prefix,
                 expires_at=_expires_at(command.now, command.expires_in),
                 metadata=command.metadata,
+                **{field: getattr(command, field) for field in SERVER_FIELDS},
             )
         ]
+
+    if isinstance(command, ExpireKey):
+        if state is None or state.revoked or state.expired or state.expires_at is None:
+            return []
+        if state.expires_at > command.now:
+            return []
+        return [ApiKeyExpired(key_hash=state.key_hash, expires_at=state.expires_at)]
 
     if isinstance(command, RevokeKey):
         key = _owned(state, command.actor_id)
@@ -207,7 +260,7 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
 
     if isinstance(command, UpdateKey):
         key = _owned(state, command.actor_id)
-        if all(getattr(command, f) is UNSET for f in ("name", "enabled", "expires_in", "metadata")):
+        if all(getattr(command, f) is UNSET for f in ("name", "enabled", "expires_in", "metadata", *SERVER_FIELDS)):
             raise NoValuesToUpdate()
         changed: dict[str, Any] = {}
         if command.name is not UNSET and command.name != key.name:
@@ -217,6 +270,10 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
             changed["expires_at"] = _expires_at(command.now, command.expires_in)
         if command.metadata is not UNSET and command.metadata != key.metadata:
             changed["metadata"] = command.metadata
+        for field in SERVER_FIELDS:
+            value = getattr(command, field)
+            if value is not UNSET and value != getattr(key, field):
+                changed[field] = value
         events: list[Event] = []
         if command.enabled is not UNSET and command.enabled != key.enabled:
             flip = ApiKeyEnabled if command.enabled else ApiKeyDisabled

@@ -55,11 +55,28 @@ class ApiKeyImported(ApiKeyCreated, frozen=True, kw_only=True, tag=True):
 
 
 class ApiKeyUpdated(Event, frozen=True, kw_only=True, tag=True):
-    """Carries only the fields that changed; an absent field is unchanged (``null`` is a real value)."""
+    """Carries only the fields that changed; an absent field is unchanged (``null`` is a real value).
+
+    The fields after ``metadata`` are the server-only ones (set by a server caller, never a browser).
+    """
 
     name: str | None | UnsetType = UNSET
     expires_at: dt.datetime | None | UnsetType = UNSET
     metadata: dict[str, Any] | None | UnsetType = UNSET
+    permissions: dict[str, list[str]] | None | UnsetType = UNSET
+    remaining: int | None | UnsetType = UNSET
+    refill_amount: int | None | UnsetType = UNSET
+    refill_interval: int | None | UnsetType = UNSET
+    rate_limit_enabled: bool | UnsetType = UNSET
+    rate_limit_time_window: int | None | UnsetType = UNSET
+    rate_limit_max: int | None | UnsetType = UNSET
+
+
+class ApiKeyExpired(Event, frozen=True, kw_only=True, tag=True):
+    """Recorded once by the expiry sweeper when ``expiresAt`` has passed, so projections and caches learn it
+    without anyone calling verify. Verify refuses an expired key from ``expiresAt`` on, event or not."""
+
+    expires_at: dt.datetime | None = None  # the deadline that passed
 
 
 class ApiKeyDisabled(Event, frozen=True, kw_only=True, tag=True):
@@ -74,10 +91,12 @@ class ApiKeyRevoked(Event, frozen=True, kw_only=True, tag=True):
     pass
 
 
-AnyEvent = Union[ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked]
+AnyEvent = Union[ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked,
+                 ApiKeyExpired]
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
-    for cls in (ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked)
+    for cls in (ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked,
+                ApiKeyExpired)
 }
 
 

@@ -12,20 +12,20 @@ from typing import Any
 import msgspec
 from litestar import Request, get
 
-from . import inputs, store
+from . import inputs
 from .errors import ApiError
 from .events import ApiKeyCreated, to_envelope
 
 
 @get("/api-key/history", summary="A key's lifecycle events, oldest first (owner only)")
 async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    from .app import _authenticated, _rt, _token  # late: app.py imports the router list
+    from .app import _identify, _rt  # late: app.py imports the router list
 
-    key_id = inputs.string_field(dict(request.query_params), "id", required=True, where="query")
+    params = dict(request.query_params)
+    key_id = inputs.string_field(params, "id", required=True, where="query")
     plausible = inputs.plausible_key_id(key_id)
     async with _rt(request).pool.connection() as conn:
-        session, stream = await store.load(conn, _token(request), key_id if plausible else None)
-    session = _authenticated(session)
+        session, stream, _ = await _identify(request, conn, params, key_id if plausible else None, where="query")
     if not stream or not isinstance(stream[0].event, ApiKeyCreated) or stream[0].event.reference_id != session.user_id:
         raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
     return {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}

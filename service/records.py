@@ -70,12 +70,12 @@ def _record(
 
 
 def from_state(state: KeyState) -> dict[str, Any]:
-    c = state.created
     return _record(
         id=state.id, config_id=state.config_id, name=state.name, start=state.start,
-        reference_id=state.reference_id, prefix=state.prefix, refill_interval=c.refill_interval,
-        refill_amount=c.refill_amount, enabled=state.enabled, rate_limit_enabled=c.rate_limit_enabled,
-        rate_limit_time_window=c.rate_limit_time_window, rate_limit_max=c.rate_limit_max, remaining=c.remaining,
+        reference_id=state.reference_id, prefix=state.prefix, refill_interval=state.refill_interval,
+        refill_amount=state.refill_amount, enabled=state.enabled, rate_limit_enabled=state.rate_limit_enabled,
+        rate_limit_time_window=state.rate_limit_time_window, rate_limit_max=state.rate_limit_max,
+        remaining=state.remaining,
         expires_at=state.expires_at, created_at=state.created_at, updated_at=state.updated_at,
         permissions=state.permissions, metadata=state.metadata,
     )

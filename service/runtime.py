@@ -134,6 +134,11 @@ class Runtime:
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus)
             workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
             workers.append(asyncio.create_task(InvalidationProjection(self.bus).run(), name="projection-invalidations"))
+        if self.settings.run_projections:
+            from .sweeper import ExpirySweeper
+
+            sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge)
+            workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
         if self.settings.run_relay:
             from .audit import AuditSealer
 

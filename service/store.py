@@ -125,9 +125,6 @@ async def load(
     return session, stream
 
 
-async def load_session(conn: AsyncConnection[Any], session_token: str | None) -> Session | None:
-    return (await load(conn, session_token, None))[0] if session_token else None
-
 
 def _state(events: list[RecordedEvent], key_id: str) -> KeyState | None:
     return fold(as_fold_input(events), key_id)

@@ -69,7 +69,8 @@ def test_replay_after_the_projection_was_wiped_makes_every_answer_right_again(se
         names = {r[0] for r in conn.execute("SELECT indexrelid::regclass::text FROM pg_index "
                                             "WHERE indrelid = 'active_api_keys'::regclass")}
         leftovers = conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'active_api_keys_re%'").fetchone()
-    assert names == {"active_api_keys_pkey", "active_api_keys_key_hash_key", "active_api_keys_owner_idx"}
+    assert names == {"active_api_keys_pkey", "active_api_keys_key_hash_key", "active_api_keys_owner_idx",
+                     "active_api_keys_expiry_idx"}
     assert leftovers == (0,)
 
 

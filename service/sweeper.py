@@ -1,0 +1,74 @@
+"""The expiry sweeper: records ``ApiKeyExpired`` once per key when its ``expiresAt`` has passed.
+
+Verify refuses an expired key from its deadline on, event or no event; the event is for everyone who is not
+calling verify: projections, caches (the invalidation projection turns it into reason ``expired``), auditors.
+
+Exactly once, even with several sweepers: the sweeper runs an ordinary domain command (``ExpireKey``)
+through the write path, whose per-key version check lets one append win; the loser re-reads the key, finds it
+already expired, and records nothing. The candidates come from the projection (a partial index on deadlines
+not yet recorded), the decision from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+import psycopg
+
+from . import store
+from .config import PG_KEEPALIVES
+from .domain import ExpireKey
+
+log = logging.getLogger("keyledger.sweeper")
+
+DUE = """
+SELECT id FROM active_api_keys
+WHERE NOT expired AND expires_at <= %s
+ORDER BY expires_at
+LIMIT %s
+"""
+ACTOR = {"userId": None, "sessionId": None, "via": "expiry-sweeper"}
+
+
+async def sweep_once(conn: psycopg.AsyncConnection[Any], *, batch: int = 500) -> int:
+    """Record ApiKeyExpired for every key whose deadline passed; returns how many this call recorded."""
+    recorded = 0
+    while True:
+        now = dt.datetime.now(dt.timezone.utc)
+        due = [row[0] for row in await (await conn.execute(DUE, (now, batch))).fetchall()]
+        for key_id in due:
+            _, events = await store.execute(conn, ExpireKey(actor_id="system", now=now, key_id=key_id), key_id,
+                                            ACTOR)
+            recorded += len(events)
+        if len(due) < batch:
+            return recorded
+
+
+class ExpirySweeper:
+    def __init__(self, database_url: str, *, interval: float = 1.0, on_recorded: Any = None) -> None:
+        self.database_url = database_url
+        self.interval = interval
+        self.on_recorded = on_recorded  # called after a pass that recorded something (nudges the relay)
+        self.recorded = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
+                                                                 **PG_KEEPALIVES) as conn:
+                    while True:
+                        count = await sweep_once(conn)
+                        if count:
+                            self.recorded += count
+                            log.info("recorded %d expirations", count)
+                            if self.on_recorded:
+                                self.on_recorded()
+                        await asyncio.sleep(self.interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("expiry sweeper: %s: %s; retrying", type(exc).__name__, exc)
+                await asyncio.sleep(self.interval)

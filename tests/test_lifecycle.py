@@ -1,0 +1,171 @@
+"""Issue 5, the parts landed so far: server callers, permissions in verify, the expiry sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from harness import Service, count_events, delete_streams, read_stream_messages, unique_topology, wait_until
+from keyledger import records, store, sweeper
+from keyledger.domain import CreateKey
+from servers import DatabaseFactory
+
+TOKEN = "s3rv1ce-token-for-tests-only-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(db_factory: DatabaseFactory, nats_url: str) -> Iterator[Service]:
+    topology = unique_topology("lifecycle")
+    svc = Service(database_url=db_factory.create("lifecycle"), nats_url=nats_url, topology=topology,
+                  extra_env={"KEYLEDGER_SERVICE_TOKEN": TOKEN}).start()
+    yield svc
+    svc.stop()
+    asyncio.run(delete_streams(nats_url, topology))
+
+
+BEARER = {"authorization": f"Bearer {TOKEN}"}
+
+
+def test_a_server_caller_acts_for_a_user_and_may_set_server_only_fields(server: Service) -> None:
+    user = server.session()
+    user_id = user["x-test-user-id"]
+    created = server.post("api-key/create", BEARER, json={
+        "userId": user_id, "name": "backend", "remaining": 100, "rateLimitEnabled": True, "rateLimitMax": 50,
+        "rateLimitTimeWindow": 60_000, "refillAmount": 100, "refillInterval": 86_400_000,
+        "permissions": {"sites": ["read", "write"]},
+    })
+    assert created.status_code == 200, created.text
+    key = created.json()
+    assert key["referenceId"] == user_id and key["remaining"] == 100 and key["rateLimitEnabled"] is True
+    assert key["permissions"] == {"sites": ["read", "write"]} and key["rateLimitMax"] == 50
+
+    # The owner's browser session sees it; the record in the projection agrees with the create answer.
+    got = server.get("api-key/get", user, params={"id": key["id"]}).json()
+    assert {k: got[k] for k in ("remaining", "permissions", "rateLimitTimeWindow", "refillInterval")} == {
+        "remaining": 100, "permissions": {"sites": ["read", "write"]}, "rateLimitTimeWindow": 60_000,
+        "refillInterval": 86_400_000}
+
+    updated = server.post("api-key/update", BEARER, json={"userId": user_id, "keyId": key["id"],
+                                                          "permissions": {"sites": ["read"]}, "remaining": 5})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["permissions"] == {"sites": ["read"]} and updated.json()["remaining"] == 5
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        event = conn.execute("SELECT type, data, metadata FROM events WHERE stream_id = %s AND version = 2",
+                             (key["id"],)).fetchone()
+    assert event[0] == "ApiKeyUpdated" and event[1]["permissions"] == {"sites": ["read"]}
+    assert event[2]["userId"] == user_id and event[2]["via"] == "server" and TOKEN not in json.dumps(event[2])
+
+    listed = server.get("api-key/list", BEARER, params={"userId": user_id}).json()
+    assert [k["id"] for k in listed["apiKeys"]] == [key["id"]]
+    # Acting for another user, the key does not exist.
+    stranger = server.session()["x-test-user-id"]
+    assert server.post("api-key/delete", BEARER, json={"userId": stranger, "keyId": key["id"]}).status_code == 404
+    assert server.post("api-key/delete", BEARER, json={"userId": user_id, "keyId": key["id"]}).status_code == 200
+
+
+def test_a_browser_cannot_set_server_only_fields(server: Service) -> None:
+    user = server.session()
+    for field, value in (("remaining", 5), ("permissions", {"a": ["b"]}), ("rateLimitEnabled", True),
+                         ("userId", "someoneelse")):
+        response = server.post("api-key/create", user, json={field: value})
+        assert response.status_code == 400 and response.json()["code"] == "SERVER_ONLY_PROPERTY", field
+
+
+def test_a_wrong_bearer_token_is_401_without_falling_back_to_the_cookie(server: Service) -> None:
+    user = server.session()
+    key = server.create_key(user)
+    for token in ("wrong", TOKEN + "x", TOKEN[:-1]):
+        headers = {**user, "authorization": f"Bearer {token}"}
+        response = server.post("api-key/delete", headers, json={"keyId": key["id"], "userId": user["x-test-user-id"]})
+        assert response.status_code == 401 and response.json()["code"] == "UNAUTHORIZED", token
+    assert count_events(server.database_url, key["id"]) == 1
+    bad_user = server.post("api-key/create", BEARER, json={"userId": 42})
+    assert bad_user.status_code == 400 and bad_user.json()["code"] == "VALIDATION_ERROR"
+    bad_field = server.post("api-key/create", BEARER, json={"userId": "u1", "remaining": -1})
+    assert bad_field.status_code == 400 and bad_field.json()["code"] == "VALIDATION_ERROR"
+
+
+def test_without_a_configured_token_there_are_no_server_callers(service: Service) -> None:
+    response = service.post("api-key/create", BEARER, json={"userId": "u1"})
+    assert response.status_code == 401
+
+
+def test_verify_checks_requested_permissions(server: Service) -> None:
+    user = server.session()
+    key = server.post("api-key/create", BEARER, json={
+        "userId": user["x-test-user-id"], "permissions": {"files": ["read", "write"], "sites": ["read"]},
+    }).json()["key"]
+
+    def verify(permissions: Any) -> dict[str, Any]:
+        return server.post("api-key/verify", json={"key": key, "permissions": permissions}).json()
+
+    assert verify({"files": ["read"]})["valid"] is True
+    assert verify({"files": ["read", "write"], "sites": ["read"]})["valid"] is True
+    for missing in ({"files": ["delete"]}, {"users": ["read"]}, {"files": ["read"], "sites": ["write"]}):
+        answer = verify(missing)
+        assert answer["valid"] is False and answer["error"]["code"] == "KEY_NOT_FOUND", missing
+    malformed = server.post("api-key/verify", json={"key": key, "permissions": {"files": "read"}})
+    assert malformed.status_code == 400 and malformed.json()["code"] == "VALIDATION_ERROR"
+    plain = server.create_key(user)["key"]  # no permissions at all
+    assert server.post("api-key/verify", json={"key": plain, "permissions": {"a": ["b"]}}).json()["valid"] is False
+
+
+async def _create_expired(url: str, owner: str) -> tuple[str, str]:
+    """A key created two days ago that expired one day later (expiresIn's minimum is a day)."""
+    key = records.new_key(None)
+    key_id = records.new_key_id()
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await store.execute(conn, CreateKey(actor_id=owner, now=past, key_id=key_id, key_hash=records.hash_key(key),
+                                            start=key[:6], expires_in=86_400), key_id, {"userId": owner})
+    return key_id, key
+
+
+def test_two_sweepers_at_once_record_one_expiry(db_factory: DatabaseFactory) -> None:
+    url = db_factory.create("sweepers")  # no service here: only our two sweepers write
+
+    async def scenario() -> list[int]:
+        keys = [await _create_expired(url, "owner") for _ in range(30)]
+        connections = [await psycopg.AsyncConnection.connect(url, autocommit=True) for _ in range(2)]
+        try:
+            counts = await asyncio.gather(*(sweeper.sweep_once(c) for c in connections))
+            again = await sweeper.sweep_once(connections[0])
+        finally:
+            for c in connections:
+                await c.close()
+        assert again == 0
+        assert len(keys) == 30
+        return counts
+
+    counts = asyncio.run(scenario())
+    assert sum(counts) == 30
+    with psycopg.connect(url, autocommit=True) as conn:
+        per_key = conn.execute("SELECT stream_id, count(*) FROM events WHERE type = 'ApiKeyExpired' "
+                               "GROUP BY stream_id").fetchall()
+        assert len(per_key) == 30 and {n for _, n in per_key} == {1}
+        assert conn.execute("SELECT count(*) FROM active_api_keys WHERE NOT expired").fetchone() == (0,)
+
+
+def test_the_running_service_records_expiry_and_caches_hear_of_it(server: Service) -> None:
+    owner = server.session()["x-test-user-id"]
+    key_id, key = asyncio.run(_create_expired(server.database_url, owner))
+    assert server.verify(key)["error"]["code"] == "KEY_EXPIRED"  # verify needs no event
+    wait_until(lambda: count_events(server.database_url, key_id, "ApiKeyExpired") == 1, timeout=10,
+               what="the service's sweeper to record the expiry")
+
+    def published() -> bool:
+        events = read_stream_messages(server.nats_url, server.topology.events_stream)
+        invalidations = read_stream_messages(server.nats_url, server.topology.invalidations_stream)
+        return (any(m.subject.endswith(f".expired.{key_id}") for m in events)
+                and any(json.loads(m.data)["keyId"] == key_id and json.loads(m.data)["reason"] == "expired"
+                        for m in invalidations))
+
+    wait_until(published, timeout=10, what="ApiKeyExpired on NATS and its invalidation")
+    assert count_events(server.database_url, key_id, "ApiKeyExpired") == 1

@@ -1,7 +1,8 @@
 """The HTTP API: better-auth's API-key endpoints under ``/api/auth``, plus ``api-key/verify``.
 
-Handlers stay thin: parse (inputs.py), authenticate (auth.py + store.load), run a domain command through
-the store (store.py), render the record (records.py). They never publish to NATS: an appended event is
+Handlers stay thin: parse (inputs.py), identify the caller (a better-auth session cookie, auth.py, or a
+backend's Bearer service token) in the same statement that loads the key (store.load), run a domain command
+through the store (store.py), render the record (records.py). They never publish to NATS: an appended event is
 published by the outbox relay; a handler only nudges the relay so it does not wait for its next poll.
 
 Every error, the framework's own 404/405/413 included, leaves as ``{"message": ..., "code": ...}``.
@@ -18,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-
 import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response, Router, get, post

@@ -289,7 +289,10 @@ class Service:
 
 
 class RssSampler(threading.Thread):
-    """Samples /proc/<pid>/status VmRSS every 100 ms; reads VmHWM (kernel's peak) on demand."""
+    """Samples VmRSS every 100 ms; reads VmHWM (kernel's peak) on demand.
+
+    Summed over the service process and its children, so ``serve --workers N`` is measured whole.
+    """
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -298,12 +301,22 @@ class RssSampler(threading.Thread):
         self._stop = threading.Event()
 
     def status(self) -> dict[str, int]:
-        out = {}
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0])
+        out = {"VmRSS": 0, "VmHWM": 0}
+        pids = [self.pid]
+        try:
+            pids += [c.pid for c in psutil.Process(self.pid).children()]
+        except psutil.Error:
+            pass
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/status") as fh:
+                    for line in fh:
+                        if line.startswith(("VmRSS:", "VmHWM:")):
+                            key, value = line.split(":", 1)
+                            out[key] += int(value.split()[0])
+            except OSError:
+                if pid == self.pid:
+                    raise
         return out
 
     def run(self) -> None:
@@ -346,8 +359,8 @@ class CpuMeter:
         return None
 
     def _group(self, pid: int, name: str, ppid: int, cmd: str) -> str:
-        if pid == self.service_pid:
-            return "service"
+        if pid == self.service_pid or ppid == self.service_pid and "multiprocessing" in cmd:
+            return "service"  # with --workers, the worker processes are the service's children
         if pid == self.nats_pid:
             return "nats"
         if name.startswith("postgres") or cmd.startswith("postgres"):

@@ -45,7 +45,7 @@ class Environment:
         if not self.embedded:
             self.database_url = os.environ.get("DATABASE_URL", "")
             self.nats_url = os.environ.get("NATS_URL", "")
-            if not self.database_url or not self.nats_url:
+            if not self.database_url or (need_nats and not self.nats_url):
                 raise ConfigError("set both DATABASE_URL and NATS_URL, or neither (embedded mode)")
             return
         from .embedded import start_nats, start_postgres
@@ -211,8 +211,11 @@ def _describe(e: Any) -> str:
     data.pop("type", None)
     data.pop("keyHash", None)
     shown = {k: v for k, v in data.items() if v is not None}
-    return ("  " + json.dumps(shown, sort_keys=True)) if shown and e.type != "ApiKeyCreated" else (
-        f"  name={data.get('name')!r} owner={data.get('referenceId')}" if e.type == "ApiKeyCreated" else "")
+    if e.type in ("ApiKeyCreated", "ApiKeyImported"):
+        origin = (f" imported from {data.get('source')}, created {data.get('createdAt')}"
+                  if e.type == "ApiKeyImported" else "")
+        return f"  name={data.get('name')!r} owner={data.get('referenceId')}{origin}"
+    return ("  " + json.dumps(shown, sort_keys=True)) if shown else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_history)
 
     from .audit import add_audit_commands
+    from .importer import add_import_command
 
     add_audit_commands(sub)
+    add_import_command(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),

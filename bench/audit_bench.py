@@ -150,3 +150,119 @@ def create_database(admin_url: str) -> tuple[str, str]:
 def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The timed steps
+# ------------------------------------------------------------------------------------------------------------
+def timed(label: str, fn: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - started
+    say(f"  {label:<28} {elapsed:8.2f} s")
+    return elapsed, result
+
+
+def run(admin_url: str, total: int, keep: bool) -> dict[str, Any]:
+    from keyledger import audit
+    from keyledger.replay import replay
+
+    name, url = create_database(admin_url)
+    say(f"database  {name}   load average {os.getloadavg()}")
+    results: dict[str, Any] = {"events": total, "loadavg_start": os.getloadavg()}
+    try:
+        seconds, _ = timed(f"seed {total:,} events (COPY)", lambda: seed(url, total))
+        results["seed_s"] = seconds
+
+        def seal_all() -> int:
+            sealed = 0
+            with psycopg.connect(url, autocommit=True) as conn:
+                while (n := audit.seal(conn)) > 0:
+                    sealed += n
+            return sealed
+
+        results["seal_s"], sealed = timed("seal (chain every event)", seal_all)
+        assert sealed == total, (sealed, total)
+
+        def verify() -> Any:
+            with psycopg.connect(url, autocommit=True) as conn:
+                return audit.verify(conn)
+
+        results["verify_s"], verdict = timed("audit verify", verify)
+        say(f"    {verdict}")
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            lo, hi = conn.execute("SELECT min(recorded_at), max(recorded_at) FROM events").fetchone()
+        instant = lo + (hi - lo) / 2
+
+        def as_of() -> int:
+            with psycopg.connect(url, autocommit=True) as conn:
+                return len(audit.as_of(conn, instant))
+
+        results["as_of_s"], active = timed(f"audit as-of (mid-log)", as_of)
+        say(f"    {active:,} keys active at {instant.isoformat()}")
+
+        def export() -> int:
+            lines = 0
+            with psycopg.connect(url, autocommit=True) as conn, open(os.devnull, "wb") as sink:
+                for line in audit.export(conn):
+                    sink.write(line)
+                    lines += 1
+            return lines
+
+        results["export_s"], exported = timed("audit export (to /dev/null)", export)
+        assert exported == total, (exported, total)
+
+        results["replay_s"], report = timed("replay active_api_keys", lambda: replay(url, progress=False))
+        say(f"    {report}")
+    finally:
+        if keep:
+            say(f"kept: {url}")
+        else:
+            drop_database(admin_url, name)
+    results["loadavg_end"] = os.getloadavg()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    admin_url = os.environ.get("DATABASE_URL")
+    cleanup = None
+    if not admin_url:
+        from servers import admin_database_url
+
+        admin_url, cleanup = admin_database_url()
+    try:
+        say(f"keyledger audit bench  {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}  "
+            f"{os.cpu_count()} CPUs")
+        r = run(admin_url, args.events, args.keep)
+    finally:
+        if cleanup:
+            cleanup()
+    n = r["events"]
+    rows = [
+        ("replay", n / r["replay_s"], ">= 250,000 events/s", n / r["replay_s"] >= 250_000),
+        ("audit verify", n / r["verify_s"], ">= 300,000 events/s", n / r["verify_s"] >= 300_000),
+        ("audit export", n / r["export_s"], ">= 200,000 events/s", n / r["export_s"] >= 200_000),
+        ("seal (background)", n / r["seal_s"], "(no target)", None),
+    ]
+    say("")
+    say("=" * 86)
+    for label, rate, target, ok in rows:
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        say(f"{label:<20} {rate:>12,.0f} events/s   {target:<22} {verdict}")
+    as_of_ok = r["as_of_s"] <= 5.0
+    say(f"{'audit as-of':<20} {r['as_of_s']:>12.2f} s over {n:,} events   <= 5 s {'PASS' if as_of_ok else 'FAIL'}")
+    say(f"load average start {r['loadavg_start']}, end {r['loadavg_end']}")
+    say("=" * 86)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit-latest.json").write_text(msgspec.json.encode(r).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

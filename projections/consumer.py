@@ -8,6 +8,8 @@ lone revocation is handled at once and a burst costs one turn per batch.
 
 Delivery stays at-least-once and durable (the consumer remembers what was acknowledged across restarts); the
 queue group lets a new background leader bind the same durable consumer while an old one is still leaving.
+Messages the server pushed to a subscription that went away come back after ``ack_wait``: callers keep it
+short, since every projection here treats a repeat as harmless.
 """
 
 from __future__ import annotations

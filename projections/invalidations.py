@@ -127,7 +127,9 @@ class InvalidationProjection:
                 backoff = min(backoff * 2, 2.0)
 
     async def _consume(self) -> None:
-        await consume(self.bus, NAME, self._handle_batch, ack_wait=10)
+        # A short ack_wait: after a restart the server may already have pushed messages to a subscription that
+        # was going away; they come back after ack_wait, and a repeat invalidation is harmless.
+        await consume(self.bus, NAME, self._handle_batch, ack_wait=2)
 
     async def _handle_batch(self, msgs: list[Any]) -> None:
         failures = await self.handle(msgs)

@@ -52,7 +52,7 @@ class ActiveKeysSubscriber:
                                                          **PG_KEEPALIVES) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
-                          ack_policy=AckPolicy.ALL)
+                          ack_policy=AckPolicy.ALL, ack_wait=5)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
         newest: dict[str, int] = {}

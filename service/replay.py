@@ -68,7 +68,7 @@ MAX_POSITION = "SELECT coalesce(max(position), 0) FROM events"
 COLUMNS = (
     "id, key_hash, config_id, reference_id, name, start, prefix, enabled, expires_at, rate_limit_enabled, "
     "rate_limit_time_window, rate_limit_max, refill_interval, refill_amount, remaining, permissions, metadata, "
-    "created_at, updated_at, version"
+    "created_at, updated_at, version, expired"
 )
 COPY_ROWS = f"COPY {REBUILD} ({COLUMNS}) FROM STDIN"
 COPY_TRACKING = "COPY replay_tracking (stream_id, version) FROM STDIN"
@@ -191,12 +191,13 @@ def _unescape(field: bytes) -> str:
 
 
 def row_line(state: KeyState) -> str:
-    c = state.created
+    # The server-only fields come from the folded state, not from the creation event: ApiKeyUpdated can change
+    # them (as keyledger_project_active_key does); `expired` is ApiKeyExpired's flag.
     values = (
         state.id, state.key_hash, state.config_id, state.reference_id, state.name, state.start, state.prefix,
-        state.enabled, state.expires_at, c.rate_limit_enabled, c.rate_limit_time_window, c.rate_limit_max,
-        c.refill_interval, c.refill_amount, c.remaining, state.permissions, state.metadata, state.created_at,
-        state.updated_at, state.version,
+        state.enabled, state.expires_at, state.rate_limit_enabled, state.rate_limit_time_window,
+        state.rate_limit_max, state.refill_interval, state.refill_amount, state.remaining, state.permissions,
+        state.metadata, state.created_at, state.updated_at, state.version, state.expired,
     )
     return "\t".join(_text(v) for v in values) + "\n"
 

@@ -125,7 +125,6 @@ async def load(
     return session, stream
 
 
-
 def _state(events: list[RecordedEvent], key_id: str) -> KeyState | None:
     return fold(as_fold_input(events), key_id)
 

@@ -18,13 +18,11 @@ export >= 200,000 events/s.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import io
 import os
 import random
 import secrets
-import subprocess
 import sys
 import time
 import uuid
@@ -199,7 +197,7 @@ def run(admin_url: str, total: int, keep: bool) -> dict[str, Any]:
             with psycopg.connect(url, autocommit=True) as conn:
                 return len(audit.as_of(conn, instant))
 
-        results["as_of_s"], active = timed(f"audit as-of (mid-log)", as_of)
+        results["as_of_s"], active = timed("audit as-of (mid-log)", as_of)
         say(f"    {active:,} keys active at {instant.isoformat()}")
 
         def export() -> int:

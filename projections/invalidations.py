@@ -34,7 +34,7 @@ from msgspec import UNSET
 
 from ..bus import Bus
 from ..events import ApiKeyUpdated, RecordedEvent, decode_envelope
-from .consumer import consume
+from .consumer import consume, run_forever
 
 log = logging.getLogger("keyledger.projections.invalidations")
 
@@ -115,16 +115,7 @@ class InvalidationProjection:
         self.failed = 0  # publishes not acknowledged (the event is redelivered)
 
     async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s projection: %s: %s; retrying", self.name, type(exc).__name__, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        await run_forever(f"{self.name} projection", self._consume)
 
     async def _consume(self) -> None:
         # A short ack_wait: after a restart the server may already have pushed messages to a subscription that

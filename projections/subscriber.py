@@ -8,8 +8,6 @@ after the transaction that applied it (or proved it already applied) committed.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any
 
 import psycopg
@@ -19,9 +17,7 @@ from ..bus import Bus
 from ..config import PG_KEEPALIVES
 from ..events import decode_envelope
 from . import active_keys
-from .consumer import consume
-
-log = logging.getLogger("keyledger.projections")
+from .consumer import consume, run_forever
 
 
 class ActiveKeysSubscriber:
@@ -36,16 +32,7 @@ class ActiveKeysSubscriber:
         self.skipped = 0
 
     async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s subscriber: %s: %s; retrying", self.name, type(exc).__name__, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        await run_forever(f"{self.name} subscriber", self._consume)
 
     async def _consume(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,

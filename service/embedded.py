@@ -46,7 +46,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import psutil  # type: ignore[import-untyped,unused-ignore]  # no inline types in psutil 7
 import psycopg
@@ -223,7 +223,39 @@ def _is_running_postmaster(pid: int) -> bool:
         return False
 
 
-class EmbeddedPostgres:
+class _Server:
+    """What both embedded servers share: stop at interpreter exit unless stopped, and ``with`` support."""
+
+    _atexit_registered = False
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _register_atexit(self) -> None:
+        if not self._atexit_registered:
+            atexit.register(self._stop_at_exit)
+            self._atexit_registered = True
+
+    def _unregister_atexit(self) -> None:
+        if self._atexit_registered:
+            atexit.unregister(self._stop_at_exit)
+            self._atexit_registered = False
+
+    def _stop_at_exit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
+class EmbeddedPostgres(_Server):
     """A PostgreSQL server owned by this process, listening only on a Unix socket.
 
     Listening on a Unix socket (``listen_addresses=''``) means no TCP port can
@@ -520,26 +552,6 @@ class EmbeddedPostgres:
         except psutil.NoSuchProcess:
             return [self.pid]
 
-    def _register_atexit(self) -> None:
-        if not self._atexit_registered:
-            atexit.register(self._stop_at_exit)
-            self._atexit_registered = True
-
-    def _unregister_atexit(self) -> None:
-        if self._atexit_registered:
-            atexit.unregister(self._stop_at_exit)
-            self._atexit_registered = False
-
-    def _stop_at_exit(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-
-    def __enter__(self) -> EmbeddedPostgres:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(data_dir={str(self.data_dir)!r}, pid={self.pid}, socket_dir={str(self.socket_dir)!r})"
 
@@ -627,7 +639,7 @@ def _stop_orphan(pid_file: Path) -> None:
         proc.kill()
 
 
-class EmbeddedNats:
+class EmbeddedNats(_Server):
     """A ``nats-server -js`` child process on 127.0.0.1 with a persistent store dir.
 
     The JetStream store (``-sd``) survives restarts, so stream and consumer state
@@ -781,26 +793,6 @@ class EmbeddedNats:
                 return s.recv(5) == b"INFO "
         except OSError:
             return False
-
-    def _register_atexit(self) -> None:
-        if not self._atexit_registered:
-            atexit.register(self._stop_at_exit)
-            self._atexit_registered = True
-
-    def _unregister_atexit(self) -> None:
-        if self._atexit_registered:
-            atexit.unregister(self._stop_at_exit)
-            self._atexit_registered = False
-
-    def _stop_at_exit(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-
-    def __enter__(self) -> EmbeddedNats:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedNats(url={self.url!r}, store_dir={str(self.store_dir)!r}, running={self.running})"

@@ -57,7 +57,7 @@ from psycopg.types.string import StrBinaryDumper
 
 from .config import ConfigError
 from .events import ApiKeyImported, encode_data
-from .inputs import KEY_ID_RE
+from .inputs import KEY_ID_RE, has_nul
 from .store import APPEND
 
 SOURCE_NAME = "better-auth"
@@ -205,15 +205,6 @@ _json = msgspec.json.Decoder()
 _permissions_type = dict[str, list[str]]
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
 
 def decode_json_text(text: str | None, field_name: str) -> Any:
     """better-auth stores ``metadata``/``permissions`` as TEXT holding JSON: ``NULL``, the string ``"null"``,
@@ -232,7 +223,7 @@ def decode_json_text(text: str | None, field_name: str) -> Any:
             raise Rejected(f"{field_name} is not valid JSON") from None
     if isinstance(value, str):
         raise Rejected(f"{field_name} is a JSON string nested too deep, not an object")
-    if value is not None and _has_nul(value):
+    if value is not None and has_nul(value):
         raise Rejected(f"{field_name} contains NUL characters (PostgreSQL cannot store them)")
     return value
 

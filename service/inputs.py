@@ -36,20 +36,21 @@ def parse_json(raw: bytes, content_type: str | None) -> Any:
     return body
 
 
-def _has_nul(value: Any) -> bool:
+def has_nul(value: Any) -> bool:
+    """Whether any string (key or value) anywhere in a decoded JSON value holds U+0000."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+        return any(has_nul(v) for v in value)
     return False
 
 
 def require_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise validation("body", "object", body)
-    if _has_nul(body):
+    if has_nul(body):
         # Postgres text and jsonb cannot hold U+0000; refuse it here, before the driver sees it.
         raise ApiError(400, "VALIDATION_ERROR", "[body] Invalid input: strings must not contain NUL characters")
     return body

@@ -10,7 +10,6 @@ import secrets
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import ROOT, Service, unique_topology
+from harness import ROOT, unique_topology
 from keyledger import audit, store
 from keyledger.domain import CreateKey, DomainError, RevokeKey, UpdateKey, fold
-from keyledger.events import ApiKeyCreated, decode_data
+from keyledger.events import decode_data
 from keyledger.records import ROW_COLUMNS
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)

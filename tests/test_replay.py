@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from harness import ROOT, Service
+from harness import Service
 from keyledger import replay
 from keyledger.audit import final_horizon
 from keyledger.domain import fold

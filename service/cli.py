@@ -85,8 +85,7 @@ class Environment:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .runtime import migrate
+    from .schema import migrate
 
     env = Environment(owner=True)
     try:
@@ -118,6 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             uvicorn.run("keyledger.app:create_app_from_env", factory=True, workers=args.workers, **common)
         else:
+            from .app import create_app  # only here: with workers, this process is just their supervisor
+
             uvicorn.run(create_app(settings), **common)
     finally:
         env.stop()
@@ -135,7 +136,7 @@ def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .runtime import migrate
+    from .schema import migrate
 
     env = Environment(need_nats=False)
     try:
@@ -148,7 +149,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_dev_session(args: argparse.Namespace) -> int:
     """Create (or reuse) a user and a fresh 7-day session; print the Cookie header curl needs."""
-    from .runtime import migrate
+    from .schema import migrate
 
     env = Environment(need_nats=False)
     try:

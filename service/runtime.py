@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import select
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,25 +16,14 @@ from psycopg_pool import AsyncConnectionPool
 from .bus import Bus
 from .config import PG_KEEPALIVES, Settings
 from .relay import OutboxRelay
+from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
 
 log = logging.getLogger("keyledger")
-
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 # jsonb parameters and results through msgspec rather than the stdlib json module: same JSON, less CPU on
 # the hot path (event metadata is a jsonb parameter of every append).
 set_json_dumps(msgspec.json.encode)
 set_json_loads(msgspec.json.decode)
-MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('keyledger.migrate', 0))"
-
-
-def migrate(database_url: str) -> None:
-    """Apply schema.sql in one transaction (every statement is idempotent); concurrent starts serialise."""
-    sql = SCHEMA_PATH.read_text()
-    with psycopg.connect(database_url, autocommit=False) as conn:
-        conn.execute(MIGRATION_LOCK)
-        conn.execute(sql)
-        conn.commit()
 
 
 async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -35,6 +35,24 @@ CREATE TABLE IF NOT EXISTS session (
     "userId"     text NOT NULL REFERENCES "user"(id) ON DELETE CASCADE
 );
 
+-- better-auth's organization plugin: who may manage an organization's keys (role owner or admin; a member's
+-- role may be a comma-separated list).
+CREATE TABLE IF NOT EXISTS organization (
+    id          text PRIMARY KEY,
+    name        text NOT NULL,
+    slug        text UNIQUE,
+    logo        text,
+    "createdAt" timestamptz NOT NULL DEFAULT now(),
+    metadata    text
+);
+CREATE TABLE IF NOT EXISTS member (
+    id               text PRIMARY KEY,
+    "organizationId" text NOT NULL REFERENCES organization(id) ON DELETE CASCADE,
+    "userId"         text NOT NULL REFERENCES "user"(id) ON DELETE CASCADE,
+    role             text NOT NULL,
+    "createdAt"      timestamptz NOT NULL DEFAULT now()
+);
+
 -- ---------------------------------------------------------------------------------------------------------
 -- The event log: one append-only table, message-db style.
 --   position: global order of insertion, NOT of commit (a later position can commit first). Nothing tails it

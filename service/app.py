@@ -43,7 +43,10 @@ SORTABLE = {
     "createdAt": "created_at", "updatedAt": "updated_at", "name": "name", "expiresAt": "expires_at",
     "enabled": "enabled", "id": "id",
 }
-GET_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE id = %s AND reference_id = %s"
+GET_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE id = %s AND config_id = %s"
+MEMBER_ROLE = 'SELECT role FROM member WHERE "organizationId" = %s AND "userId" = %s'
+ORG_MANAGERS = frozenset({"owner", "admin"})  # roles that may manage an organization's keys
+ORG_KEY_PREFIX = "rb_org_"  # Rybbit's default prefix for organization keys
 VERIFY_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE key_hash = %s"
 
 
@@ -187,6 +190,35 @@ def _metadata(rt: Runtime, body: dict[str, Any]) -> Any:
     return value
 
 
+def _config_id(params: dict[str, Any]) -> str:
+    value = params.get("configId")
+    if value is None:
+        return "default"
+    if value not in ("default", "org"):
+        raise ApiError(400, "INVALID_CONFIG_ID", 'configId must be "default" or "org"')
+    return value
+
+
+async def _may_manage(conn: Any, user_id: str, org_id: str) -> None:
+    """Owners and admins of an organization manage its keys; a plain member gets 403, a stranger another 403."""
+    row = await (await conn.execute(MEMBER_ROLE, (org_id, user_id))).fetchone()
+    if row is None:
+        raise ApiError(403, "USER_NOT_MEMBER_OF_ORGANIZATION", "You are not a member of this organization")
+    if not {role.strip() for role in (row[0] or "").split(",")} & ORG_MANAGERS:
+        raise ApiError(403, "INSUFFICIENT_API_KEY_PERMISSIONS",
+                       "You do not have permission to manage this organization's API keys")
+
+
+async def _scope(conn: Any, caller: store.Session, config_id: str, stream: list[Any]) -> dict[str, Any]:
+    """Whose key this command may touch: the caller's own (``default``) or, for ``org``, the key's organization
+    once the caller is found to manage it. The domain then answers 404 unless referenceId and configId match."""
+    if config_id == "org" and stream and stream[0].event.config_id == "org":
+        org_id = stream[0].event.reference_id  # a key's owner never changes
+        await _may_manage(conn, caller.user_id, org_id)
+        return {"owner_id": org_id, "config_id": "org"}
+    return {"config_id": config_id}
+
+
 # --------------------------------------------------------------------------------------------------------
 # Handlers
 # --------------------------------------------------------------------------------------------------------
@@ -197,11 +229,18 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     name = inputs.optional(body, "name", str, "string")
     prefix = inputs.optional(body, "prefix", str, "string")
     expires_in = _expires_in(body)
-    config_id = inputs.optional(body, "configId", str, "string")
-    if "organizationId" in body or (config_id is not MISSING and config_id != "default"):
-        raise ApiError(400, "INVALID_CONFIG_ID", "Only the default key configuration is supported")
+    config_id = _config_id(body)
+    org_id = body.get("organizationId", MISSING)
+    if org_id is not MISSING and config_id != "org":
+        raise ApiError(400, "VALIDATION_ERROR", '[body.organizationId] Invalid input: requires configId "org"')
+    if config_id == "org" and not (isinstance(org_id, str) and inputs.plausible_key_id(org_id)):
+        raise validation("body.organizationId", "string", org_id)
     async with rt.pool.connection() as conn:
         session, _, is_server = await _identify(request, conn, body, code="UNAUTHORIZED_SESSION")
+        if config_id == "org":
+            await _may_manage(conn, session.user_id, org_id)
+            if prefix is MISSING:
+                prefix = ORG_KEY_PREFIX
         server_fields = _server_fields(body, is_server)
         metadata = _metadata(rt, body)
         if name is not MISSING and not 1 <= len(name) <= 32:
@@ -215,6 +254,7 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             prefix=None if prefix is MISSING else prefix, name=None if name is MISSING else name,
             expires_in=None if expires_in is MISSING else expires_in,
             metadata=None if metadata is MISSING else metadata, **server_fields,
+            owner_id=org_id if config_id == "org" else None, config_id=config_id,
         )
         state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=[])
     rt.nudge_relay()
@@ -227,13 +267,19 @@ async def get_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     key_id = inputs.string_field(params, "id", required=True, where="query")
     async with _rt(request).pool.connection() as conn:
         session, _, _ = await _identify(request, conn, params, where="query")
+        config_id = _config_id(params)
         if not inputs.plausible_key_id(key_id):
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
-        cur = await conn.execute(GET_KEY, (key_id, session.user_id))
+        cur = await conn.execute(GET_KEY, (key_id, config_id))
         row = await cur.fetchone()
-    if row is None:
+        record = records.from_row(row) if row else None
+        if record is not None and config_id == "org":
+            await _may_manage(conn, session.user_id, record["referenceId"])
+        elif record is not None and record["referenceId"] != session.user_id:
+            record = None
+    if record is None:
         raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
-    return records.from_row(row)
+    return record
 
 
 def _non_negative_int(params: dict[str, str], name: str) -> int | None:
@@ -257,15 +303,22 @@ async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
     direction = (params.get("sortDirection") or "asc").lower()
     if sort_by is None or direction not in ("asc", "desc"):
         raise ApiError(400, "VALIDATION_ERROR", "[query] Invalid sortBy or sortDirection")
-    config_id = params.get("configId") or "default"
+    config_id = _config_id(params)
+    org_id = params.get("organizationId")
+    if config_id == "org" and not (org_id and inputs.plausible_key_id(org_id)):
+        raise validation("query.organizationId", "string", org_id if org_id is not None else MISSING)
     async with _rt(request).pool.connection() as conn:
         session, _, _ = await _identify(request, conn, params, where="query")
+        owner = session.user_id
+        if config_id == "org":
+            await _may_manage(conn, session.user_id, org_id)
+            owner = org_id
         # sort_by and direction come from fixed whitelists above, never from the request verbatim.
         cur = await conn.execute(
             f"SELECT {records.ROW_COLUMNS}, count(*) OVER () FROM active_api_keys "
             f"WHERE reference_id = %s AND config_id = %s ORDER BY {sort_by} {direction}, id "
             "LIMIT %s OFFSET %s",
-            (session.user_id, config_id, limit, offset or 0),
+            (owner, config_id, limit, offset or 0),
         )
         rows = await cur.fetchall()
         if rows:
@@ -273,7 +326,7 @@ async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
         else:
             cur = await conn.execute(
                 "SELECT count(*) FROM active_api_keys WHERE reference_id = %s AND config_id = %s",
-                (session.user_id, config_id),
+                (owner, config_id),
             )
             total = (await cur.fetchone())[0]
     answer: dict[str, Any] = {"apiKeys": [records.from_row(r[:-1]) for r in rows], "total": total}
@@ -289,6 +342,7 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _rt(request)
     body = await _post_body(request)
     key_id = inputs.string_field(body, "keyId", required=True)
+    config_id = _config_id(body)
     name = inputs.optional(body, "name", str, "string")
     enabled = inputs.optional(body, "enabled", bool, "boolean")
     expires_in = _expires_in(body)
@@ -302,7 +356,7 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
         if not inputs.plausible_key_id(key_id):
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         command = UpdateKey(
-            actor_id=session.user_id, now=_now(), key_id=key_id,
+            actor_id=session.user_id, now=_now(), key_id=key_id, **await _scope(conn, session, config_id, stream),
             **{k: v for k, v in (("name", name), ("enabled", enabled), ("expires_in", expires_in),
                                  ("metadata", metadata)) if v is not MISSING},
             **server_fields,
@@ -318,12 +372,14 @@ async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _rt(request)
     body = await _post_body(request)
     key_id = inputs.string_field(body, "keyId", required=True)
+    config_id = _config_id(body)
     plausible = inputs.plausible_key_id(key_id)
     async with rt.pool.connection() as conn:
         session, stream, _ = await _identify(request, conn, body, key_id if plausible else None)
         if not plausible:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
-        command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id)
+        command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id,
+                            **await _scope(conn, session, config_id, stream))
         await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
     rt.nudge_relay()
     return {"success": True}

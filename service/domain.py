@@ -98,8 +98,17 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
 # Commands
 # ----------------------------------------------------------------------------------------------------------
 class Command(msgspec.Struct, frozen=True, kw_only=True):
-    actor_id: str  # the user acting (the owner check compares it with reference_id)
+    actor_id: str  # the user acting
     now: dt.datetime
+    # Whose keys the actor acts on: itself by default, or an organization the HTTP layer found it may manage
+    # (owner or admin; membership lives in better-auth's tables, outside this pure core). A key is visible to
+    # a command only if both its referenceId and its configId match: user and org keys never see each other.
+    owner_id: str | None = None
+    config_id: str = "default"
+
+    @property
+    def owner(self) -> str:
+        return self.owner_id or self.actor_id
 
 
 # Fields only a server caller may set (better-auth's "server-only properties").
@@ -212,9 +221,9 @@ def fold(events: list[tuple[int, dt.datetime, Event]], key_id: str) -> KeyState 
 # ----------------------------------------------------------------------------------------------------------
 # decide: command + state -> events
 # ----------------------------------------------------------------------------------------------------------
-def _owned(state: KeyState | None, actor_id: str) -> KeyState:
+def _owned(state: KeyState | None, command: Command) -> KeyState:
     # Unknown, revoked and someone else's key are the same answer, so ids cannot be probed.
-    if state is None or state.revoked or state.reference_id != actor_id:
+    if state is None or state.revoked or state.reference_id != command.owner or state.config_id != command.config_id:
         raise KeyNotFound()
     return state
 
@@ -236,7 +245,8 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
         return [
             ApiKeyCreated(
                 key_hash=command.key_hash,
-                reference_id=command.actor_id,
+                reference_id=command.owner,
+                config_id=command.config_id,
                 user_id=command.actor_id,
                 name=command.name,
                 start=command.start,
@@ -255,11 +265,11 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
         return [ApiKeyExpired(key_hash=state.key_hash, expires_at=state.expires_at)]
 
     if isinstance(command, RevokeKey):
-        key = _owned(state, command.actor_id)
+        key = _owned(state, command)
         return [ApiKeyRevoked(key_hash=key.key_hash)]
 
     if isinstance(command, UpdateKey):
-        key = _owned(state, command.actor_id)
+        key = _owned(state, command)
         if all(getattr(command, f) is UNSET for f in ("name", "enabled", "expires_in", "metadata", *SERVER_FIELDS)):
             raise NoValuesToUpdate()
         changed: dict[str, Any] = {}

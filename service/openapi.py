@@ -46,6 +46,8 @@ class CreatedKey(KeyRecord, rename="camel"):
 
 
 class CreateBody(msgspec.Struct, rename="camel", omit_defaults=True):
+    config_id: str | None = None  # "default" or "org"
+    organization_id: str | None = None  # with configId "org"
     name: str | None = None
     prefix: str | None = None
     expires_in: int | None = None
@@ -54,14 +56,16 @@ class CreateBody(msgspec.Struct, rename="camel", omit_defaults=True):
 
 class UpdateBody(msgspec.Struct, rename="camel", omit_defaults=True):
     key_id: str
+    config_id: str | None = None
     name: str | None = None
     enabled: bool | None = None
     expires_in: int | None = None
     metadata: dict[str, Any] | None = None
 
 
-class DeleteBody(msgspec.Struct, rename="camel"):
+class DeleteBody(msgspec.Struct, rename="camel", omit_defaults=True):
     key_id: str
+    config_id: str | None = None
 
 
 class Success(msgspec.Struct):
@@ -127,7 +131,8 @@ def _query(name: str, kind: str, required: bool = False, description: str = "") 
 
 
 COMMON_POST_ERRORS = ("400 malformed JSON (BAD_REQUEST) or body schema (VALIDATION_ERROR)",
-                      "403 cookie sent without a trusted Origin (MISSING_OR_NULL_ORIGIN, INVALID_ORIGIN)",
+                      "403 cookie sent without a trusted Origin (MISSING_OR_NULL_ORIGIN, INVALID_ORIGIN); org keys:"
+                      " USER_NOT_MEMBER_OF_ORGANIZATION, INSUFFICIENT_API_KEY_PERMISSIONS",
                       "401 no valid session (UNAUTHORIZED), banned user (USER_BANNED)",
                       "413 body over 64 KiB (PAYLOAD_TOO_LARGE)", "415 not JSON (UNSUPPORTED_MEDIA_TYPE)",
                       "503 database unavailable (SERVICE_UNAVAILABLE)")
@@ -164,7 +169,7 @@ def document() -> dict[str, Any]:
             "parameters": [_query("limit", "integer"), _query("offset", "integer"),
                            _query("sortBy", "string", description="createdAt, updatedAt, name, expiresAt, enabled, id"),
                            _query("sortDirection", "string", description="asc or desc"),
-                           _query("configId", "string")],
+                           _query("configId", "string"), _query("organizationId", "string")],
             "responses": {"200": _json(ListAnswer, "keys"),
                           **_errors("400 bad paging (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)")},
         }},

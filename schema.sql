@@ -181,6 +181,8 @@ CREATE TABLE IF NOT EXISTS active_api_keys (
     version                  integer     NOT NULL
 );
 CREATE INDEX IF NOT EXISTS active_api_keys_owner_idx ON active_api_keys (reference_id, config_id, created_at);
+-- The version of the event that last set `remaining`: the usage counter restarts from it (api_key_usage).
+ALTER TABLE active_api_keys ADD COLUMN IF NOT EXISTS remaining_version integer;
 -- ApiKeyExpired recorded for the current deadline; the expiry sweeper looks for passed deadlines without it.
 ALTER TABLE active_api_keys ADD COLUMN IF NOT EXISTS expired boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS active_api_keys_expiry_idx ON active_api_keys (expires_at) WHERE NOT expired;
@@ -208,6 +210,7 @@ BEGIN
             (p_data->>'remaining')::integer, nullif(p_data->'permissions', 'null'::jsonb),
             nullif(p_data->'metadata', 'null'::jsonb), coalesce((p_data->>'createdAt')::timestamptz, p_at), p_at,
             p_version);
+        UPDATE active_api_keys SET remaining_version = p_version WHERE id = p_stream_id;
     WHEN 'ApiKeyUpdated' THEN  -- carries only the fields that changed
         UPDATE active_api_keys SET
             name       = CASE WHEN p_data ? 'name' THEN p_data->>'name' ELSE name END,
@@ -217,6 +220,7 @@ BEGIN
             permissions = CASE WHEN p_data ? 'permissions' THEN nullif(p_data->'permissions', 'null'::jsonb)
                                ELSE permissions END,
             remaining  = CASE WHEN p_data ? 'remaining' THEN (p_data->>'remaining')::integer ELSE remaining END,
+            remaining_version = CASE WHEN p_data ? 'remaining' THEN p_version ELSE remaining_version END,
             refill_amount = CASE WHEN p_data ? 'refillAmount' THEN (p_data->>'refillAmount')::integer
                                  ELSE refill_amount END,
             refill_interval = CASE WHEN p_data ? 'refillInterval' THEN (p_data->>'refillInterval')::integer
@@ -240,6 +244,76 @@ BEGIN
         NULL;  -- an event type this projection does not care about still advances its tracking
     END CASE;
     PERFORM keyledger_advance('active_api_keys', p_stream_id, p_version);
+END $$;
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Usage counters: not events (they change on every verify), so not in the log and left alone by replay.
+-- One row per key that has a usage limit or a rate limit, updated atomically by keyledger_use_key under a row
+-- lock: concurrent verifies never lose a count or take `remaining` below zero.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS api_key_usage (
+    key_id         text PRIMARY KEY,
+    remaining      integer,                   -- the live count of a usage-limited key
+    remaining_from integer,                   -- active_api_keys.remaining_version the count started from
+    last_refill_at timestamptz,
+    request_count  integer NOT NULL DEFAULT 0, -- requests in the current rate-limit window
+    last_request   timestamptz
+);
+
+-- better-auth's semantics: a usage limit (`remaining`, refilled to `refillAmount` every `refillInterval` ms
+-- once exhausted) and a rate limit (`rateLimitMax` requests per `rateLimitTimeWindow` ms, the window counted
+-- from the last request). Returns code NULL when the use is allowed (and counted), else USAGE_EXCEEDED or
+-- RATE_LIMITED with try_again_in (ms). An event that sets `remaining` restarts the count from its value.
+CREATE OR REPLACE FUNCTION keyledger_use_key(p_id text, p_now timestamptz,
+    OUT code text, OUT try_again_in bigint, OUT remaining integer, OUT request_count integer,
+    OUT last_request timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    k active_api_keys%ROWTYPE;
+    u api_key_usage%ROWTYPE;
+    since_ms double precision;
+BEGIN
+    SELECT * INTO k FROM active_api_keys WHERE id = p_id;
+    IF NOT FOUND THEN
+        code := 'INVALID_API_KEY';
+        RETURN;
+    END IF;
+    INSERT INTO api_key_usage (key_id) VALUES (p_id) ON CONFLICT DO NOTHING;
+    SELECT * INTO u FROM api_key_usage WHERE key_id = p_id FOR UPDATE;
+    IF k.remaining IS NOT NULL AND u.remaining_from IS DISTINCT FROM k.remaining_version THEN
+        u.remaining := k.remaining;
+        u.remaining_from := k.remaining_version;
+        u.last_refill_at := NULL;
+    END IF;
+    IF k.remaining IS NOT NULL AND u.remaining <= 0 AND k.refill_amount IS NOT NULL AND k.refill_interval IS NOT NULL
+       AND p_now - coalesce(u.last_refill_at, k.created_at) >= make_interval(secs => k.refill_interval / 1000.0) THEN
+        u.remaining := k.refill_amount;
+        u.last_refill_at := p_now;
+    END IF;
+    IF k.remaining IS NOT NULL AND u.remaining <= 0 THEN
+        code := 'USAGE_EXCEEDED';
+    ELSIF k.rate_limit_enabled AND k.rate_limit_time_window IS NOT NULL AND k.rate_limit_max IS NOT NULL THEN
+        since_ms := extract(epoch FROM p_now - u.last_request) * 1000;
+        IF u.last_request IS NULL OR since_ms > k.rate_limit_time_window THEN
+            u.request_count := 0;  -- a new window
+        ELSIF u.request_count >= k.rate_limit_max THEN
+            code := 'RATE_LIMITED';
+            try_again_in := ceil(k.rate_limit_time_window - since_ms);
+        END IF;
+    END IF;
+    IF code IS NULL THEN  -- the use counts
+        IF k.remaining IS NOT NULL THEN
+            u.remaining := u.remaining - 1;
+        END IF;
+        u.request_count := u.request_count + 1;
+        u.last_request := p_now;
+    END IF;
+    UPDATE api_key_usage SET remaining = u.remaining, remaining_from = u.remaining_from,
+        last_refill_at = u.last_refill_at, request_count = u.request_count, last_request = u.last_request
+    WHERE key_id = p_id;
+    remaining := u.remaining;
+    request_count := u.request_count;
+    last_request := u.last_request;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ MEMBER_ROLE = 'SELECT role FROM member WHERE "organizationId" = %s AND "userId" 
 ORG_MANAGERS = frozenset({"owner", "admin"})  # roles that may manage an organization's keys
 ORG_KEY_PREFIX = "rb_org_"  # Rybbit's default prefix for organization keys
 VERIFY_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE key_hash = %s"
+USE_KEY = "SELECT * FROM keyledger_use_key(%s, %s)"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -414,6 +415,21 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     if wanted and not _grants(record["permissions"] or {}, wanted):
         # better-auth's answer when the key lacks a requested permission.
         return _invalid("KEY_NOT_FOUND", "API Key not found")
+    if record["remaining"] is not None or record["rateLimitEnabled"]:
+        # Limited keys only: one more statement, counting the use atomically (keyledger_use_key, schema.sql).
+        # Unlimited keys keep verify at a single read and write nothing.
+        async with _rt(request).pool.connection() as conn:
+            cur = await conn.execute(USE_KEY, (record["id"], _now()))
+            code, try_again_in, remaining, request_count, last_request = await cur.fetchone()
+        if code == "USAGE_EXCEEDED":
+            return _invalid(code, "Usage limit exceeded.")
+        if code == "RATE_LIMITED":
+            answer = _invalid(code, "Rate limit exceeded.")
+            answer["error"]["details"] = {"tryAgainIn": try_again_in}
+            return answer
+        if code is not None:  # revoked between the two statements
+            return _invalid("INVALID_API_KEY", "Invalid API key.")
+        record.update(remaining=remaining, requestCount=request_count, lastRequest=records.iso(last_request))
     return {"valid": True, "error": None, "key": record}
 
 

@@ -85,6 +85,7 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
     created_at: dt.datetime
     updated_at: dt.datetime
     remaining: int | None = None
+    remaining_version: int | None = None  # the version of the event that last set `remaining`
     refill_amount: int | None = None
     refill_interval: int | None = None
     rate_limit_enabled: bool = False
@@ -183,6 +184,7 @@ def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, a
             created_at=created_at,
             updated_at=at,
             remaining=event.remaining,
+            remaining_version=version,
             refill_amount=event.refill_amount,
             refill_interval=event.refill_interval,
             rate_limit_enabled=event.rate_limit_enabled,
@@ -198,7 +200,9 @@ def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, a
             if value is not UNSET:
                 changes[field] = value
         if event.expires_at is not UNSET:
-            changes["expired"] = False  # a new deadline: the sweeper will record its passing again
+            changes["expired"] = False
+        if event.remaining is not UNSET:
+            changes["remaining_version"] = version  # a new deadline: the sweeper will record its passing again
     elif isinstance(event, ApiKeyExpired):
         changes["expired"] = True
     elif isinstance(event, ApiKeyDisabled):

@@ -68,7 +68,7 @@ MAX_POSITION = "SELECT coalesce(max(position), 0) FROM events"
 COLUMNS = (
     "id, key_hash, config_id, reference_id, name, start, prefix, enabled, expires_at, rate_limit_enabled, "
     "rate_limit_time_window, rate_limit_max, refill_interval, refill_amount, remaining, permissions, metadata, "
-    "created_at, updated_at, version, expired"
+    "created_at, updated_at, version, expired, remaining_version"
 )
 COPY_ROWS = f"COPY {REBUILD} ({COLUMNS}) FROM STDIN"
 COPY_TRACKING = "COPY replay_tracking (stream_id, version) FROM STDIN"
@@ -197,7 +197,7 @@ def row_line(state: KeyState) -> str:
         state.id, state.key_hash, state.config_id, state.reference_id, state.name, state.start, state.prefix,
         state.enabled, state.expires_at, state.rate_limit_enabled, state.rate_limit_time_window,
         state.rate_limit_max, state.refill_interval, state.refill_amount, state.remaining, state.permissions,
-        state.metadata, state.created_at, state.updated_at, state.version, state.expired,
+        state.metadata, state.created_at, state.updated_at, state.version, state.expired, state.remaining_version,
     )
     return "\t".join(_text(v) for v in values) + "\n"
 

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -168,3 +169,58 @@ def test_the_running_service_records_expiry_and_caches_hear_of_it(server: Servic
 
     wait_until(published, timeout=10, what="ApiKeyExpired on NATS and its invalidation")
     assert count_events(server.database_url, key_id, "ApiKeyExpired") == 1
+
+
+def _limited_key(server: Service, **limits: Any) -> dict[str, Any]:
+    user = server.session()
+    response = server.post("api-key/create", BEARER, json={"userId": user["x-test-user-id"], **limits})
+    assert response.status_code == 200, response.text
+    return {**response.json(), "owner": user["x-test-user-id"]}
+
+
+def test_usage_limit_counts_down_and_concurrent_verifies_never_overspend(server: Service) -> None:
+    key = _limited_key(server, remaining=3)
+    answers = [server.verify(key["key"]) for _ in range(4)]
+    assert [a["valid"] for a in answers] == [True, True, True, False]
+    assert [a["key"]["remaining"] for a in answers[:3]] == [2, 1, 0]
+    assert answers[3]["error"] == {"message": "Usage limit exceeded.", "code": "USAGE_EXCEEDED"}
+
+    crowd = _limited_key(server, remaining=20)
+
+    async def storm() -> list[bool]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            responses = await asyncio.gather(*(
+                client.post("/api/auth/api-key/verify", json={"key": crowd["key"]}) for _ in range(40)))
+        return [r.json()["valid"] for r in responses]
+
+    results = asyncio.run(storm())
+    assert results.count(True) == 20 and results.count(False) == 20
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT remaining FROM api_key_usage WHERE key_id = %s", (crowd["id"],)).fetchone() == (0,)
+
+    # A server that sets `remaining` again restarts the count from the new value (an event, in the log).
+    reset = server.post("api-key/update", BEARER, json={"userId": key["owner"], "keyId": key["id"], "remaining": 1})
+    assert reset.status_code == 200, reset.text
+    assert server.verify(key["key"])["valid"] is True
+    assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
+
+
+def test_an_exhausted_key_is_refilled_after_its_interval(server: Service) -> None:
+    key = _limited_key(server, remaining=1, refillAmount=2, refillInterval=1000)
+    assert server.verify(key["key"])["valid"] is True
+    assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
+    refilled = wait_until(lambda: server.verify(key["key"])["valid"], timeout=5, interval=0.1,
+                          what="the refill one interval later")
+    assert refilled is True
+    assert server.verify(key["key"])["valid"] is True  # the second use of the refill of 2
+    assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
+    assert count_events(server.database_url, key["id"]) == 1  # counters are not events
+
+
+def test_rate_limit_answers_rate_limited_with_try_again_in(server: Service) -> None:
+    key = _limited_key(server, rateLimitEnabled=True, rateLimitMax=2, rateLimitTimeWindow=60_000)
+    assert [server.verify(key["key"])["valid"] for _ in range(2)] == [True, True]
+    limited = server.verify(key["key"])
+    assert limited["valid"] is False and limited["error"]["code"] == "RATE_LIMITED"
+    assert 0 < limited["error"]["details"]["tryAgainIn"] <= 60_000
+    assert server.verify(key["key"])["error"]["code"] == "RATE_LIMITED"

@@ -234,6 +234,7 @@ class Service:
             "DATABASE_URL": servers.db_url,
             "NATS_URL": servers.nats_url,
             "BETTER_AUTH_SECRET": secrets.token_urlsafe(32),
+            "KEYLEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
             "TRUSTED_ORIGINS": ORIGIN,
             "KEYLEDGER_SUBJECT_PREFIX": servers.prefix,
             "KEYLEDGER_EVENTS_STREAM": servers.events_stream,
@@ -437,6 +438,24 @@ async def _create_keys(base: str, cookie: str, n: int, concurrency: int) -> tupl
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return created, errors
+
+
+SERVICE_TOKEN = secrets.token_urlsafe(32)
+# Limits that never bite during a run, so every verify does the full limited path (counted atomically).
+LIMITS = {"remaining": 1_000_000_000, "rateLimitEnabled": True, "rateLimitMax": 1_000_000_000,
+          "rateLimitTimeWindow": 60_000}
+
+
+async def _create_limited_keys(base: str, n: int) -> list[tuple[str, str]]:
+    """Keys with a usage limit and a rate limit, created by a server caller (Bearer service token)."""
+    headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30.0) as client:
+        created = []
+        for _ in range(n):
+            r = await client.post("/api/auth/api-key/create", json={"userId": "benchuser", **LIMITS})
+            r.raise_for_status()
+            created.append((r.json()["id"], r.json()["key"]))
+    return created
 
 
 class Seeder:
@@ -818,6 +837,9 @@ def main() -> int:
         runner.run("verify", 16, args.warmup, vlines, f"warm-up c=16 {args.warmup:g} s")
         phases["verify_c1"] = runner.run("verify", 1, d1, vlines, f"verify c=1  {d1:g} s")
         phases["verify_c16"] = runner.run("verify", 16, d16, vlines, f"verify c=16 {d16:g} s", "verify-c16")
+        limited = [k for _, k in asyncio.run(_create_limited_keys(service.base, args.verify_keys))]
+        phases["verify_limited_c16"] = runner.run("verify", 16, d16, limited,
+                                                  f"verify with usage + rate limits c=16 {d16:g} s")
 
         say("")
         say("revoke (every request revokes a different fresh key)")
@@ -897,6 +919,11 @@ def main() -> int:
             flags = "  EXHAUSTED KEYS" if r["exhausted"] else ""
             say(f"{kind:<7} c={conc:<3} {r['rps']:>7,.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}"
                 f"  errors {r['errors']:<3} {note}{flags}   [{BETTER_AUTH[(kind, conc)]}]")
+        r = phases["verify_limited_c16"]
+        ok = r["rps"] >= 2_200 and r["errors"] == 0
+        checks["verify_limited_c16"] = ok
+        say(f"verify  c=16  {r['rps']:>7,.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}"
+            f"  errors {r['errors']:<3} (usage + rate limits on; target >= 2,200/s: {verdict(ok)})")
         rss_ok = max(rss["peak_sampled_mb"], rss["vmhwm_mb"]) <= TARGETS["rss_mb"]
         checks["rss"] = rss_ok
         say(f"RSS     idle {rss['idle_mb']:.1f} MB  peak {rss['peak_sampled_mb']:.1f} MB (VmHWM {rss['vmhwm_mb']:.1f} MB)"
@@ -910,7 +937,7 @@ def main() -> int:
         say(f"seeding {seeding['keys']:,} keys via HTTP create in {seeding['seconds']} s "
             f"({seeding['creates_per_s']}/s, c={args.seed_concurrency})")
         say("CPU % during each phase (100 % = one core; 200 % = the whole machine):")
-        for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1"):
+        for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1", "verify_limited_c16"):
             say(f"  {name:<11} " + cpu_line(phases[name]["cpu_pct"]))
         busiest = max(phases[n]["cpu_pct"].get("other", 0.0) for n in phases)
         if busiest >= 15.0:

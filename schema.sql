@@ -90,7 +90,7 @@ CREATE INDEX IF NOT EXISTS events_recorded_at_idx ON events (recorded_at);
 -- gets past this, which the audit hash chain is there to catch).
 CREATE OR REPLACE FUNCTION keyledger_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'events is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP USING ERRCODE = 'insufficient_privilege';
 END $$;
 
 CREATE OR REPLACE TRIGGER events_no_update_delete BEFORE UPDATE OR DELETE ON events
@@ -337,14 +337,9 @@ CREATE TABLE IF NOT EXISTS event_chain (
 -- Append-only, like events: UPDATE, DELETE and TRUNCATE are refused for the owner too. A superuser who
 -- disables the triggers can still rewrite the chain, which is why `audit verify --head POS:HASH` checks the
 -- log against a head published outside the database (NATS, `<prefix>.audit.head`).
-CREATE OR REPLACE FUNCTION keyledger_event_chain_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'event_chain is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
-END $$;
-
 CREATE OR REPLACE TRIGGER event_chain_no_update_delete BEFORE UPDATE OR DELETE ON event_chain
-    FOR EACH ROW EXECUTE FUNCTION keyledger_event_chain_append_only();
+    FOR EACH ROW EXECUTE FUNCTION keyledger_events_append_only();
 
 CREATE OR REPLACE TRIGGER event_chain_no_truncate BEFORE TRUNCATE ON event_chain
-    FOR EACH STATEMENT EXECUTE FUNCTION keyledger_event_chain_append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION keyledger_events_append_only();
 REVOKE UPDATE, DELETE, TRUNCATE ON event_chain FROM PUBLIC;

@@ -31,14 +31,13 @@ from .auth import check_origin, session_token
 from .config import Settings
 from .domain import MAX_EXPIRES_IN, SERVER_FIELDS, CreateKey, DomainError, RevokeKey, UpdateKey
 from .errors import MISSING, ApiError, unauthorized, validation
+from .events import ApiKeyCreated, to_envelope
 from .runtime import Runtime
 
 log = logging.getLogger("keyledger.http")
 
-SERVER_ONLY = (
-    "remaining", "refillAmount", "refillInterval", "rateLimitEnabled", "rateLimitTimeWindow", "rateLimitMax",
-    "permissions", "userId",
-)
+# better-auth's server-only properties, in their wire (camelCase) spelling, plus the acting userId.
+SERVER_ONLY = (*(records.camel(f) for f in SERVER_FIELDS), "userId")
 SORTABLE = {
     "createdAt": "created_at", "updatedAt": "updated_at", "name": "name", "expiresAt": "expires_at",
     "enabled": "enabled", "id": "id",
@@ -401,35 +400,33 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             wanted = msgspec.convert(wanted, dict[str, list[str]])
         except msgspec.ValidationError as exc:
             raise ApiError(400, "VALIDATION_ERROR", f"[body.permissions] Invalid input: {exc}") from None
-    async with _rt(request).pool.connection() as conn:
-        cur = await conn.execute(VERIFY_KEY, (records.hash_key(key),))
-        row = await cur.fetchone()
-    if row is None:
-        return _invalid("INVALID_API_KEY", "Invalid API key.")
-    record = records.from_row(row)
-    if not record["enabled"]:
-        return _invalid("KEY_DISABLED", "API Key is disabled")
-    expires_at = row[13]
-    if expires_at is not None and expires_at <= _now():
-        return _invalid("KEY_EXPIRED", "API Key has expired")
-    if wanted and not _grants(record["permissions"] or {}, wanted):
-        # better-auth's answer when the key lacks a requested permission.
-        return _invalid("KEY_NOT_FOUND", "API Key not found")
-    if record["remaining"] is not None or record["rateLimitEnabled"]:
-        # Limited keys only: one more statement, counting the use atomically (keyledger_use_key, schema.sql).
-        # Unlimited keys keep verify at a single read and write nothing.
-        async with _rt(request).pool.connection() as conn:
-            cur = await conn.execute(USE_KEY, (record["id"], _now()))
-            code, try_again_in, remaining, request_count, last_request = await cur.fetchone()
-        if code == "USAGE_EXCEEDED":
-            return _invalid(code, "Usage limit exceeded.")
-        if code == "RATE_LIMITED":
-            answer = _invalid(code, "Rate limit exceeded.")
-            answer["error"]["details"] = {"tryAgainIn": try_again_in}
-            return answer
-        if code is not None:  # revoked between the two statements
+    async with _rt(request).pool.connection() as conn:  # one checkout, also for a limited key's count
+        row = await (await conn.execute(VERIFY_KEY, (records.hash_key(key),))).fetchone()
+        if row is None:
             return _invalid("INVALID_API_KEY", "Invalid API key.")
-        record.update(remaining=remaining, requestCount=request_count, lastRequest=records.iso(last_request))
+        record = records.from_row(row)
+        if not record["enabled"]:
+            return _invalid("KEY_DISABLED", "API Key is disabled")
+        expires_at = row[records.EXPIRES_AT]
+        if expires_at is not None and expires_at <= _now():
+            return _invalid("KEY_EXPIRED", "API Key has expired")
+        if wanted and not _grants(record["permissions"] or {}, wanted):
+            # better-auth's answer when the key lacks a requested permission.
+            return _invalid("KEY_NOT_FOUND", "API Key not found")
+        if record["remaining"] is None and not record["rateLimitEnabled"]:
+            return {"valid": True, "error": None, "key": record}  # unlimited: one read, nothing written
+        # Limited keys: one more statement, counting the use atomically (keyledger_use_key, schema.sql).
+        cur = await conn.execute(USE_KEY, (record["id"], _now()))
+        code, try_again_in, remaining, request_count, last_request = await cur.fetchone()
+    if code == "USAGE_EXCEEDED":
+        return _invalid(code, "Usage limit exceeded.")
+    if code == "RATE_LIMITED":
+        answer = _invalid(code, "Rate limit exceeded.")
+        answer["error"]["details"] = {"tryAgainIn": try_again_in}
+        return answer
+    if code is not None:  # revoked between the two statements
+        return _invalid("INVALID_API_KEY", "Invalid API key.")
+    record.update(remaining=remaining, requestCount=request_count, lastRequest=records.iso(last_request))
     return {"valid": True, "error": None, "key": record}
 
 
@@ -448,6 +445,28 @@ async def openapi_document() -> dict[str, Any]:
 
 
 _OPENAPI = openapi.document()
+
+
+@get("/api-key/history", summary="A key's lifecycle events, oldest first (owner only)")
+async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Ownership comes from the LOG (the ``ApiKeyCreated`` event's ``referenceId``), not from
+    ``active_api_keys``: a revoked key is gone from the projection but its history is exactly what an owner
+    wants to see. Anyone else, an unknown id and an implausible id get 404 ``KEY_NOT_FOUND``, like ``get``.
+    """
+    params = dict(request.query_params)
+    key_id = inputs.string_field(params, "id", required=True, where="query")
+    config_id = _config_id(params)
+    plausible = inputs.plausible_key_id(key_id)
+    async with _rt(request).pool.connection() as conn:
+        session, stream, _ = await _identify(request, conn, params, key_id if plausible else None, where="query")
+        created = stream[0].event if stream and isinstance(stream[0].event, ApiKeyCreated) else None
+        if created is None or created.config_id != config_id:
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        if config_id == "org":  # the organization's owners and admins, like every other org-key endpoint
+            await _may_manage(conn, session.user_id, created.reference_id)
+        elif created.reference_id != session.user_id:
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+    return {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}
 
 
 @get("/health", summary="Liveness: the database answers", include_in_schema=True)
@@ -522,7 +541,5 @@ def create_app_from_env() -> Litestar:
     """Factory for ``uvicorn --factory`` worker processes: everything comes from the environment."""
     return create_app(Settings.from_env())
 
-
-from .history_api import key_history  # noqa: E402  (it reuses this module's helpers)
 
 API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key, key_history]

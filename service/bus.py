@@ -7,8 +7,8 @@ this connection: the outbox relay and the subscribers wait for ``ready``, the ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -88,7 +88,7 @@ class Bus:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-            with _suppress():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
         if self.nc is not None:
             await _close(self.nc)
@@ -114,13 +114,5 @@ async def ensure_streams(js: JetStreamContext, topology: Topology) -> None:
 
 
 async def _close(nc: Client) -> None:
-    with _suppress():
+    with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(nc.close(), 2)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], (Exception, asyncio.CancelledError))

@@ -24,7 +24,7 @@ import psycopg
 from . import auth
 from .config import ConfigError, Settings
 from .events import encode_envelope, kind
-from .log import read_stream
+from .store import read_stream
 
 log = logging.getLogger("keyledger")
 

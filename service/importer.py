@@ -661,23 +661,3 @@ def add_import_command(subparsers: Any) -> None:
                    "(default: apikey in the search path)")
     b.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_import_better_auth)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m keyledger.importer better-auth --from URL``: the same command without the full CLI."""
-    parser = argparse.ArgumentParser(prog="keyledger")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_import_command(sub)
-    args = parser.parse_args(["import", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"keyledger: {exc}", file=sys.stderr)
-        return 2
-    except psycopg.OperationalError as exc:
-        print(f"keyledger: database unavailable: {exc}", file=sys.stderr)
-        return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -88,6 +88,12 @@ ROW_COLUMNS = (
     "updated_at, permissions, metadata"
 )
 _ROW_FIELDS = [c.strip() for c in ROW_COLUMNS.split(",")]
+EXPIRES_AT = _ROW_FIELDS.index("expires_at")  # a row's expiry, as a datetime, for verify
+
+
+def camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def from_row(row: tuple[Any, ...]) -> dict[str, Any]:

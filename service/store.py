@@ -29,7 +29,7 @@ from psycopg import AsyncConnection
 
 from .domain import Command, KeyState, decide, evolve, fold
 from .events import Event, RecordedEvent, decode_data, encode_data
-from .log import as_fold_input, read_stream
+from .log import as_fold_input
 from .projections import active_keys
 
 _encoder = msgspec.json.Encoder()
@@ -108,6 +108,11 @@ class _StreamRow(msgspec.Struct, array_like=True):
 
 _session_decoder = msgspec.json.Decoder(tuple[str, str, bool])
 _stream_decoder = msgspec.json.Decoder(list[_StreamRow])
+
+
+async def read_stream(conn: AsyncConnection[Any], key_id: str) -> list[RecordedEvent]:
+    """A key's events in version order (the LOAD statement without a session)."""
+    return (await load(conn, None, key_id))[1]
 
 
 async def load(

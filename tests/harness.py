@@ -47,6 +47,18 @@ def unique_topology(hint: str = "t") -> Topology:
     )
 
 
+async def wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> Any:
+    """``wait_until`` for async tests: checks after every event-loop turn, with a bounded timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

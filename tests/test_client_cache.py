@@ -21,7 +21,7 @@ import httpx
 import nats
 import pytest
 
-from harness import Service, free_port, unique_topology
+from harness import Service, free_port, unique_topology, wait_for
 from keyledger.bus import Bus
 from keyledger.client import KeyCache, VerifyResult
 from keyledger.embedded import EmbeddedNats
@@ -32,15 +32,6 @@ STALENESS = 0.5
 SLACK = 0.4  # scheduling allowance on top of the staleness bound (sync period + loop latency)
 
 
-async def wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 class TcpRelay:

@@ -29,7 +29,8 @@ from keyledger.config import Topology
 from keyledger.domain import KeyState, fold
 from keyledger.embedded import start_nats, start_postgres
 from keyledger.events import RecordedEvent, encode_envelope, kind
-from keyledger.log import as_fold_input, read_stream
+from keyledger.log import as_fold_input
+from keyledger.store import read_stream
 from keyledger.runtime import migrate
 
 TEST_TIMEOUT_S = 55  # hard per-test bound, leaving a few seconds for the ``finally`` clean-ups (< 60 s)

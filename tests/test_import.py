@@ -141,7 +141,7 @@ def run_cli(target_url: str, nats_url: str, *args: str) -> subprocess.CompletedP
     """The command in its own process, as a user runs it (exit code, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYLEDGER_")}
     env.update(DATABASE_URL=target_url, NATS_URL=nats_url)
-    return subprocess.run([sys.executable, "-m", "keyledger.importer", "better-auth", *args],
+    return subprocess.run([sys.executable, "-m", "keyledger.cli", "import", "better-auth", *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

@@ -23,7 +23,7 @@ import httpx
 import nats
 import pytest
 
-from harness import Service, free_port, stream_messages, unique_topology
+from harness import Service, free_port, stream_messages, unique_topology, wait_for
 from keyledger.bus import Bus, ensure_streams
 from keyledger.config import Topology
 from keyledger.events import (
@@ -48,16 +48,6 @@ def recorded(event: Any, *, key_id: str = "k" * 32, version: int = 1, position: 
                          recorded_at=T0, metadata={"userId": "u1"}, event=event)
 
 
-async def wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> Any:
-    """Await a condition (checked after every event-loop turn) with a bounded timeout. Not a sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -187,6 +187,18 @@ ALTER TABLE active_api_keys ADD COLUMN IF NOT EXISTS remaining_version integer;
 ALTER TABLE active_api_keys ADD COLUMN IF NOT EXISTS expired boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS active_api_keys_expiry_idx ON active_api_keys (expires_at) WHERE NOT expired;
 
+-- Part of the same projection: the secrets a rotation superseded that are still inside their grace period.
+-- Verify looks a hash up in active_api_keys first, then here (valid only while valid_until > now, whether or
+-- not the sweeper has recorded ApiKeySecretRetired yet). A row leaves on ApiKeySecretRetired or ApiKeyRevoked.
+CREATE TABLE IF NOT EXISTS superseded_key_secrets (
+    key_hash    text        PRIMARY KEY,
+    key_id      text        NOT NULL,
+    start       text,
+    valid_until timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS superseded_key_secrets_key_idx ON superseded_key_secrets (key_id);
+CREATE INDEX IF NOT EXISTS superseded_key_secrets_due_idx ON superseded_key_secrets (valid_until);
+
 -- The active_api_keys projection, as one function that applies one event. It has two call sites and no twin:
 -- the append statement (store.py) calls it inline, in the transaction that records the event, and the NATS
 -- subscriber (projections/active_keys.py) calls it for events it finds the projection has not seen yet.
@@ -238,7 +250,18 @@ BEGIN
     WHEN 'ApiKeyDisabled', 'ApiKeyEnabled' THEN
         UPDATE active_api_keys SET enabled = (p_type = 'ApiKeyEnabled'), updated_at = p_at, version = p_version
         WHERE id = p_stream_id;
+    WHEN 'ApiKeyRotated' THEN  -- a new secret; the old one stays valid until graceUntil (if any)
+        INSERT INTO superseded_key_secrets (key_hash, key_id, start, valid_until)
+        SELECT p_data->>'previousKeyHash', p_stream_id, p_data->>'previousStart', (p_data->>'graceUntil')::timestamptz
+        WHERE p_data->>'graceUntil' IS NOT NULL;
+        UPDATE active_api_keys SET key_hash = p_data->>'keyHash', start = p_data->>'start', updated_at = p_at,
+                                   version = p_version
+        WHERE id = p_stream_id;
+    WHEN 'ApiKeySecretRetired' THEN
+        DELETE FROM superseded_key_secrets WHERE key_hash = p_data->>'keyHash' AND key_id = p_stream_id;
+        UPDATE active_api_keys SET updated_at = p_at, version = p_version WHERE id = p_stream_id;
     WHEN 'ApiKeyRevoked' THEN
+        DELETE FROM superseded_key_secrets WHERE key_id = p_stream_id;
         DELETE FROM active_api_keys WHERE id = p_stream_id;
     ELSE
         NULL;  -- an event type this projection does not care about still advances its tracking
@@ -248,8 +271,9 @@ END $$;
 
 -- ---------------------------------------------------------------------------------------------------------
 -- Usage counters: not events (they change on every verify), so not in the log and left alone by replay.
--- One row per key that has a usage limit or a rate limit, updated atomically by keyledger_use_key under a row
--- lock: concurrent verifies never lose a count or take `remaining` below zero.
+-- One row per key that has a usage limit or a rate limit, updated atomically by keyledger_verify_key under a
+-- row lock: concurrent verifies never lose a count or take `remaining` below zero. Keys without limits get a
+-- row too, for their `last_request` only, written in batches by the service (keyledger_touch_keys).
 -- ---------------------------------------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS api_key_usage (
     key_id         text PRIMARY KEY,
@@ -259,53 +283,107 @@ CREATE TABLE IF NOT EXISTS api_key_usage (
     request_count  integer NOT NULL DEFAULT 0, -- requests in the current rate-limit window
     last_request   timestamptz
 );
+-- Every counted verify updates one of these rows. Free room on each page keeps those updates HOT (no new index
+-- entry; the page prunes its own dead versions), which matters where autovacuum is off or slow.
+ALTER TABLE api_key_usage SET (fillfactor = 50);
 
--- better-auth's semantics: a usage limit (`remaining`, refilled to `refillAmount` every `refillInterval` ms
--- once exhausted) and a rate limit (`rateLimitMax` requests per `rateLimitTimeWindow` ms, the window counted
--- from the last request). Returns code NULL when the use is allowed (and counted), else USAGE_EXCEEDED or
--- RATE_LIMITED with try_again_in (ms). An event that sets `remaining` restarts the count from its value.
-CREATE OR REPLACE FUNCTION keyledger_use_key(p_id text, p_now timestamptz,
-    OUT code text, OUT try_again_in bigint, OUT remaining integer, OUT request_count integer,
-    OUT last_request timestamptz)
+-- Verify used to take two statements (a lookup, then this function); keyledger_verify_key is both.
+DROP FUNCTION IF EXISTS keyledger_use_key(text, timestamptz);
+
+-- Verify in ONE statement (one round trip, one transaction), whatever the key:
+--   1. find it by hash: the current secret (active_api_keys), else a superseded secret still inside its grace
+--      period, as the same key (same record, same checks, same counters; grace_until says it matched so);
+--   2. refuse it in better-auth's order: KEY_DISABLED, KEY_EXPIRED, then KEY_NOT_FOUND when p_wanted (the
+--      requested permissions, {"resource": ["action", ...]}) is not contained in the key's permissions;
+--   3. only for a key with a usage or a rate limit, count the use under a row lock on its api_key_usage row,
+--      with better-auth's semantics: a usage limit (`remaining`, refilled to `refillAmount` every
+--      `refillInterval` ms once exhausted) and a rate limit (`rateLimitMax` requests per `rateLimitTimeWindow`
+--      ms, the window counted from the last request); USAGE_EXCEEDED, or RATE_LIMITED with try_again_in (ms).
+--      An event that sets `remaining` restarts the count from its value (remaining_from).
+-- code is NULL when the key is valid (and its use counted); the record's columns follow in
+-- records.LIVE_COLUMNS' order, `remaining` and the counters live (ignore them when code is set). A key without
+-- limits is one index read, writes nothing here and comes back with its counters unread: the service batches
+-- its lastRequest (keyledger_touch_keys). Plain variables, no active_api_keys%ROWTYPE: replay swaps that table.
+CREATE OR REPLACE FUNCTION keyledger_verify_key(p_hash text, p_now timestamptz, p_wanted jsonb,
+    OUT code text, OUT try_again_in bigint, OUT grace_until timestamptz,
+    OUT id text, OUT config_id text, OUT name text, OUT start text, OUT reference_id text, OUT prefix text,
+    OUT refill_interval integer, OUT refill_amount integer, OUT enabled boolean, OUT rate_limit_enabled boolean,
+    OUT rate_limit_time_window integer, OUT rate_limit_max integer, OUT remaining integer,
+    OUT expires_at timestamptz, OUT created_at timestamptz, OUT updated_at timestamptz, OUT permissions jsonb,
+    OUT metadata jsonb, OUT last_refill_at timestamptz, OUT request_count integer, OUT last_request timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    k active_api_keys%ROWTYPE;
+    remaining_version integer;
     u api_key_usage%ROWTYPE;
     since_ms double precision;
 BEGIN
-    SELECT * INTO k FROM active_api_keys WHERE id = p_id;
+    SELECT a.id, a.config_id, a.name, a.start, a.reference_id, a.prefix, a.refill_interval, a.refill_amount,
+           a.enabled, a.rate_limit_enabled, a.rate_limit_time_window, a.rate_limit_max, a.remaining, a.expires_at,
+           a.created_at, a.updated_at, a.permissions, a.metadata, a.remaining_version
+    INTO id, config_id, name, start, reference_id, prefix, refill_interval, refill_amount,
+         enabled, rate_limit_enabled, rate_limit_time_window, rate_limit_max, remaining, expires_at,
+         created_at, updated_at, permissions, metadata, remaining_version
+    FROM active_api_keys a WHERE a.key_hash = p_hash;
+    -- Not a current secret: perhaps a superseded one. A separate statement rather than a UNION in the first:
+    -- that would open three more relations on every verify, for a case that is rare. Its deadline counts to
+    -- the millisecond, as graceUntil is reported, so the secret stops at the very instant it says.
+    IF NOT FOUND THEN
+        SELECT a.id, a.config_id, a.name, a.start, a.reference_id, a.prefix, a.refill_interval, a.refill_amount,
+               a.enabled, a.rate_limit_enabled, a.rate_limit_time_window, a.rate_limit_max, a.remaining,
+               a.expires_at, a.created_at, a.updated_at, a.permissions, a.metadata, a.remaining_version,
+               date_trunc('milliseconds', s.valid_until)
+        INTO id, config_id, name, start, reference_id, prefix, refill_interval, refill_amount,
+             enabled, rate_limit_enabled, rate_limit_time_window, rate_limit_max, remaining, expires_at,
+             created_at, updated_at, permissions, metadata, remaining_version, grace_until
+        FROM superseded_key_secrets s JOIN active_api_keys a ON a.id = s.key_id
+        WHERE s.key_hash = p_hash AND date_trunc('milliseconds', s.valid_until) > p_now;
+    END IF;
     IF NOT FOUND THEN
         code := 'INVALID_API_KEY';
-        RETURN;
+    ELSIF NOT enabled THEN
+        code := 'KEY_DISABLED';
+    ELSIF expires_at <= p_now THEN
+        code := 'KEY_EXPIRED';
+    ELSIF p_wanted IS NOT NULL AND NOT coalesce(permissions, '{}') @> p_wanted THEN
+        code := 'KEY_NOT_FOUND';
     END IF;
-    -- Counters, unlike events, do not wait for their WAL flush: a crash may forget the last few milliseconds of
-    -- counted uses (a handful of extra allowed requests), never an event. It keeps limited verifies fast.
+    request_count := 0;
+    IF code IS NOT NULL OR (remaining IS NULL AND NOT rate_limit_enabled) THEN
+        RETURN;  -- refused, or valid without limits: nothing to count
+    END IF;
+
+    -- Counters, unlike events, do not wait for their WAL flush: a crash may forget the last few milliseconds
+    -- of counted uses (a handful of extra allowed requests), never an event. It keeps limited verifies fast.
     PERFORM set_config('synchronous_commit', 'off', true);
-    INSERT INTO api_key_usage (key_id) VALUES (p_id) ON CONFLICT DO NOTHING;
-    SELECT * INTO u FROM api_key_usage WHERE key_id = p_id FOR UPDATE;
-    IF k.remaining IS NOT NULL AND u.remaining_from IS DISTINCT FROM k.remaining_version THEN
-        u.remaining := k.remaining;
-        u.remaining_from := k.remaining_version;
+    -- The row lock lasts until this statement's (autocommit) transaction ends, microseconds from here.
+    SELECT * INTO u FROM api_key_usage WHERE key_id = id FOR UPDATE;
+    IF NOT FOUND THEN  -- the key's first counted use (a concurrent first use may insert the row too)
+        INSERT INTO api_key_usage (key_id) VALUES (id) ON CONFLICT DO NOTHING;
+        SELECT * INTO u FROM api_key_usage WHERE key_id = id FOR UPDATE;
+    END IF;
+    IF remaining IS NOT NULL AND u.remaining_from IS DISTINCT FROM remaining_version THEN
+        u.remaining := remaining;  -- the count restarts from the value the last event set
+        u.remaining_from := remaining_version;
         u.last_refill_at := NULL;
     END IF;
-    IF k.remaining IS NOT NULL AND u.remaining <= 0 AND k.refill_amount IS NOT NULL AND k.refill_interval IS NOT NULL
-       AND p_now - coalesce(u.last_refill_at, k.created_at) >= make_interval(secs => k.refill_interval / 1000.0) THEN
-        u.remaining := k.refill_amount;
+    IF remaining IS NOT NULL AND u.remaining <= 0 AND refill_amount IS NOT NULL AND refill_interval IS NOT NULL
+       AND p_now - coalesce(u.last_refill_at, created_at) >= make_interval(secs => refill_interval / 1000.0) THEN
+        u.remaining := refill_amount;
         u.last_refill_at := p_now;
     END IF;
-    IF k.remaining IS NOT NULL AND u.remaining <= 0 THEN
+    IF remaining IS NOT NULL AND u.remaining <= 0 THEN
         code := 'USAGE_EXCEEDED';
-    ELSIF k.rate_limit_enabled AND k.rate_limit_time_window IS NOT NULL AND k.rate_limit_max IS NOT NULL THEN
+    ELSIF rate_limit_enabled AND rate_limit_time_window IS NOT NULL AND rate_limit_max IS NOT NULL THEN
         since_ms := extract(epoch FROM p_now - u.last_request) * 1000;
-        IF u.last_request IS NULL OR since_ms > k.rate_limit_time_window THEN
+        IF u.last_request IS NULL OR since_ms > rate_limit_time_window THEN
             u.request_count := 0;  -- a new window
-        ELSIF u.request_count >= k.rate_limit_max THEN
+        ELSIF u.request_count >= rate_limit_max THEN
             code := 'RATE_LIMITED';
-            try_again_in := ceil(k.rate_limit_time_window - since_ms);
+            try_again_in := ceil(rate_limit_time_window - since_ms);
         END IF;
     END IF;
     IF code IS NULL THEN  -- the use counts
-        IF k.remaining IS NOT NULL THEN
+        IF remaining IS NOT NULL THEN
             u.remaining := u.remaining - 1;
         END IF;
         u.request_count := u.request_count + 1;
@@ -313,10 +391,30 @@ BEGIN
     END IF;
     UPDATE api_key_usage SET remaining = u.remaining, remaining_from = u.remaining_from,
         last_refill_at = u.last_refill_at, request_count = u.request_count, last_request = u.last_request
-    WHERE key_id = p_id;
+    WHERE key_id = id;
     remaining := u.remaining;
+    last_refill_at := u.last_refill_at;
     request_count := u.request_count;
     last_request := u.last_request;
+END $$;
+
+-- lastRequest of keys WITHOUT limits (their verify writes nothing): the service remembers each one's latest
+-- successful verify and writes them all here about once a second, in one statement (service/usage.py). Only
+-- keys that still exist and are still unlimited (a limited key's last_request is its rate window, kept by
+-- keyledger_verify_key). Rows are taken in key order, so two processes flushing at once cannot deadlock.
+CREATE OR REPLACE FUNCTION keyledger_touch_keys(p_ids text[], p_at timestamptz[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    touched integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);  -- a counter, like the limited keys' ones
+    INSERT INTO api_key_usage AS u (key_id, last_request)
+    SELECT t.id, t.at FROM unnest(p_ids, p_at) AS t(id, at)
+    JOIN active_api_keys a ON a.id = t.id AND a.remaining IS NULL AND NOT a.rate_limit_enabled
+    ORDER BY t.id
+    ON CONFLICT (key_id) DO UPDATE SET last_request = greatest(u.last_request, excluded.last_request);
+    GET DIAGNOSTICS touched = ROW_COUNT;
+    RETURN touched;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------------------
@@ -343,3 +441,9 @@ CREATE OR REPLACE TRIGGER event_chain_no_update_delete BEFORE UPDATE OR DELETE O
 CREATE OR REPLACE TRIGGER event_chain_no_truncate BEFORE TRUNCATE ON event_chain
     FOR EACH STATEMENT EXECUTE FUNCTION keyledger_events_append_only();
 REVOKE UPDATE, DELETE, TRUNCATE ON event_chain FROM PUBLIC;
+
+-- Replay's set-based fold (service/replay.py, FOLD) collects a key's rotations and retirements as one jsonb
+-- object keyed by version, merged with jsonb's `||`: the keys are distinct, so the order in which the hash
+-- aggregate feeds the rows does not matter. (jsonb_agg would do too, but its internal state makes the planner
+-- budget 8 kB per key and spill the aggregate to disk.)
+CREATE OR REPLACE AGGREGATE keyledger_jsonb_union(jsonb) (SFUNC = jsonb_concat, STYPE = jsonb);

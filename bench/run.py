@@ -777,6 +777,10 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+# The phases, in the order they run ("revoke" is both revoke phases and the log checks after them).
+PHASES = ("verify_c1", "verify_c16", "verify_limited_c16", "revoke")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per c=16 phase (default 10)")
@@ -788,7 +792,13 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the service during the c=16 phases")
     ap.add_argument("--keep-db", action="store_true", help="keep the bench database and streams (debugging)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep wrk scripts, id files and service log")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"comma-separated subset of {','.join(PHASES)} (default: all); a partial run judges "
+                         "only the phases it ran. `KEYLEDGER_WORKERS=2` in the environment benches two workers")
     args = ap.parse_args()
+    wanted = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not wanted or wanted - set(PHASES):
+        ap.error(f"--phases: choose among {', '.join(PHASES)}")
     d16 = args.duration
     d1 = args.duration_c1 if args.duration_c1 is not None else args.duration
 
@@ -835,15 +845,20 @@ def main() -> int:
         verify_keys = seeder.create(args.verify_keys, "verify")
         vlines = [k for _, k in verify_keys]
         runner.run("verify", 16, args.warmup, vlines, f"warm-up c=16 {args.warmup:g} s")
-        phases["verify_c1"] = runner.run("verify", 1, d1, vlines, f"verify c=1  {d1:g} s")
-        phases["verify_c16"] = runner.run("verify", 16, d16, vlines, f"verify c=16 {d16:g} s", "verify-c16")
-        limited = [k for _, k in asyncio.run(_create_limited_keys(service.base, args.verify_keys))]
-        phases["verify_limited_c16"] = runner.run("verify", 16, d16, limited,
-                                                  f"verify with usage + rate limits c=16 {d16:g} s")
+        if "verify_c1" in wanted:
+            phases["verify_c1"] = runner.run("verify", 1, d1, vlines, f"verify c=1  {d1:g} s")
+        if "verify_c16" in wanted:
+            phases["verify_c16"] = runner.run("verify", 16, d16, vlines, f"verify c=16 {d16:g} s", "verify-c16")
+        if "verify_limited_c16" in wanted:
+            limited = [k for _, k in asyncio.run(_create_limited_keys(service.base, args.verify_keys))]
+            runner.run("verify", 16, args.warmup, limited, f"warm-up limited c=16 {args.warmup:g} s")
+            phases["verify_limited_c16"] = runner.run("verify", 16, d16, limited,
+                                                      f"verify with usage + rate limits c=16 {d16:g} s",
+                                                      "verify-limited-c16")
 
         say("")
         say("revoke (every request revokes a different fresh key)")
-        for conc, dur, calib in ((16, d16, 2.0), (1, d1, 1.0)):
+        for conc, dur, calib in ((16, d16, 2.0), (1, d1, 1.0)) if "revoke" in wanted else ():
             # Calibrate: a short run on a generous batch gives the rate; the real seed is sized from it.
             calib_n = 2500 * calib if conc == 16 else 1200 * calib
             calib_keys = seeder.create(int(calib_n), f"calibration c={conc}")
@@ -899,6 +914,8 @@ def main() -> int:
             f"PostgreSQL {machine['postgres']}  ({servers.mode} servers)")
         say("-" * 110)
         for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1"):
+            if name not in phases:
+                continue
             r = phases[name]
             kind, conc = r["kind"], r["concurrency"]
             note = ""
@@ -919,11 +936,12 @@ def main() -> int:
             flags = "  EXHAUSTED KEYS" if r["exhausted"] else ""
             say(f"{kind:<7} c={conc:<3} {r['rps']:>7,.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}"
                 f"  errors {r['errors']:<3} {note}{flags}   [{BETTER_AUTH[(kind, conc)]}]")
-        r = phases["verify_limited_c16"]
-        ok = r["rps"] >= 2_200 and r["errors"] == 0
-        checks["verify_limited_c16"] = ok
-        say(f"verify  c=16  {r['rps']:>7,.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}"
-            f"  errors {r['errors']:<3} (usage + rate limits on; target >= 2,200/s: {verdict(ok)})")
+        r = phases.get("verify_limited_c16")
+        if r is not None:
+            ok = r["rps"] >= 2_200 and r["errors"] == 0
+            checks["verify_limited_c16"] = ok
+            say(f"verify  c=16  {r['rps']:>7,.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}"
+                f"  errors {r['errors']:<3} (usage + rate limits on; target >= 2,200/s: {verdict(ok)})")
         rss_ok = max(rss["peak_sampled_mb"], rss["vmhwm_mb"]) <= TARGETS["rss_mb"]
         checks["rss"] = rss_ok
         say(f"RSS     idle {rss['idle_mb']:.1f} MB  peak {rss['peak_sampled_mb']:.1f} MB (VmHWM {rss['vmhwm_mb']:.1f} MB)"
@@ -938,7 +956,8 @@ def main() -> int:
             f"({seeding['creates_per_s']}/s, c={args.seed_concurrency})")
         say("CPU % during each phase (100 % = one core; 200 % = the whole machine):")
         for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1", "verify_limited_c16"):
-            say(f"  {name:<11} " + cpu_line(phases[name]["cpu_pct"]))
+            if name in phases:
+                say(f"  {name:<11} " + cpu_line(phases[name]["cpu_pct"]))
         busiest = max(phases[n]["cpu_pct"].get("other", 0.0) for n in phases)
         if busiest >= 15.0:
             say(f"WARNING: other processes used up to {busiest:.0f}% CPU during a phase: the machine was not quiet, "
@@ -949,7 +968,7 @@ def main() -> int:
         say(f"overall: {'PASS' if all_ok else 'FAIL: ' + ', '.join(k for k, v in checks.items() if not v)}")
 
         if args.profile:
-            for name in ("revoke-c16", "verify-c16"):
+            for name in ("revoke-c16", "verify-c16", "verify-limited-c16"):
                 frames = hottest_frames(RESULTS / f"profile-{name}.txt")
                 if frames:
                     say(f"\npy-spy {name}: hottest frames (self %, inclusive %)")

@@ -33,7 +33,7 @@ import msgspec
 from msgspec import UNSET
 
 from ..bus import Bus
-from ..events import ApiKeyUpdated, RecordedEvent, decode_envelope
+from ..events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
 from .consumer import consume, run_forever
 
 log = logging.getLogger("keyledger.projections.invalidations")
@@ -41,14 +41,17 @@ log = logging.getLogger("keyledger.projections.invalidations")
 NAME = "invalidations"
 
 # Event type -> invalidation reason, for events that always invalidate. ``ApiKeyEnabled`` is here because a
-# cache may hold a short-lived *negative* answer ("disabled") that enabling makes wrong. ``ApiKeyExpired`` and
-# ``ApiKeyRotated`` do not exist yet; naming them here means they invalidate from the day they do.
+# cache may hold a short-lived *negative* answer ("disabled") that enabling makes wrong.
+# A rotation evicts the *previous* secret at once, grace or not: without grace it has stopped working; with
+# grace the cache re-verifies it and learns its deadline (``graceUntil``), which then caps the entry's life.
+# ``ApiKeySecretRetired`` (the sweeper, when a grace period ends) evicts the superseded secret everywhere.
 REASONS = {
     "ApiKeyRevoked": "revoked",
     "ApiKeyDisabled": "disabled",
     "ApiKeyEnabled": "updated",
     "ApiKeyExpired": "expired",
-    "ApiKeyRotated": "revoked",
+    "ApiKeyRotated": "rotated",
+    "ApiKeySecretRetired": "rotated",
 }
 # ApiKeyUpdated invalidates only when it changes what a verification answers on: expiry, permissions or
 # metadata. A rename does not (the cached record keeps the old name until its next re-verification).
@@ -71,7 +74,7 @@ def invalidation_for(recorded: RecordedEvent) -> dict[str, Any] | None:
         return None
     return {
         "keyId": recorded.stream_id,
-        "keyHash": event.key_hash,
+        "keyHash": event.previous_key_hash if isinstance(event, ApiKeyRotated) else event.key_hash,
         "reason": reason,
         "position": recorded.position,
         "occurredAt": _encoder.encode(recorded.recorded_at).decode()[1:-1],

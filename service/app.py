@@ -29,7 +29,16 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from . import inputs, openapi, records, store
 from .auth import check_origin, session_token
 from .config import Settings
-from .domain import MAX_EXPIRES_IN, SERVER_FIELDS, CreateKey, DomainError, RevokeKey, UpdateKey
+from .domain import (
+    MAX_EXPIRES_IN,
+    MAX_GRACE_PERIOD,
+    SERVER_FIELDS,
+    CreateKey,
+    DomainError,
+    RevokeKey,
+    RotateKey,
+    UpdateKey,
+)
 from .errors import MISSING, ApiError, unauthorized, validation
 from .events import ApiKeyCreated, to_envelope
 from .runtime import Runtime
@@ -42,12 +51,21 @@ SORTABLE = {
     "createdAt": "created_at", "updatedAt": "updated_at", "name": "name", "expiresAt": "expires_at",
     "enabled": "enabled", "id": "id",
 }
-GET_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE id = %s AND config_id = %s"
+# get and list show the live counters (api_key_usage, LEFT JOINed: most keys have no row there), not only the
+# configured `remaining`, as better-auth's stored record would.
+GET_KEY = f"SELECT {records.LIVE_COLUMNS} FROM {records.LIVE_FROM} WHERE a.id = %s AND a.config_id = %s"
 MEMBER_ROLE = 'SELECT role FROM member WHERE "organizationId" = %s AND "userId" = %s'
 ORG_MANAGERS = frozenset({"owner", "admin"})  # roles that may manage an organization's keys
 ORG_KEY_PREFIX = "rb_org_"  # Rybbit's default prefix for organization keys
-VERIFY_KEY = f"SELECT {records.ROW_COLUMNS} FROM active_api_keys WHERE key_hash = %s"
-USE_KEY = "SELECT * FROM keyledger_use_key(%s, %s)"
+# One statement per verify, whatever the key (schema.sql): lookup by hash (current or superseded secret), the
+# refusals, and for a limited key the counted use. Fewer round trips is what makes limited verify fast.
+VERIFY_KEY = "SELECT * FROM keyledger_verify_key(%s, %s, %s::jsonb)"
+# better-auth's message for each refusal keyledger_verify_key answers with.
+REFUSALS = {
+    "INVALID_API_KEY": "Invalid API key.", "KEY_DISABLED": "API Key is disabled",
+    "KEY_EXPIRED": "API Key has expired", "KEY_NOT_FOUND": "API Key not found",
+    "USAGE_EXCEEDED": "Usage limit exceeded.", "RATE_LIMITED": "Rate limit exceeded.",
+}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,7 +290,7 @@ async def get_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         cur = await conn.execute(GET_KEY, (key_id, config_id))
         row = await cur.fetchone()
-        record = records.from_row(row) if row else None
+        record = records.from_live_row(row) if row else None
         if record is not None and config_id == "org":
             await _may_manage(conn, session.user_id, record["referenceId"])
         elif record is not None and record["referenceId"] != session.user_id:
@@ -315,8 +333,8 @@ async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
             owner = org_id
         # sort_by and direction come from fixed whitelists above, never from the request verbatim.
         cur = await conn.execute(
-            f"SELECT {records.ROW_COLUMNS}, count(*) OVER () FROM active_api_keys "
-            f"WHERE reference_id = %s AND config_id = %s ORDER BY {sort_by} {direction}, id "
+            f"SELECT {records.LIVE_COLUMNS}, count(*) OVER () FROM {records.LIVE_FROM} "
+            f"WHERE a.reference_id = %s AND a.config_id = %s ORDER BY a.{sort_by} {direction}, a.id "
             "LIMIT %s OFFSET %s",
             (owner, config_id, limit, offset or 0),
         )
@@ -329,7 +347,7 @@ async def list_keys(request: Request[Any, Any, Any]) -> dict[str, Any]:
                 (owner, config_id),
             )
             total = (await cur.fetchone())[0]
-    answer: dict[str, Any] = {"apiKeys": [records.from_row(r[:-1]) for r in rows], "total": total}
+    answer: dict[str, Any] = {"apiKeys": [records.from_live_row(r[:-1]) for r in rows], "total": total}
     if limit is not None:
         answer["limit"] = limit
     if offset is not None:
@@ -385,13 +403,56 @@ async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"success": True}
 
 
+@post("/api-key/rotate", status_code=200, summary="Issue a new secret for a key (returns it once)")
+async def rotate_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The same key id gets a new secret (``ApiKeyRotated``); the previous secret keeps working for
+    ``gracePeriodSeconds`` (default 0: it stops at once; at most 7 days), then stops everywhere. The new
+    secret verifies as soon as this answers: the projection is updated in the appending statement.
+    The key keeps its prefix, owner, limits and expiry. Revoked or someone else's: 404; disabled or expired:
+    400 ``KEY_DISABLED`` / ``KEY_EXPIRED``.
+    """
+    rt = _rt(request)
+    body = await _post_body(request)
+    key_id = inputs.string_field(body, "keyId", required=True)
+    config_id = _config_id(body)
+    grace = _grace_period(body)
+    plausible = inputs.plausible_key_id(key_id)
+    async with rt.pool.connection() as conn:
+        session, stream, _ = await _identify(request, conn, body, key_id if plausible else None)
+        if not plausible:
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        # A key's prefix is set at creation and never changes, so the new secret can be drawn before deciding.
+        prefix = stream[0].event.prefix if stream and isinstance(stream[0].event, ApiKeyCreated) else None
+        key = records.new_key(prefix)
+        command = RotateKey(actor_id=session.user_id, now=_now(), key_id=key_id, key_hash=records.hash_key(key),
+                            start=key[:6], grace_seconds=grace, **await _scope(conn, session, config_id, stream))
+        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+    rt.nudge_relay()
+    return {**records.from_state(state), "key": key}
+
+
+def _grace_period(body: dict[str, Any]) -> int:
+    value = inputs.optional(body, "gracePeriodSeconds", (int, float), "number", nullable=True)
+    if value is MISSING or value is None:
+        return 0
+    if not float(value).is_integer() or not 0 <= value <= MAX_GRACE_PERIOD:
+        raise ApiError(400, "VALIDATION_ERROR",
+                       f"[body.gracePeriodSeconds] Invalid input: expected an integer from 0 to {MAX_GRACE_PERIOD}")
+    return int(value)
+
+
 @post("/api-key/verify", status_code=200, summary="Verify a key (for downstream services)")
 async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """better-auth's verify answer: ``{"valid", "error", "key"}``, always HTTP 200 for a well-formed body.
 
-    Reads ``active_api_keys``, which the write path updates inline in the revoking transaction: once a
-    delete has answered 200, this answers ``valid: false``.
+    One statement (``keyledger_verify_key``, schema.sql) finds the key by hash in ``active_api_keys``, which the
+    write path updates inline in the revoking transaction (once a delete has answered 200, this answers
+    ``valid: false``), or as a superseded secret inside its rotation grace period (the record then carries
+    ``graceUntil``); refuses it (disabled, expired, a requested permission not held); and counts the use of a
+    key with a usage or rate limit. A valid key without limits writes nothing: its ``lastRequest`` is noted in
+    memory and written in batches (usage.py), so it shows in get/list up to a flush interval later.
     """
+    rt = _rt(request)
     body = inputs.require_object(inputs.parse_json(await request.body(), request.headers.get("content-type")))
     key = inputs.string_field(body, "key", required=True)
     wanted = body.get("permissions")
@@ -400,39 +461,25 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             wanted = msgspec.convert(wanted, dict[str, list[str]])
         except msgspec.ValidationError as exc:
             raise ApiError(400, "VALIDATION_ERROR", f"[body.permissions] Invalid input: {exc}") from None
-    async with _rt(request).pool.connection() as conn:  # one checkout, also for a limited key's count
-        row = await (await conn.execute(VERIFY_KEY, (records.hash_key(key),))).fetchone()
-        if row is None:
-            return _invalid("INVALID_API_KEY", "Invalid API key.")
-        record = records.from_row(row)
-        if not record["enabled"]:
-            return _invalid("KEY_DISABLED", "API Key is disabled")
-        expires_at = row[records.EXPIRES_AT]
-        if expires_at is not None and expires_at <= _now():
-            return _invalid("KEY_EXPIRED", "API Key has expired")
-        if wanted and not _grants(record["permissions"] or {}, wanted):
-            # better-auth's answer when the key lacks a requested permission.
-            return _invalid("KEY_NOT_FOUND", "API Key not found")
-        if record["remaining"] is None and not record["rateLimitEnabled"]:
-            return {"valid": True, "error": None, "key": record}  # unlimited: one read, nothing written
-        # Limited keys: one more statement, counting the use atomically (keyledger_use_key, schema.sql).
-        cur = await conn.execute(USE_KEY, (record["id"], _now()))
-        code, try_again_in, remaining, request_count, last_request = await cur.fetchone()
-    if code == "USAGE_EXCEEDED":
-        return _invalid(code, "Usage limit exceeded.")
-    if code == "RATE_LIMITED":
-        answer = _invalid(code, "Rate limit exceeded.")
-        answer["error"]["details"] = {"tryAgainIn": try_again_in}
+        # A resource asked for with no action is vacuously held; the rest must be contained in the key's.
+        wanted = {resource: actions for resource, actions in wanted.items() if actions} or None
+    now = _now()
+    async with rt.pool.connection() as conn:
+        cur = await conn.execute(VERIFY_KEY, (records.hash_key(key), now,
+                                              None if wanted is None else msgspec.json.encode(wanted).decode()))
+        code, try_again_in, grace_until, *row = await cur.fetchone()
+    if code is not None:
+        answer = _invalid(code, REFUSALS[code])
+        if code == "RATE_LIMITED":
+            answer["error"]["details"] = {"tryAgainIn": try_again_in}
         return answer
-    if code is not None:  # revoked between the two statements
-        return _invalid("INVALID_API_KEY", "Invalid API key.")
-    record.update(remaining=remaining, requestCount=request_count, lastRequest=records.iso(last_request))
+    record = records.from_live_row(row)
+    if record["remaining"] is None and not record["rateLimitEnabled"]:  # nothing counted it: note the use
+        rt.last_requests.note(record["id"], now)
+        record["lastRequest"] = records.iso(now)
+    if grace_until is not None:  # matched through a superseded secret (an extension field)
+        record["graceUntil"] = records.iso(grace_until)
     return {"valid": True, "error": None, "key": record}
-
-
-def _grants(held: dict[str, list[str]], wanted: dict[str, list[str]]) -> bool:
-    """Every requested action of every requested resource is held."""
-    return all(set(actions) <= set(held.get(resource) or ()) for resource, actions in wanted.items())
 
 
 def _invalid(code: str, message: str) -> dict[str, Any]:
@@ -542,4 +589,4 @@ def create_app_from_env() -> Litestar:
     return create_app(Settings.from_env())
 
 
-API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, verify_key, key_history]
+API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, rotate_key, verify_key, key_history]

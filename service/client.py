@@ -172,7 +172,8 @@ class KeyCache:
         self.on_invalidation = on_invalidation
 
         self._entries: dict[bytes, _Entry] = {}
-        self._by_id: dict[str, bytes] = {}
+        # A key can have several cached secrets (a rotated one inside its grace period, and the new one).
+        self._by_id: dict[str, set[bytes]] = {}
         self._inflight: dict[bytes, asyncio.Task[VerifyResult]] = {}
         # Eviction log for the "no fill after eviction" rule: (generation, digest, key id, was it a flush).
         self._generation = 0
@@ -332,9 +333,10 @@ class KeyCache:
         if result.valid:
             deadline = sent + self.max_age if self.max_age is not None else _NEVER
             key = result.key or {}
-            expires = _epoch(key.get("expiresAt"))
-            if expires is not None:
-                deadline = min(deadline, sent + (expires - time.time()))
+            # The key's expiry, and for a superseded secret its rotation grace deadline, end the entry too.
+            for ends in (_epoch(key.get("expiresAt")), _epoch(key.get("graceUntil"))):
+                if ends is not None:
+                    deadline = min(deadline, sent + (ends - time.time()))
             key_id = key.get("id")
         else:
             deadline = sent + self.negative_ttl
@@ -345,14 +347,17 @@ class KeyCache:
             self._make_room()
         self._entries[digest] = _Entry(result, key_id, deadline, sent)
         if key_id:
-            self._by_id[key_id] = digest
+            self._by_id.setdefault(key_id, set()).add(digest)
 
     def _make_room(self) -> None:
         now = _monotonic()
         self._entries = {d: e for d, e in self._entries.items() if e.deadline > now}
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._by_id = {e.key_id: d for d, e in self._entries.items() if e.key_id}
+        self._by_id = {}
+        for d, e in self._entries.items():
+            if e.key_id:
+                self._by_id.setdefault(e.key_id, set()).add(d)
 
     # ------------------------------------------------------------------------------------------------------
     # Eviction
@@ -363,8 +368,7 @@ class KeyCache:
         if digest is not None:
             self._entries.pop(digest, None)
         if key_id is not None:
-            by_id = self._by_id.pop(key_id, None)
-            if by_id is not None:
+            for by_id in self._by_id.pop(key_id, ()):
                 self._entries.pop(by_id, None)
         self._generation += 1
         self._evictions.append((self._generation, digest, key_id, False))

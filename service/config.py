@@ -19,6 +19,18 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip().rstrip("/") for v in (value or "").split(",") if v.strip())
 
 
+def _positive(value: str | None, default: float, name: str) -> float:
+    if value is None or not value.strip():
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not number > 0:
+        raise ConfigError(f"{name} must be more than 0 seconds")
+    return number
+
+
 @dataclass(frozen=True)
 class Topology:
     """NATS names. The defaults are the public contract; tests override them to isolate themselves."""
@@ -66,6 +78,7 @@ class Settings:
     pool_min: int = 2
     pool_max: int = 10
     relay_poll_s: float = 0.5  # the relay also polls, for writers in other processes that cannot nudge it
+    last_request_flush_s: float = 1.0  # how often lastRequest of keys without limits is written (usage.py)
     run_relay: bool = True
     run_projections: bool = True
 
@@ -90,6 +103,8 @@ class Settings:
             enable_metadata=env.get("KEYLEDGER_ENABLE_METADATA", "").lower() in ("1", "true", "yes"),
             pool_max=int(env.get("KEYLEDGER_POOL_MAX", cls.pool_max)),
             relay_poll_s=float(env.get("KEYLEDGER_RELAY_POLL_S", cls.relay_poll_s)),
+            last_request_flush_s=_positive(env.get("KEYLEDGER_LAST_REQUEST_FLUSH_S"), cls.last_request_flush_s,
+                                           "KEYLEDGER_LAST_REQUEST_FLUSH_S"),
             run_relay=env.get("KEYLEDGER_RUN_RELAY", "1") != "0",
             run_projections=env.get("KEYLEDGER_RUN_PROJECTIONS", "1") != "0",
         )

@@ -23,6 +23,8 @@ from .events import (
     ApiKeyEnabled,
     ApiKeyExpired,
     ApiKeyRevoked,
+    ApiKeyRotated,
+    ApiKeySecretRetired,
     ApiKeyUpdated,
     Event,
 )
@@ -30,6 +32,8 @@ from .events import (
 # better-auth's bounds for ``expiresIn`` (seconds).
 MIN_EXPIRES_IN = 86_400
 MAX_EXPIRES_IN = 365 * 86_400
+# The longest a superseded secret may keep working after a rotation (seconds).
+MAX_GRACE_PERIOD = 7 * 86_400
 
 
 class DomainError(Exception):
@@ -66,6 +70,21 @@ class ExpiresInTooLarge(DomainError):
     message = "The expiresIn is larger than the predefined maximum value."
 
 
+class KeyDisabled(DomainError):
+    code = "KEY_DISABLED"
+    message = "API Key is disabled"
+
+
+class KeyExpired(DomainError):
+    code = "KEY_EXPIRED"
+    message = "API Key has expired"
+
+
+class GracePeriodOutOfRange(DomainError):
+    code = "VALIDATION_ERROR"
+    message = f"[body.gracePeriodSeconds] Expected a whole number of seconds from 0 to {MAX_GRACE_PERIOD}"
+
+
 class KeyState(msgspec.Struct, frozen=True, kw_only=True):
     """What the log says about one key: the fold of its events."""
 
@@ -93,6 +112,8 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_max: int | None = 10
     expired: bool = False  # ApiKeyExpired recorded (and no later expiry change)
     revoked: bool = False
+    # Secrets a rotation superseded that are not retired yet: (hash, grace deadline), oldest first.
+    superseded: tuple[tuple[str, dt.datetime], ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,6 +176,22 @@ class RevokeKey(Command, frozen=True, kw_only=True):
     key_id: str
 
 
+class RotateKey(Command, frozen=True, kw_only=True):
+    """A new secret for the key; the current one keeps working for ``grace_seconds`` (0: stops at once)."""
+
+    key_id: str
+    key_hash: str  # of the new secret
+    start: str
+    grace_seconds: int = 0
+
+
+class RetireSecret(Command, frozen=True, kw_only=True):
+    """The sweeper's command: records ApiKeySecretRetired once, when a superseded secret's grace has ended."""
+
+    key_id: str
+    key_hash: str  # the superseded secret
+
+
 class ExpireKey(Command, frozen=True, kw_only=True):
     """The expiry sweeper's command: not owner-bound; records ApiKeyExpired once, when the deadline passed."""
 
@@ -211,6 +248,14 @@ def evolve(state: KeyState | None, event: Event, *, key_id: str, version: int, a
         changes["enabled"] = True
     elif isinstance(event, ApiKeyRevoked):
         changes["revoked"] = True
+        changes["superseded"] = ()
+    elif isinstance(event, ApiKeyRotated):
+        changes["key_hash"] = event.key_hash
+        changes["start"] = event.start
+        if event.grace_until is not None:
+            changes["superseded"] = (*state.superseded, (event.previous_key_hash, event.grace_until))
+    elif isinstance(event, ApiKeySecretRetired):
+        changes["superseded"] = tuple(s for s in state.superseded if s[0] != event.key_hash)
     return msgspec.structs.replace(state, **changes)
 
 
@@ -271,6 +316,26 @@ def decide(command: Command, state: KeyState | None) -> list[Event]:
     if isinstance(command, RevokeKey):
         key = _owned(state, command)
         return [ApiKeyRevoked(key_hash=key.key_hash)]
+
+    if isinstance(command, RotateKey):
+        key = _owned(state, command)
+        if not key.enabled:
+            raise KeyDisabled()
+        if key.expired or (key.expires_at is not None and key.expires_at <= command.now):
+            raise KeyExpired()
+        if not 0 <= command.grace_seconds <= MAX_GRACE_PERIOD:
+            raise GracePeriodOutOfRange()
+        grace_until = command.now + dt.timedelta(seconds=command.grace_seconds) if command.grace_seconds else None
+        return [ApiKeyRotated(key_hash=command.key_hash, previous_key_hash=key.key_hash, start=command.start,
+                              previous_start=key.start, grace_until=grace_until)]
+
+    if isinstance(command, RetireSecret):
+        if state is None or state.revoked:
+            return []
+        for key_hash, grace_until in state.superseded:
+            if key_hash == command.key_hash and grace_until <= command.now:
+                return [ApiKeySecretRetired(key_hash=key_hash, grace_until=grace_until)]
+        return []  # not superseded, already retired, or its grace has not ended
 
     if isinstance(command, UpdateKey):
         key = _owned(state, command)

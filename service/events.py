@@ -79,6 +79,26 @@ class ApiKeyExpired(Event, frozen=True, kw_only=True, tag=True):
     expires_at: dt.datetime | None = None  # the deadline that passed
 
 
+class ApiKeyRotated(Event, frozen=True, kw_only=True, tag=True):
+    """A new secret for the same key id. ``key_hash`` is the NEW secret's hash; the superseded one
+    (``previous_key_hash``) keeps verifying until ``grace_until`` (``None``: it stopped at once). Each superseded
+    secret keeps its own deadline, so rotating twice inside a grace period leaves two old secrets working.
+    Rotation never changes the key's own ``expiresAt``."""
+
+    previous_key_hash: str
+    start: str | None = None  # the new secret's first characters
+    previous_start: str | None = None  # the superseded secret's, so auditors can tell the two apart
+    grace_until: dt.datetime | None = None
+
+
+class ApiKeySecretRetired(Event, frozen=True, kw_only=True, tag=True):
+    """Recorded once by the sweeper when a superseded secret's grace period has ended (``key_hash`` is that
+    secret's hash), so caches drop it (reason ``rotated``) without anyone calling verify. Verify refuses the
+    secret from ``grace_until`` on, event or not."""
+
+    grace_until: dt.datetime | None = None
+
+
 class ApiKeyDisabled(Event, frozen=True, kw_only=True, tag=True):
     pass
 
@@ -92,11 +112,11 @@ class ApiKeyRevoked(Event, frozen=True, kw_only=True, tag=True):
 
 
 AnyEvent = Union[ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked,
-                 ApiKeyExpired]
+                 ApiKeyExpired, ApiKeyRotated, ApiKeySecretRetired]
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (ApiKeyCreated, ApiKeyImported, ApiKeyUpdated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyRevoked,
-                ApiKeyExpired)
+                ApiKeyExpired, ApiKeyRotated, ApiKeySecretRetired)
 }
 
 

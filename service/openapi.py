@@ -68,6 +68,12 @@ class DeleteBody(msgspec.Struct, rename="camel", omit_defaults=True):
     config_id: str | None = None
 
 
+class RotateBody(msgspec.Struct, rename="camel", omit_defaults=True):
+    key_id: str
+    config_id: str | None = None
+    grace_period_seconds: int | None = None  # 0 (default) to 604800: how long the previous secret keeps working
+
+
 class Success(msgspec.Struct):
     success: bool
 
@@ -83,10 +89,14 @@ class VerifyBody(msgspec.Struct):
     key: str
 
 
+class VerifiedKey(KeyRecord, rename="camel", omit_defaults=True):
+    grace_until: str | None = None  # only when the key was a superseded secret, still inside its grace period
+
+
 class VerifyAnswer(msgspec.Struct):
     valid: bool
     error: Error | None
-    key: KeyRecord | None
+    key: VerifiedKey | None
 
 
 class Envelope(msgspec.Struct, rename="camel"):
@@ -109,7 +119,7 @@ class Health(msgspec.Struct):
     nats: bool
 
 
-_STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, Success, ListAnswer, VerifyBody,
+_STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, RotateBody, Success, ListAnswer, VerifyBody,
             VerifyAnswer, Envelope, History, Health]
 _COOKIE = [{"betterAuthSession": []}]
 
@@ -157,6 +167,12 @@ def document() -> dict[str, Any]:
         "/api/auth/api-key/delete": post("Revoke one of your keys, immediately and permanently", DeleteBody,
                                          Success, "404 not yours, unknown or already revoked (KEY_NOT_FOUND)",
                                          "409 changed concurrently too often (CONFLICT)"),
+        "/api/auth/api-key/rotate": post(
+            "Issue a new secret for one of your keys; the answer carries it, once. The previous secret keeps "
+            "working for gracePeriodSeconds (default 0)", RotateBody, CreatedKey,
+            "400 malformed JSON (BAD_REQUEST), body schema (VALIDATION_ERROR), disabled or expired key "
+            "(KEY_DISABLED, KEY_EXPIRED)",
+            "404 not yours, unknown or revoked (KEY_NOT_FOUND)", "409 changed concurrently too often (CONFLICT)"),
         "/api/auth/api-key/get": {"get": {
             "summary": "One of your keys, without the key", "security": _COOKIE,
             "parameters": [_query("id", "string", True)],

@@ -33,8 +33,9 @@ def iso(value: dt.datetime | None) -> str | None:
     """ISO-8601 with milliseconds and ``Z``, as better-auth (JavaScript's ``toISOString``) prints."""
     if value is None:
         return None
-    value = value.astimezone(dt.timezone.utc)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat (C) truncates to milliseconds like `microsecond // 1000`, ending in "+00:00": 2.5x strftime's
+    # speed, and verify renders up to five of these per request.
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _record(
@@ -43,6 +44,7 @@ def _record(
     rate_limit_time_window: int | None, rate_limit_max: int | None, remaining: int | None,
     expires_at: dt.datetime | None, created_at: dt.datetime, updated_at: dt.datetime,
     permissions: dict[str, Any] | None, metadata: dict[str, Any] | None,
+    last_refill_at: dt.datetime | None = None, request_count: int = 0, last_request: dt.datetime | None = None,
 ) -> dict[str, Any]:
     return {
         "configId": config_id,
@@ -52,14 +54,14 @@ def _record(
         "prefix": prefix,
         "refillInterval": refill_interval,
         "refillAmount": refill_amount,
-        "lastRefillAt": None,
+        "lastRefillAt": iso(last_refill_at),
         "enabled": enabled,
         "rateLimitEnabled": rate_limit_enabled,
         "rateLimitTimeWindow": rate_limit_time_window,
         "rateLimitMax": rate_limit_max,
-        "requestCount": 0,
+        "requestCount": request_count,
         "remaining": remaining,
-        "lastRequest": None,
+        "lastRequest": iso(last_request),
         "expiresAt": iso(expires_at),
         "createdAt": iso(created_at),
         "updatedAt": iso(updated_at),
@@ -88,7 +90,21 @@ ROW_COLUMNS = (
     "updated_at, permissions, metadata"
 )
 _ROW_FIELDS = [c.strip() for c in ROW_COLUMNS.split(",")]
-EXPIRES_AT = _ROW_FIELDS.index("expires_at")  # a row's expiry, as a datetime, for verify
+
+# The same record with its live usage counters, for get and list: ``active_api_keys a LEFT JOIN api_key_usage u
+# ON u.key_id = a.id``. The counters live in api_key_usage (schema.sql: verify counts there, it writes no
+# event); `remaining` there is live only while it counts from the row's current value (remaining_from =
+# remaining_version: an event that set `remaining` again restarts the count), else the configured value
+# stands. keyledger_verify_key returns its columns in this order too.
+_LIVE_REMAINING = ("CASE WHEN a.remaining IS NOT NULL AND u.remaining_from = a.remaining_version "
+                   "THEN u.remaining ELSE a.remaining END")
+LIVE_COLUMNS = ", ".join(
+    [_LIVE_REMAINING if c == "remaining" else f"a.{c}" for c in _ROW_FIELDS]
+    + ["CASE WHEN u.remaining_from = a.remaining_version THEN u.last_refill_at END",
+       "coalesce(u.request_count, 0)", "u.last_request"]
+)
+LIVE_FROM = "active_api_keys a LEFT JOIN api_key_usage u ON u.key_id = a.id"
+_LIVE_FIELDS = [*_ROW_FIELDS, "last_refill_at", "request_count", "last_request"]
 
 
 def camel(snake: str) -> str:
@@ -97,4 +113,10 @@ def camel(snake: str) -> str:
 
 
 def from_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A record from ROW_COLUMNS (the projection alone: counters at their defaults)."""
     return _record(**dict(zip(_ROW_FIELDS, row)))
+
+
+def from_live_row(row: Any) -> dict[str, Any]:
+    """A record from LIVE_COLUMNS (or keyledger_verify_key's record columns): with the live counters."""
+    return _record(**dict(zip(_LIVE_FIELDS, row)))

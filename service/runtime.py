@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from .bus import Bus
 from .config import PG_KEEPALIVES, Settings
 from .relay import OutboxRelay
+from .usage import LastRequests
 from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
 
 log = logging.getLogger("keyledger")
@@ -76,6 +77,9 @@ class Runtime:
         )
         self.bus = Bus(settings.nats_url, settings.topology)
         self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s)
+        # lastRequest of keys without limits: noted by verify in memory, written in batches (usage.py).
+        self.last_requests = LastRequests(self.pool, settings.last_request_flush_s)
+        self._flusher: asyncio.Task[Any] | None = None
         self.leader = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake_subject = f"{settings.topology.prefix}.internal.wake"
@@ -92,6 +96,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.pool.open(wait=True, timeout=15)
+        self._flusher = asyncio.create_task(self.last_requests.run(), name="last-request-flusher")
         self.bus.start()
         if self.settings.run_relay or self.settings.run_projections:
             self._tasks.append(asyncio.create_task(self._background(), name="background-leader"))
@@ -164,5 +169,11 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._flusher is not None:  # then the last lastRequest times, while the pool is still open
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.last_requests.flush(), timeout=5.0)
         await self.bus.close()
         await self.pool.close()

@@ -1,12 +1,14 @@
-"""The expiry sweeper: records ``ApiKeyExpired`` once per key when its ``expiresAt`` has passed.
+"""The expiry sweeper: records ``ApiKeyExpired`` once per key when its ``expiresAt`` has passed, and
+``ApiKeySecretRetired`` once per superseded secret when its rotation grace period has ended.
 
-Verify refuses an expired key from its deadline on, event or no event; the event is for everyone who is not
-calling verify: projections, caches (the invalidation projection turns it into reason ``expired``), auditors.
+Verify refuses an expired key (or a superseded secret) from its deadline on, event or no event; the events are
+for everyone who is not calling verify: projections, caches (the invalidation projection turns them into
+reasons ``expired`` and ``rotated``), auditors.
 
 Exactly once, even with several sweepers: the sweeper runs an ordinary domain command (``ExpireKey``)
 through the write path, whose per-key version check lets one append win; the loser re-reads the key, finds it
 already expired, and records nothing. The candidates come from the projection (a partial index on deadlines
-not yet recorded), the decision from the log.
+not yet recorded; the superseded secrets by their deadline), the decision from the log.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import psycopg
 
 from . import store
 from .config import PG_KEEPALIVES
-from .domain import ExpireKey
+from .domain import Command, ExpireKey, RetireSecret
 
 log = logging.getLogger("keyledger.sweeper")
 
@@ -30,21 +32,38 @@ WHERE NOT expired AND expires_at <= %s
 ORDER BY expires_at
 LIMIT %s
 """
+GRACE_ENDED = """
+SELECT key_id, key_hash FROM superseded_key_secrets
+WHERE valid_until <= %s
+ORDER BY valid_until
+LIMIT %s
+"""
 ACTOR = {"userId": None, "sessionId": None, "via": "expiry-sweeper"}
 
 
 async def sweep_once(conn: psycopg.AsyncConnection[Any], *, batch: int = 500) -> int:
-    """Record ApiKeyExpired for every key whose deadline passed; returns how many this call recorded."""
+    """Record ApiKeyExpired for every key whose deadline passed and ApiKeySecretRetired for every superseded
+    secret whose grace ended; returns how many events this call recorded."""
     recorded = 0
-    while True:
-        now = dt.datetime.now(dt.timezone.utc)
-        due = [row[0] for row in await (await conn.execute(DUE, (now, batch))).fetchall()]
-        for key_id in due:
-            _, events = await store.execute(conn, ExpireKey(actor_id="system", now=now, key_id=key_id), key_id,
-                                            ACTOR)
-            recorded += len(events)
-        if len(due) < batch:
-            return recorded
+    for query, command in ((DUE, _expire), (GRACE_ENDED, _retire)):
+        while True:
+            now = dt.datetime.now(dt.timezone.utc)
+            due = await (await conn.execute(query, (now, batch))).fetchall()
+            before = recorded
+            for row in due:
+                _, events = await store.execute(conn, command(now, *row), row[0], ACTOR)
+                recorded += len(events)
+            if len(due) < batch or recorded == before:  # a full batch that changed nothing would repeat
+                break
+    return recorded
+
+
+def _expire(now: dt.datetime, key_id: str) -> Command:
+    return ExpireKey(actor_id="system", now=now, key_id=key_id)
+
+
+def _retire(now: dt.datetime, key_id: str, key_hash: str) -> Command:
+    return RetireSecret(actor_id="system", now=now, key_id=key_id, key_hash=key_hash)
 
 
 class ExpirySweeper:

@@ -224,15 +224,17 @@ BAD_BODIES: list[tuple[str, bytes, str, int]] = [
 ]
 
 
+@pytest.mark.parametrize("endpoint", ["delete", "rotate"])
 @pytest.mark.parametrize("label,body,content_type,status", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
 def test_bad_input_is_a_clear_4xx_and_writes_nothing(service: Service, alice: dict[str, str], label: str,
-                                                     body: bytes, content_type: str, status: int) -> None:
+                                                     body: bytes, content_type: str, status: int,
+                                                     endpoint: str) -> None:
     victim = service.create_key(alice, name="victim")
     before = count_events(service.database_url)
     headers = {"cookie": alice["cookie"], "origin": service.origin}
     if content_type:
         headers["content-type"] = content_type
-    response = httpx.post(f"{service.url}/api/auth/api-key/delete", content=body, headers=headers, timeout=10)
+    response = httpx.post(f"{service.url}/api/auth/api-key/{endpoint}", content=body, headers=headers, timeout=10)
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()
@@ -351,7 +353,7 @@ def test_write_path_catches_up_a_projection_that_is_behind(service: Service, ali
 
 def test_openapi_documents_every_route(service: Service) -> None:
     doc = httpx.get(f"{service.url}/openapi.json").json()
-    for path in ("create", "get", "list", "update", "delete", "verify", "history"):
+    for path in ("create", "get", "list", "update", "delete", "rotate", "verify", "history"):
         assert f"/api/auth/api-key/{path}" in doc["paths"]
     delete = doc["paths"]["/api/auth/api-key/delete"]["post"]
     body = delete["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]

@@ -120,3 +120,36 @@ def test_event_encodings_round_trip_and_carry_no_tag_in_data() -> None:
     # An event stored before a field existed still decodes: new fields have defaults.
     old = decode_data("ApiKeyCreated", b'{"keyHash": "h", "referenceId": "u"}')
     assert isinstance(old, ApiKeyCreated) and old.config_id == "default" and old.enabled is True
+
+
+def test_rotation_supersedes_the_secret_with_its_own_deadline_and_retires_it_once_due() -> None:
+    state = created()
+    with pytest.raises(KeyNotFound):
+        decide(domain.RotateKey(actor_id=STRANGER, now=T0, key_id="k1", key_hash="n" * 43, start="n"), state)
+    with pytest.raises(domain.GracePeriodOutOfRange):
+        decide(domain.RotateKey(actor_id=OWNER, now=T0, key_id="k1", key_hash="n" * 43, start="n",
+                                grace_seconds=domain.MAX_GRACE_PERIOD + 1), state)
+    for version, (new_hash, grace) in enumerate((("m" * 43, 60), ("n" * 43, 0), ("o" * 43, 30)), start=2):
+        (event,) = decide(domain.RotateKey(actor_id=OWNER, now=T0, key_id="k1", key_hash=new_hash, start=new_hash[:6],
+                                           grace_seconds=grace), state)
+        assert event.previous_key_hash == state.key_hash
+        assert event.grace_until == (T0 + dt.timedelta(seconds=grace) if grace else None)
+        state = evolve(state, event, key_id="k1", version=version, at=T0)
+    assert state.key_hash == "o" * 43 and state.start == "oooooo"
+    # The first secret (60 s) and the third's predecessor (30 s) are in grace; the one rotated without grace is not.
+    assert state.superseded == (("h" * 43, T0 + dt.timedelta(seconds=60)), ("n" * 43, T0 + dt.timedelta(seconds=30)))
+
+    retire = domain.RetireSecret(actor_id="system", now=T0 + dt.timedelta(seconds=45), key_id="k1", key_hash="h" * 43)
+    assert decide(retire, state) == []  # its grace has not ended
+    late = domain.RetireSecret(actor_id="system", now=T0 + dt.timedelta(seconds=61), key_id="k1", key_hash="h" * 43)
+    (retired,) = decide(late, state)
+    state = evolve(state, retired, key_id="k1", version=5, at=T0)
+    assert state.superseded == (("n" * 43, T0 + dt.timedelta(seconds=30)),) and decide(late, state) == []
+
+    disabled = evolve(state, ApiKeyDisabled(key_hash=state.key_hash), key_id="k1", version=6, at=T0)
+    with pytest.raises(domain.KeyDisabled):
+        decide(domain.RotateKey(actor_id=OWNER, now=T0, key_id="k1", key_hash="p" * 43, start="p"), disabled)
+    expiring = created(expires_in=86_400)
+    with pytest.raises(domain.KeyExpired):
+        decide(domain.RotateKey(actor_id=OWNER, now=T0 + dt.timedelta(days=2), key_id="k1", key_hash="p" * 43,
+                                start="p"), expiring)

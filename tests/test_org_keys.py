@@ -42,6 +42,10 @@ def test_owners_and_admins_manage_the_organizations_keys(service: Service, org: 
     assert [k["id"] for k in listed["apiKeys"]] == [key["id"]]
     renamed = service.post("api-key/update", admin, json={"keyId": key["id"], "configId": "org", "name": "renamed"})
     assert renamed.status_code == 200 and renamed.json()["name"] == "renamed"
+    rotated = service.post("api-key/rotate", admin, json={"keyId": key["id"], "configId": "org"})
+    assert rotated.status_code == 200 and rotated.json()["key"].startswith("rb_org_"), rotated.text
+    assert service.verify(rotated.json()["key"])["valid"] is True and service.verify(key["key"])["valid"] is False
+    key["key"] = rotated.json()["key"]
 
     deleted = service.post("api-key/delete", admin, json={"keyId": key["id"], "configId": "org"})
     assert deleted.status_code == 200 and deleted.json() == {"success": True}
@@ -62,6 +66,7 @@ def test_members_and_strangers_are_refused_with_better_auths_codes(service: Serv
             service.get("api-key/list", headers, params={"configId": "org", "organizationId": org["id"]}),
             service.post("api-key/update", headers, json={"keyId": key["id"], "configId": "org", "name": "x"}),
             service.post("api-key/delete", headers, json={"keyId": key["id"], "configId": "org"}),
+            service.post("api-key/rotate", headers, json={"keyId": key["id"], "configId": "org"}),
         ):
             assert response.status_code == 403 and response.json()["code"] == code, (who, response.text)
     assert count_events(service.database_url, key["id"]) == 1
@@ -77,6 +82,7 @@ def test_org_and_user_keys_never_see_each_others_ids(service: Service, org: dict
         service.post("api-key/delete", owner, json={"keyId": org_key["id"]}),  # default config
         service.get("api-key/get", owner, params={"id": org_key["id"]}),
         service.post("api-key/delete", owner, json={"keyId": own_key["id"], "configId": "org"}),
+        service.post("api-key/rotate", owner, json={"keyId": org_key["id"]}),
         service.get("api-key/get", owner, params={"id": own_key["id"], "configId": "org"}),
     ):
         assert response.status_code == 404 and response.json() == not_found

@@ -11,6 +11,10 @@ Seeding is fast because it is a COPY of rows generated in Python, *through* the 
 drawn by ``events_position``, the outbox trigger runs too). The bench has no relay, so the outbox is emptied
 afterwards (``DELETE FROM outbox``): it would otherwise hold a million rows nobody publishes.
 
+Replay runs twice: first on the seeded log (no projection has seen it, so replay also creates ~300k tracking
+rows), then, as on a live system whose inline projection keeps its tracking rows, after
+``DELETE FROM active_api_keys``: the second is the replay figure; both are printed.
+
 Targets (issue 4): replay >= 250,000 events/s; verify >= 300,000 events/s; as-of over 1M events <= 5 s;
 export >= 200,000 events/s.
 """
@@ -52,12 +56,13 @@ def generate(total: int, *, seed: int = 4, start: dt.datetime | None = None) -> 
     """Yield COPY rows ``(id, stream_id, version, type, data, metadata, recorded_at)`` in append order.
 
     About 3.3 events per key: every key is created; then, picked at random among live keys, updates
-    (name / expiry), disable/enable flips and revocations (a revoked key gets nothing more).
+    (name / expiry), disable/enable flips, rotations (half of them with a day of grace for the old secret,
+    which a later pick of the key retires) and revocations (a revoked key gets nothing more).
     """
     rng = random.Random(seed)
     at = start or dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     step = dt.timedelta(milliseconds=7)
-    live: list[list[Any]] = []  # [key_id, version, key_hash, enabled]
+    live: list[list[Any]] = []  # [key_id, version, key_hash, enabled, superseded hashes in grace]
     encode = msgspec.json.encode
     users = [uuid.uuid4().hex for _ in range(5000)]
     n = 0
@@ -75,7 +80,7 @@ def generate(total: int, *, seed: int = 4, start: dt.datetime | None = None) -> 
                 "rateLimitTimeWindow": 86400000, "rateLimitMax": 10, "remaining": None, "refillAmount": None,
                 "refillInterval": None,
             }
-            live.append([key_id, 1, key_hash, True])
+            live.append([key_id, 1, key_hash, True, []])
             yield (str(uuid.UUID(int=rng.getrandbits(128), version=4)), key_id, 1, "ApiKeyCreated",
                    encode(data).decode(), meta, at)
         else:
@@ -83,10 +88,20 @@ def generate(total: int, *, seed: int = 4, start: dt.datetime | None = None) -> 
             key = live[i]
             roll = rng.random()
             key[1] += 1
-            if roll < 0.25:
+            if key[4] and roll < 0.5:  # the grace period of a superseded secret ended
+                etype, data = "ApiKeySecretRetired", {"keyHash": key[4].pop(), "graceUntil": at}
+            elif roll < 0.25:
                 etype, data = "ApiKeyRevoked", {"keyHash": key[2]}
                 live[i] = live[-1]
                 live.pop()
+            elif roll < 0.28:
+                new_hash = "".join(rng.choices(ALNUM, k=43))
+                grace = at + dt.timedelta(days=1) if rng.random() < 0.5 else None
+                etype, data = "ApiKeyRotated", {"keyHash": new_hash, "previousKeyHash": key[2],
+                                                "start": new_hash[:6], "graceUntil": grace}
+                if grace is not None:
+                    key[4].append(key[2])
+                key[2] = new_hash
             elif roll < 0.55:
                 etype = "ApiKeyEnabled" if not key[3] else "ApiKeyDisabled"
                 key[3] = not key[3]
@@ -201,17 +216,29 @@ def run(admin_url: str, total: int, keep: bool) -> dict[str, Any]:
         say(f"    {active:,} keys active at {instant.isoformat()}")
 
         def export() -> int:
+            # What `keyledger audit export > file` does: the chunks of whole lines, written as they come.
             lines = 0
             with psycopg.connect(url, autocommit=True) as conn, open(os.devnull, "wb") as sink:
-                for line in audit.export(conn):
-                    sink.write(line)
-                    lines += 1
+                for chunk in audit.export_chunks(conn):
+                    sink.write(chunk)
+                    lines += chunk.count(b"\n")
             return lines
 
         results["export_s"], exported = timed("audit export (to /dev/null)", export)
         assert exported == total, (exported, total)
 
-        results["replay_s"], report = timed("replay active_api_keys", lambda: replay(url, progress=False))
+        # Replay twice. The first runs on a log no projection has seen (the seed bypasses the write path), so it
+        # also creates every key's tracking row. The second is the issue's scenario on a live system, where
+        # the inline projection keeps tracking rows: `DELETE FROM active_api_keys`, then replay. It is the
+        # figure checked against the target; the first is printed too.
+        results["replay_first_s"], first = timed("replay, first (no tracking rows yet)",
+                                                 lambda: replay(url, progress=False))
+        say(f"    {first}")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM active_api_keys")
+            conn.execute("DELETE FROM superseded_key_secrets")
+        results["replay_s"], report = timed("replay after DELETE FROM active_api_keys",
+                                            lambda: replay(url, progress=False))
         say(f"    {report}")
     finally:
         if keep:
@@ -243,6 +270,7 @@ def main() -> int:
     n = r["events"]
     rows = [
         ("replay", n / r["replay_s"], ">= 250,000 events/s", n / r["replay_s"] >= 250_000),
+        ("replay, first", n / r["replay_first_s"], "(no tracking rows yet)", None),
         ("audit verify", n / r["verify_s"], ">= 300,000 events/s", n / r["verify_s"] >= 300_000),
         ("audit export", n / r["export_s"], ">= 200,000 events/s", n / r["export_s"] >= 200_000),
         ("seal (background)", n / r["seal_s"], "(no target)", None),

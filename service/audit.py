@@ -23,9 +23,10 @@ to (excluding) ``,"prevHash":`` and then ``}``; ``prevHash`` must equal the prev
 The canonical text is built by PostgreSQL itself (``CANONICAL``), and the same expression feeds the sealer,
 the verifier and the export: one definition, so they cannot drift apart. It also makes ``audit verify`` fast:
 every link is checked independently (``hash = sha256(prev_hash || canonical)`` and ``prev_hash`` = previous
-``hash``), so PostgreSQL checks them with parallel workers instead of one Python loop. (Measured on the bench
-machine: printing two jsonb columns alone costs PostgreSQL ~2.5 us per event, which caps a single-stream
-Python verifier near 300k events/s before any hashing; see bench/audit_bench.py.)
+``hash``), so ``verify`` cuts the positions into ranges and checks them on two connections at once, in one
+exported snapshot; ``export`` builds its lines in chunks of positions the same way. (Measured on the bench
+machine: the canonical text costs PostgreSQL ~3.5 us per event, two thirds of it printing the two jsonb columns;
+that, not the hashing, is what the two connections share. See bench/audit_bench.py.)
 
 The sealer
 ----------
@@ -49,33 +50,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 log = logging.getLogger("keyledger.audit")
 
 GENESIS = "0" * 64
 
-# canonical(e), built by PostgreSQL (see the module docstring). `e` is the events row.
-CANONICAL = (
-    """('{"id":"' || e.id::text || '","type":' || to_json(e.type)::text"""
-    """ || ',"keyId":' || to_json(e.stream_id)::text"""
-    """ || ',"version":' || e.version::text || ',"position":' || e.position::text"""
-    """ || ',"occurredAt":"' || to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
-    """ || '","actor":' || e.metadata::text || ',"data":' || e.data::text || '}')"""
+# canonical(e), built by PostgreSQL (see the module docstring). `e` is the events row. One concat() call: it
+# prints each argument with its type's output function (uuid_out, jsonb_out...: the same text as ::text) and
+# allocates the result once; a chain of `||` copied the growing string ~15 times and cost twice as much.
+CANONICAL_FIELDS = (
+    """'{"id":"', e.id, '","type":', to_json(e.type), ',"keyId":', to_json(e.stream_id),"""
+    """ ',"version":', e.version, ',"position":', e.position,"""
+    """ ',"occurredAt":"', to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),"""
+    """ '","actor":', e.metadata, ',"data":', e.data"""
 )
+CANONICAL = f"concat({CANONICAL_FIELDS}, '}}')"
 # The hash of an events row `e` given its chain row `c`, recomputed by PostgreSQL.
-RECOMPUTED_HASH = f"encode(sha256(convert_to(c.prev_hash || {CANONICAL}, 'UTF8')), 'hex')"
+RECOMPUTED_HASH = f"encode(sha256(convert_to(concat(c.prev_hash, {CANONICAL_FIELDS}, '}}'), 'UTF8')), 'hex')"
 
 SEQUENCE_LAST_VALUE = "SELECT pg_sequence_last_value('events_position_seq')"
 # A snapshot's xip list only holds running xids *below its xmax* (latestCompletedXid + 1): a writer whose xid is
@@ -109,34 +116,39 @@ COPY_CHAIN = "COPY event_chain (position, prev_hash, hash) FROM STDIN"
 SEALER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.audit-sealer', 0))"
 SEALER_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('keyledger.audit-sealer', 0))"
 
-# verify: every check names the smallest position where it fails (NULL: intact).
-CHECK_HASHES = f"""
-SELECT min(e.position) FILTER (WHERE c.hash IS DISTINCT FROM {RECOMPUTED_HASH}), count(*)
-FROM events e JOIN event_chain c ON c.position = e.position
-"""
-CHECK_LINKS = f"""
-SELECT min(position) FROM (
-    SELECT position, prev_hash, lag(hash, 1, '{GENESIS}') OVER (ORDER BY position) AS expected
-    FROM event_chain
-) links
-WHERE prev_hash IS DISTINCT FROM expected
-"""
-CHECK_UNCHAINED = """
-SELECT min(e.position) FROM events e
-WHERE e.position < %s AND NOT EXISTS (SELECT 1 FROM event_chain c WHERE c.position = e.position)
-"""
-CHECK_ORPHANS = """
-SELECT min(c.position) FROM event_chain c
-WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.position = c.position)
+# verify: one pass over a range of positions of both tables, naming the smallest position where each check
+# fails (NULL: intact). Both sides are read in position order (primary keys) and merged with a FULL JOIN, so an
+# event without chain row and a chain row without event show up as half-empty rows; `expected` is the previous
+# chain row's hash (the last one below the range for the first row, 64 zeros at the very start). Ranges are
+# independent, so they run on several connections at once, inside one exported snapshot.
+VERIFY_RANGE = f"""
+SELECT
+    min(c.position) FILTER (WHERE e.position IS NOT NULL AND c.position IS NOT NULL
+                              AND c.hash IS DISTINCT FROM {RECOMPUTED_HASH}) AS bad_hash,
+    min(c.position) FILTER (WHERE c.prev_hash IS DISTINCT FROM c.expected) AS bad_link,
+    min(c.position) FILTER (WHERE e.position IS NULL) AS orphan,
+    min(e.position) FILTER (WHERE c.position IS NULL) AS unchained,
+    count(*) FILTER (WHERE e.position IS NOT NULL AND c.position IS NOT NULL) AS checked
+FROM (
+    SELECT position, prev_hash, hash,
+           lag(hash, 1, coalesce((SELECT hash FROM event_chain WHERE position < %(lo)s
+                                  ORDER BY position DESC LIMIT 1), '{GENESIS}')) OVER (ORDER BY position) AS expected
+    FROM event_chain WHERE position >= %(lo)s AND position <= %(hi)s
+) c
+FULL JOIN (SELECT * FROM events WHERE position >= %(lo)s AND position <= %(hi)s) e ON e.position = c.position
 """
 COUNT_UNSEALED = "SELECT count(*) FROM events e WHERE e.position > %s"
 CHAIN_AT = "SELECT hash FROM event_chain WHERE position = %s"
-# Cheap completeness check: when the join matched every chain row and every event up to the head, there is
-# neither an orphan nor an unchained event, and the two anti-joins above need not run.
-COUNTS = "SELECT (SELECT count(*) FROM event_chain), (SELECT count(*) FROM events WHERE position <= %s)"
+FIRST_POSITION = "SELECT least((SELECT min(position) FROM events), (SELECT min(position) FROM event_chain))"
 
-# The session settings audit reads run with: parallel workers for verify, memory for as-of's aggregate.
-READ_SETTINGS = "SET work_mem = '256MB'"
+# A consistent read over several connections: the first one exports its snapshot, the others adopt it.
+SNAPSHOT_BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+EXPORT_SNAPSHOT = "SELECT pg_export_snapshot()"
+IMPORT_SNAPSHOT = "SET TRANSACTION SNAPSHOT %s"
+# Per reading connection: memory for export's per-chunk sort; no parallel workers or JIT (each statement covers
+# a slice, and the slices already keep every core busy; JIT compiling ~100 statements cost more than it saved).
+READ_SETTINGS = ("SET LOCAL work_mem = '64MB'", "SET LOCAL max_parallel_workers_per_gather = 0", "SET LOCAL jit = off")
+DEFAULT_JOBS = 2  # reading connections for verify and export (the bench machine has 2 cores)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,40 +342,124 @@ def parse_anchor(text: str) -> tuple[int, str]:
     return int(position), digest
 
 
-def verify(conn: psycopg.Connection[Any], anchor: tuple[int, str] | None = None) -> Verdict:
+# ----------------------------------------------------------------------------------------------------------
+# Reading on several connections from one snapshot (verify, export)
+# ----------------------------------------------------------------------------------------------------------
+def parallel(conns: Sequence[psycopg.Connection[Any]], jobs: Sequence[Callable[[psycopg.Connection[Any]], Any]]
+             ) -> list[Any]:
+    """Run ``jobs`` on ``conns``, one thread per connection taking the next job when it is free (psycopg
+    releases the GIL while PostgreSQL works); returns the results in job order, re-raises the first error."""
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    pending = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker(conn: psycopg.Connection[Any]) -> None:
+        while not errors:
+            with lock:
+                i = next(pending, None)
+            if i is None:
+                return
+            try:
+                results[i] = jobs[i](conn)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(conn,), daemon=True) for conn in conns[:len(jobs)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """Another connection to the same server and database, with the same credentials."""
+    params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
+    return psycopg.connect(make_conninfo("", **params), autocommit=True)
+
+
+@contextlib.contextmanager
+def snapshot_readers(conn: psycopg.Connection[Any], jobs: int = DEFAULT_JOBS
+                     ) -> Iterator[list[psycopg.Connection[Any]]]:
+    """``conn`` opens a REPEATABLE READ transaction; yields ``jobs`` connections that read in the very same
+    snapshot (``pg_export_snapshot``), so slices read at once form one consistent read. ``conn`` itself stays
+    usable for small queries in that snapshot. Needs ``conn`` in autocommit mode for jobs > 1."""
+    if not conn.autocommit:
+        jobs = 1
+    with conn.transaction():
+        if conn.autocommit:
+            conn.execute(SNAPSHOT_BEGIN)
+        for setting in READ_SETTINGS:
+            conn.execute(setting)
+        if jobs <= 1:
+            yield [conn]
+            return
+        snapshot = conn.execute(EXPORT_SNAPSHOT).fetchone()[0]
+        readers: list[psycopg.Connection[Any]] = []
+        try:
+            for _ in range(jobs):
+                reader = _sibling(conn)
+                readers.append(reader)
+                reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                for setting in READ_SETTINGS:
+                    reader.execute(setting)
+            yield readers
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def _ranges(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    """Inclusive position ranges of ``size`` positions covering [lo, hi]."""
+    return [(start, min(start + size - 1, hi)) for start in range(lo, hi + 1, size)]
+
+
+def verify(conn: psycopg.Connection[Any], anchor: tuple[int, str] | None = None, *,
+           jobs: int = DEFAULT_JOBS) -> Verdict:
     """Recompute every chained hash from the events rows and check every link, table against table.
 
     Catches, with the first bad position: an events row altered (hash mismatch), rows swapped (mismatch at
     the lower one), a chain row altered or a link broken, an event deleted (chain entry without event), an
     event inserted below the head out of band (event without chain entry), and, with ``anchor``, a chain
     recomputed or truncated by someone with write access (the chain at POSITION must still hash to HASH).
+
+    The positions up to the head are cut into ranges checked by ``VERIFY_RANGE`` on ``jobs`` connections at
+    once, all in one snapshot (``snapshot_readers``): the hashing is PostgreSQL's (``sha256()``), the cost is
+    printing each event's canonical text (~3.5 us), which is what the connections share.
     """
     started = time.perf_counter()
-    conn.execute(READ_SETTINGS)
-    current = head(conn)
     problems: list[tuple[int, str]] = []
-    bad_hash, checked = conn.execute(CHECK_HASHES).fetchone()
-    if bad_hash is not None:
-        problems.append((bad_hash, "hash mismatch (event or chain row altered, or rows reordered)"))
-    bad_link = conn.execute(CHECK_LINKS).fetchone()[0]
-    if bad_link is not None:
-        problems.append((bad_link, "broken link (prev_hash is not the previous event's hash)"))
-    chained, below_head = conn.execute(COUNTS, (current[0] if current else 0,)).fetchone()
-    if chained != checked:
-        orphan = conn.execute(CHECK_ORPHANS).fetchone()[0]
-        if orphan is not None:
-            problems.append((orphan, "chain entry without event (event deleted)"))
-    if current is not None and below_head != checked:
-        unchained = conn.execute(CHECK_UNCHAINED, (current[0],)).fetchone()[0]
-        if unchained is not None:
-            problems.append((unchained, "event without chain entry below the sealed head (inserted out of band)"))
-    if anchor is not None:
-        row = conn.execute(CHAIN_AT, (anchor[0],)).fetchone()
-        if row is None:
-            problems.append((anchor[0], "anchor position is not in the chain (log truncated or rewritten)"))
-        elif row[0] != anchor[1]:
-            problems.append((anchor[0], "chain differs from the anchor (log rewritten and chain recomputed)"))
-    unsealed = conn.execute(COUNT_UNSEALED, (current[0] if current else 0,)).fetchone()[0]
+    checked = 0
+    with snapshot_readers(conn, jobs) as readers:
+        current = head(conn)
+        if current is not None:
+            first = conn.execute(FIRST_POSITION).fetchone()[0]
+            size = max(50_000, (current[0] - first) // (len(readers) * 4) + 1)
+            results = parallel(readers, [
+                lambda c, lo=lo, hi=hi: c.execute(VERIFY_RANGE, {"lo": lo, "hi": hi}).fetchone()
+                for lo, hi in _ranges(first, current[0], size)])
+            for bad_hash, bad_link, orphan, unchained, count in results:
+                checked += count
+                if bad_hash is not None:
+                    problems.append((bad_hash, "hash mismatch (event or chain row altered, or rows reordered)"))
+                if bad_link is not None:
+                    problems.append((bad_link, "broken link (prev_hash is not the previous event's hash)"))
+                if orphan is not None:
+                    problems.append((orphan, "chain entry without event (event deleted)"))
+                if unchained is not None:
+                    problems.append((unchained,
+                                     "event without chain entry below the sealed head (inserted out of band)"))
+        if anchor is not None:
+            row = conn.execute(CHAIN_AT, (anchor[0],)).fetchone()
+            if row is None:
+                problems.append((anchor[0], "anchor position is not in the chain (log truncated or rewritten)"))
+            elif row[0] != anchor[1]:
+                problems.append((anchor[0], "chain differs from the anchor (log rewritten and chain recomputed)"))
+        unsealed = conn.execute(COUNT_UNSEALED, (current[0] if current else 0,)).fetchone()[0]
     seconds = time.perf_counter() - started
     if problems:
         position, problem = min(problems)
@@ -409,21 +505,24 @@ def verify_export(lines: Iterable[bytes], anchor: tuple[int, str] | None = None)
 # ----------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------
-EXPORT = """
-COPY (
-    SELECT left({canonical}, -1)
-        || ',"prevHash":' || coalesce('"' || c.prev_hash || '"', 'null')
-        || ',"hash":' || coalesce('"' || c.hash || '"', 'null') || '}}'
-    FROM events e LEFT JOIN event_chain c ON c.position = e.position
-    WHERE {where}
-    ORDER BY e.position
-) TO STDOUT
+# One export line: canonical(e) without its closing brace, then prevHash and hash (null while unsealed), then
+# "}" and a newline; a chunk is the lines of a position range, concatenated in position order, as bytes (binary
+# results: exact bytes, no COPY escaping to undo). {where} holds the filters, composed as SQL literals. The
+# chain side is bounded by the range explicitly: PostgreSQL does not carry e.position's bounds across an outer
+# join, and without them every chunk hashed the whole chain table.
+EXPORT_LINE = (f"concat({CANONICAL_FIELDS}, ',\"prevHash\":', coalesce('\"' || c.prev_hash || '\"', 'null'), "
+               f"',\"hash\":', coalesce('\"' || c.hash || '\"', 'null'), E'}}\\n')")
+EXPORT_CHUNK = f"""
+SELECT convert_to(string_agg({EXPORT_LINE}, '' ORDER BY e.position), 'UTF8')
+FROM events e
+LEFT JOIN (SELECT * FROM event_chain WHERE position >= %(lo)s AND position <= %(hi)s) c ON c.position = e.position
+WHERE e.position >= %(lo)s AND e.position <= %(hi)s AND {{where}}
 """
+EXPORT_BOUNDS = "SELECT min(e.position), max(e.position) FROM events e WHERE {where}"
+EXPORT_CHUNK_POSITIONS = 8192  # ~4 MB of text per chunk: bounded memory on both sides
 
 
-def export_statement(since: dt.datetime | None = None, until: dt.datetime | None = None,
-                     key_id: str | None = None) -> sql.Composed:
-    """COPY takes no bind parameters, so the filters are composed as SQL literals (psycopg quotes them)."""
+def _export_filter(since: dt.datetime | None, until: dt.datetime | None, key_id: str | None) -> str:
     where: list[sql.Composable] = [sql.SQL("true")]
     if since is not None:
         where.append(sql.SQL("e.recorded_at >= {}").format(sql.Literal(since)))
@@ -431,62 +530,140 @@ def export_statement(since: dt.datetime | None = None, until: dt.datetime | None
         where.append(sql.SQL("e.recorded_at < {}").format(sql.Literal(until)))
     if key_id is not None:
         where.append(sql.SQL("e.stream_id = {}").format(sql.Literal(key_id)))
-    return sql.SQL(EXPORT.replace("{canonical}", CANONICAL.replace("{", "{{").replace("}", "}}"))).format(
-        where=sql.SQL(" AND ").join(where))
+    # Spliced into statements that also take %(lo)s/%(hi)s parameters: a literal's own % must be doubled.
+    return sql.SQL(" AND ").join(where).as_string(None).replace("%", "%%")
+
+
+def export_chunks(conn: psycopg.Connection[Any], since: dt.datetime | None = None,
+                  until: dt.datetime | None = None, key_id: str | None = None, *,
+                  jobs: int = DEFAULT_JOBS) -> Iterator[bytes]:
+    """Yield the export as chunks of whole lines, in position order, in bounded memory.
+
+    The position range is cut into chunks of ``EXPORT_CHUNK_POSITIONS``; ``jobs`` connections in one
+    snapshot build chunk i, i+jobs, ... each, and each hands over at most two finished chunks ahead of the
+    consumer, so memory stays a few chunks whatever the size of the log. ``--key`` is one chunk (an index scan).
+    """
+    where = _export_filter(since, until, key_id)
+    with snapshot_readers(conn, 1 if key_id is not None else jobs) as readers:
+        lo, hi = conn.execute(EXPORT_BOUNDS.replace("{where}", where).replace("%%", "%")).fetchone()
+        if lo is None:
+            return
+        statement = EXPORT_CHUNK.replace("{where}", where)
+        ranges = [(lo, hi)] if key_id is not None else _ranges(lo, hi, EXPORT_CHUNK_POSITIONS)
+        yield from _ordered(readers, statement, ranges)
+
+
+def _ordered(readers: list[psycopg.Connection[Any]], statement: str, ranges: list[tuple[int, int]]
+             ) -> Iterator[bytes]:
+    """The chunks of ``ranges``, in order; reader k builds chunks k, k+n, ... ahead in its own thread."""
+    def fetch(conn: psycopg.Connection[Any], lo: int, hi: int) -> bytes | None:
+        return conn.execute(statement, {"lo": lo, "hi": hi}, binary=True).fetchone()[0]
+
+    if len(readers) == 1:
+        for lo, hi in ranges:
+            chunk = fetch(readers[0], lo, hi)
+            if chunk:
+                yield chunk
+        return
+    n = len(readers)
+    handoff: list[queue.Queue[Any]] = [queue.Queue(maxsize=2) for _ in readers]
+    stop = threading.Event()
+
+    def put(slot: int, item: Any) -> None:
+        while not stop.is_set():
+            try:
+                handoff[slot].put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work(slot: int) -> None:
+        try:
+            for i in range(slot, len(ranges), n):
+                if stop.is_set():
+                    return
+                put(slot, fetch(readers[slot], *ranges[i]))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+            put(slot, exc)
+
+    threads = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(len(ranges)):
+            item = handoff[i % n].get()
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def export(conn: psycopg.Connection[Any], since: dt.datetime | None = None, until: dt.datetime | None = None,
-           key_id: str | None = None) -> Iterator[bytes]:
+           key_id: str | None = None, *, jobs: int = DEFAULT_JOBS) -> Iterator[bytes]:
     """Yield export lines (with their newline), in position order, streamed: constant client memory.
-
-    COPY sends one message per row; the text format doubles backslashes (the only escape a JSON line can
-    need, since JSON text never holds raw control characters), so undoing that gives the line's bytes.
-    """
-    with conn.cursor() as cur:
-        with cur.copy(export_statement(since, until, key_id)) as copy:
-            for block in copy:
-                data = bytes(block)
-                yield data.replace(b"\\\\", b"\\") if b"\\" in data else data
+    (A line never holds a raw newline or carriage return: JSON text escapes them.)"""
+    for chunk in export_chunks(conn, since, until, key_id, jobs=jobs):
+        yield from chunk.splitlines(keepends=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # As-of: the keys active at an instant, folded from the log in SQL
 # ----------------------------------------------------------------------------------------------------------
-# Per key, over its events recorded at or before the instant: the creation, whether it was revoked, the last
-# enable/disable (version*2 + flag, so max() picks the latest without sorting), and the last name/expiry set
-# by an update (zero-padded version || JSON value, compared bytewise). Same rules as domain.evolve.
+# Per key, over its events recorded at or before the instant: the creation (or import), whether it was revoked,
+# the last enable/disable (version*2 + flag, so max() picks the latest without sorting), and the last
+# name/expiry set by an update and start set by a rotation (zero-padded version || JSON value, compared
+# bytewise). The secrets superseded by a rotation whose grace period still runs at the instant are listed with
+# the key: they could call the API then too. Same rules as domain.evolve.
 AS_OF = """
 WITH k AS (
     SELECT stream_id,
            bool_or(type = 'ApiKeyRevoked') AS revoked,
-           (array_agg(data) FILTER (WHERE type = 'ApiKeyCreated'))[1] AS created,
-           min(recorded_at) FILTER (WHERE type = 'ApiKeyCreated') AS created_at,
+           (array_agg(data) FILTER (WHERE type IN ('ApiKeyCreated', 'ApiKeyImported')))[1] AS created,
+           min(recorded_at) FILTER (WHERE type IN ('ApiKeyCreated', 'ApiKeyImported')) AS recorded_at,
            max(version * 2 + (type = 'ApiKeyEnabled')::int)
                FILTER (WHERE type IN ('ApiKeyEnabled', 'ApiKeyDisabled')) AS flip,
            max(lpad(version::text, 10, '0') || (data -> 'name')::text COLLATE "C")
                FILTER (WHERE type = 'ApiKeyUpdated' AND data ? 'name') AS name_set,
            max(lpad(version::text, 10, '0') || (data -> 'expiresAt')::text COLLATE "C")
-               FILTER (WHERE type = 'ApiKeyUpdated' AND data ? 'expiresAt') AS expiry_set
+               FILTER (WHERE type = 'ApiKeyUpdated' AND data ? 'expiresAt') AS expiry_set,
+           max(lpad(version::text, 10, '0') || (data -> 'start')::text COLLATE "C")
+               FILTER (WHERE type = 'ApiKeyRotated') AS start_set,
+           jsonb_agg(jsonb_build_object('start', data -> 'previousStart', 'graceUntil', data -> 'graceUntil'))
+               FILTER (WHERE type = 'ApiKeyRotated' AND (data ->> 'graceUntil')::timestamptz > %(at)s) AS grace
     FROM events
     WHERE recorded_at <= %(at)s
     GROUP BY stream_id
 ), s AS (
-    SELECT stream_id, created, created_at,
+    SELECT stream_id, created, grace,
+           coalesce((created ->> 'createdAt')::timestamptz, recorded_at) AS created_at,
            coalesce(substr(name_set, 11)::jsonb, created -> 'name') #>> '{}' AS name,
+           coalesce(substr(start_set, 11)::jsonb, created -> 'start') #>> '{}' AS start,
            (coalesce(substr(expiry_set, 11)::jsonb, created -> 'expiresAt') #>> '{}')::timestamptz AS expires_at,
            CASE WHEN flip IS NULL THEN coalesce((created ->> 'enabled')::boolean, true) ELSE flip %% 2 = 1 END
                AS enabled
     FROM k
     WHERE created IS NOT NULL AND NOT revoked
 )
-SELECT stream_id, created ->> 'referenceId', name, created ->> 'start', created ->> 'prefix', expires_at, created_at
+SELECT stream_id, created ->> 'referenceId', name, start, created ->> 'prefix', expires_at, created_at,
+       coalesce(grace, '[]')::text
 FROM s
 WHERE enabled AND (expires_at IS NULL OR expires_at > %(at)s)
 ORDER BY stream_id
 """
 
 
-class ActiveKey(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+class GraceSecret(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A secret superseded by a rotation, still working at the instant (until ``grace_until``)."""
+
+    start: str | None
+    grace_until: dt.datetime
+
+
+class ActiveKey(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     key_id: str
     reference_id: str
     name: str | None
@@ -494,6 +671,10 @@ class ActiveKey(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     prefix: str | None
     expires_at: dt.datetime | None
     created_at: dt.datetime
+    superseded: list[GraceSecret] = []  # omitted when empty
+
+
+_grace_decoder = msgspec.json.Decoder(list[GraceSecret])
 
 
 def parse_instant(text: str) -> dt.datetime:
@@ -508,7 +689,12 @@ def as_of(conn: psycopg.Connection[Any], at: dt.datetime) -> list[ActiveKey]:
         conn.execute("SET LOCAL work_mem = '256MB'")
         rows = conn.execute(AS_OF, {"at": at}).fetchall()
     return [ActiveKey(key_id=r[0], reference_id=r[1], name=r[2], start=r[3], prefix=r[4], expires_at=r[5],
-                      created_at=r[6]) for r in rows]
+                      created_at=r[6], superseded=sorted(_grace_decoder.decode(r[7]), key=_by_deadline))
+            for r in rows]
+
+
+def _by_deadline(secret: GraceSecret) -> dt.datetime:
+    return secret.grace_until
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,8 +729,10 @@ def cmd_as_of(args: argparse.Namespace) -> int:
     else:
         for key in keys:
             expires = key.expires_at.astimezone(dt.timezone.utc).isoformat() if key.expires_at else "never"
+            grace = "".join(f"  +start={g.start} until {g.grace_until.astimezone(dt.timezone.utc).isoformat()}"
+                            for g in key.superseded)
             out.write(f"{key.key_id}  owner={key.reference_id}  start={key.start}  expires={expires}  "
-                      f"name={key.name!r}\n")
+                      f"name={key.name!r}{grace}\n")
     print(f"keyledger: {len(keys):,} keys active at {at.isoformat()}", file=sys.stderr)
     return 0
 
@@ -556,13 +744,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         with _connect(env) as conn:
             out = sys.stdout.buffer
-            buf = bytearray()
-            for line in export(conn, since, until, args.key):
-                buf += line
-                if len(buf) > 1 << 20:
-                    out.write(buf)
-                    buf.clear()
-            out.write(buf)
+            for chunk in export_chunks(conn, since, until, args.key):
+                out.write(chunk)
             out.flush()
     finally:
         env.stop()

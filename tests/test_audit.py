@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from harness import ROOT, unique_topology
 from keyledger import audit, store
-from keyledger.domain import CreateKey, DomainError, RevokeKey, UpdateKey, fold
-from keyledger.events import decode_data
-from keyledger.records import ROW_COLUMNS
+from keyledger.domain import CreateKey, DomainError, RevokeKey, RotateKey, UpdateKey, fold
+from keyledger.events import ApiKeyImported, decode_data
+from keyledger.records import ROW_COLUMNS, hash_key
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -364,20 +364,26 @@ def test_sealer_task_publishes_the_head_on_nats(fresh_db: str, nats_url: str) ->
 # ---------------------------------------------------------------------------------------------------------
 # As-of and the projection, against a reference fold (property-based)
 # ---------------------------------------------------------------------------------------------------------
-def reference_as_of(rows: list[tuple[Any, ...]], at: dt.datetime) -> set[str]:
+def reference_as_of(rows: list[tuple[Any, ...]], at: dt.datetime) -> dict[str, tuple[Any, ...]]:
+    """key id -> (start, deadlines of the superseded secrets still in grace), for the keys active at ``at``."""
     streams: dict[str, list[tuple[int, dt.datetime, Any]]] = {}
     for stream_id, version, event_type, recorded_at, data in rows:
         if recorded_at <= at:
             streams.setdefault(stream_id, []).append((version, recorded_at, decode_data(event_type, data)))
-    active = set()
+    active = {}
     for key_id, events in streams.items():
         state = fold(sorted(events, key=lambda e: e[0]), key_id)
         if state and not state.revoked and state.enabled and (state.expires_at is None or state.expires_at > at):
-            active.add(key_id)
+            active[key_id] = (state.start, sorted(until for _, until in state.superseded if until > at))
     return active
 
 
-command_kinds = st.sampled_from(["disable", "enable", "rename", "expire", "unexpire", "revoke"])
+def _as_of_answer(keys: list[Any]) -> dict[str, tuple[Any, ...]]:
+    return {k.key_id: (k.start, [g.grace_until for g in k.superseded]) for k in keys}
+
+
+command_kinds = st.sampled_from(["disable", "enable", "rename", "expire", "unexpire", "revoke", "rotate",
+                                 "rotate_with_grace"])
 scenarios = st.lists(st.tuples(st.integers(0, 3), command_kinds, st.integers(1, 3 * 86400)), min_size=1,
                      max_size=25)
 
@@ -400,8 +406,14 @@ def test_as_of_and_projection_equal_a_fold_of_the_log(db_factory: Any, script: l
                 "disable": {"enabled": False}, "enable": {"enabled": True}, "rename": {"name": f"n{gap}"},
                 "expire": {"expires_in": 86400}, "unexpire": {"expires_in": None},
             }.get(kind, {})
-            command = (RevokeKey(actor_id="owner-1", now=at, key_id=k) if kind == "revoke"
-                       else UpdateKey(actor_id="owner-1", now=at, key_id=k, **change))
+            if kind == "revoke":
+                command: Any = RevokeKey(actor_id="owner-1", now=at, key_id=k)
+            elif kind.startswith("rotate"):
+                secret = secrets.token_urlsafe(32)
+                command = RotateKey(actor_id="owner-1", now=at, key_id=k, key_hash=hash_key(secret), start=secret[:6],
+                                    grace_seconds=gap if kind == "rotate_with_grace" else 0)
+            else:
+                command = UpdateKey(actor_id="owner-1", now=at, key_id=k, **change)
             cmds.append((command, k))
         append(url, cmds)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -411,8 +423,7 @@ def test_as_of_and_projection_equal_a_fold_of_the_log(db_factory: Any, script: l
             probes = set(instants) | {t - dt.timedelta(microseconds=1) for t in instants}
             probes |= {t + dt.timedelta(days=1, seconds=1) for t in instants}
             for probe in sorted(probes):
-                got = {k.key_id for k in audit.as_of(conn, probe)}
-                assert got == reference_as_of(rows, probe), probe
+                assert _as_of_answer(audit.as_of(conn, probe)) == reference_as_of(rows, probe), probe
             # The projection equals the fold of the whole log, column for column.
             projected = {r[-1]: r for r in conn.execute(f"SELECT {ROW_COLUMNS}, id FROM active_api_keys")}
         from keyledger.records import from_row, from_state
@@ -442,6 +453,36 @@ def test_as_of_cli_json_and_naive_instants_are_utc(fresh_db: str) -> None:
     assert cli(fresh_db, "audit", "as-of", "2026-03-01T11:59:59", "--json").stdout == ""
 
 
+def test_as_of_lists_imported_keys_and_secrets_inside_their_rotation_grace(fresh_db: str) -> None:
+    rotated, imported = secrets.token_hex(16), secrets.token_hex(16)
+    new_secret = secrets.token_urlsafe(32)
+    append(fresh_db, [
+        create(rotated, T0),
+        (RotateKey(actor_id="owner-1", now=T0 + dt.timedelta(seconds=10), key_id=rotated,
+                   key_hash=hash_key(new_secret), start=new_secret[:6], grace_seconds=3600), rotated),
+    ])
+    original = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+
+    async def import_one() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            event = ApiKeyImported(key_hash="i" * 43, reference_id="owner-2", start="imprtd", created_at=original)
+            await store.append(conn, imported, 0, [event], {"via": "import"}, T0)
+
+    asyncio.run(import_one())
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        during = {k.key_id: k for k in audit.as_of(conn, T0 + dt.timedelta(minutes=1))}
+        after = audit.as_of(conn, T0 + dt.timedelta(hours=2))
+    assert set(during) == {rotated, imported}
+    assert during[imported].created_at == original and during[imported].start == "imprtd"
+    key = during[rotated]
+    assert key.start == new_secret[:6]
+    assert [(g.start, g.grace_until) for g in key.superseded] == [(rotated[:6], T0 + dt.timedelta(seconds=3610))]
+    line = json.loads(msgspec.json.encode(key))
+    assert line["superseded"] == [{"start": rotated[:6], "graceUntil": "2026-03-01T13:00:10Z"}]
+    assert {k.key_id: k.superseded for k in after} == {rotated: [], imported: []}
+    assert "superseded" not in json.loads(msgspec.json.encode(after[0]))  # omitted when empty
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Export in bounded memory
 # ---------------------------------------------------------------------------------------------------------
@@ -468,3 +509,81 @@ def test_export_of_200k_events_streams_in_bounded_memory(fresh_db: str) -> None:
     n, size, growth_mb = map(int, out.stdout.split())
     assert n == 200_000 and size > 100 * 1024 * 1024  # > 100 MB exported...
     assert growth_mb < 50, f"export grew RSS by {growth_mb} MB"  # ...in a few MB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verify and export on several connections: ranges, their boundaries, one snapshot, the same bytes
+# ---------------------------------------------------------------------------------------------------------
+# The canonical text as first written (a chain of `||`), kept here as the reference the faster concat() form
+# must reproduce byte for byte.
+REFERENCE_LINE = """
+SELECT ('{"id":"' || e.id::text || '","type":' || to_json(e.type)::text || ',"keyId":' || to_json(e.stream_id)::text
+        || ',"version":' || e.version::text || ',"position":' || e.position::text || ',"occurredAt":"'
+        || to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '","actor":'
+        || e.metadata::text || ',"data":' || e.data::text
+        || ',"prevHash":' || coalesce('"' || c.prev_hash || '"', 'null') || ',"hash":'
+        || coalesce('"' || c.hash || '"', 'null') || '}' || chr(10))
+FROM events e LEFT JOIN event_chain c ON c.position = e.position ORDER BY e.position
+"""
+
+
+def test_verify_and_export_across_range_boundaries(fresh_db: str) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import audit_bench
+
+    audit_bench.seed(fresh_db, 120_000)  # verify cuts [1, 120000] into ranges of 50,000 positions
+    some_events(fresh_db, 2)  # and a few through the write path (metadata with quotes, backslash, é)
+    seal(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        reference = [r[0].encode() for r in conn.execute(REFERENCE_LINE)]
+        one = list(audit.export(conn, jobs=1))
+        two = list(audit.export(conn, jobs=2))
+        chunked = b"".join(audit.export_chunks(conn, jobs=3))
+        verdicts = [audit.verify(conn, jobs=jobs) for jobs in (1, 2, 3)]
+    assert len(reference) == 120_005 and one == reference and two == reference
+    assert chunked == b"".join(reference)
+    assert audit.verify_export(two) == (120_005, None)
+    assert all(v.ok and v.checked == 120_005 for v in verdicts), [v.summary() for v in verdicts]
+    assert len({v.head for v in verdicts}) == 1
+
+    # The last event of a range deleted with its chain row: the first row of the next range must notice that its
+    # prev_hash is not the hash of the row before it (found across the boundary, not assumed).
+    with superuser(fresh_db) as conn:
+        conn.execute("DELETE FROM events WHERE position = 100000")
+        conn.execute("DELETE FROM event_chain WHERE position = 100000")
+    for jobs in (1, 2):
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            verdict = audit.verify(conn, jobs=jobs)
+        assert not verdict.ok and verdict.position == 100_001 and "link" in verdict.problem, verdict.summary()
+    # An event changed in the last range and another in the first: the first one is named.
+    with superuser(fresh_db) as conn:
+        conn.execute("UPDATE events SET metadata = '{}' WHERE position IN (7, 110000)")
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        verdict = audit.verify(conn, jobs=2)
+    assert not verdict.ok and verdict.position == 7 and "hash mismatch" in verdict.problem
+
+
+def test_export_lines_equal_the_envelope_encoder(fresh_db: str) -> None:
+    """Each export line, without its two chain fields, is the NATS envelope of that event (same fields, same
+    values), and a --key export is exactly that key's lines."""
+    from keyledger.events import RecordedEvent, encode_envelope
+
+    keys = some_events(fresh_db, 3)
+    seal(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        rows = conn.execute("SELECT id::text, stream_id, version, position, recorded_at, metadata, type, data::text "
+                            "FROM events ORDER BY position").fetchall()
+        lines = list(audit.export(conn))
+        mine = list(audit.export(conn, key_id=keys[1]))
+    assert len(lines) == len(rows) == 7
+    for line, (eid, stream, version, position, at, meta, etype, data) in zip(lines, rows):
+        recorded = RecordedEvent(id=eid, stream_id=stream, version=version, position=position, recorded_at=at,
+                                 metadata=meta, event=decode_data(etype, data))
+        exported = json.loads(line)
+        assert len(exported.pop("hash")) == 64 and len(exported.pop("prevHash")) == 64
+        envelope = json.loads(encode_envelope(recorded))
+        # The same instant; the export always prints 6 fractional digits (the documented canonical form).
+        assert (dt.datetime.fromisoformat(exported.pop("occurredAt"))
+                == dt.datetime.fromisoformat(envelope.pop("occurredAt")))
+        assert exported == envelope
+    assert mine == [x for x in lines if json.loads(x)["keyId"] == keys[1]] and len(mine) == 2

@@ -14,8 +14,8 @@ from harness import Service
 from keyledger import replay
 from keyledger.audit import final_horizon
 from keyledger.domain import fold
-from keyledger.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyExpired, ApiKeyRevoked, ApiKeyUpdated,
-                              decode_data, encode_data)
+from keyledger.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyExpired, ApiKeyRevoked,
+                              ApiKeyRotated, ApiKeySecretRetired, ApiKeyUpdated, decode_data, encode_data)
 from keyledger.records import ROW_COLUMNS, from_row, from_state
 
 
@@ -164,8 +164,8 @@ def test_horizon_never_passes_a_writer_holding_the_newest_xid(db_factory: Any) -
 
 
 def test_replayed_rows_equal_what_the_sql_projection_wrote(db_factory: Any) -> None:
-    """Python fold + COPY (replay) and keyledger_project_active_key (the write path) give identical rows,
-    every column, server-only fields and ``expired`` included."""
+    """The set-based fold (replay) and keyledger_project_active_key (the write path) give identical rows in
+    both tables, every column, server-only fields, ``expired`` and rotations' superseded secrets included."""
     url = db_factory.create("equal")
     at = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     later = at + dt.timedelta(days=1)
@@ -180,6 +180,26 @@ def test_replayed_rows_equal_what_the_sql_projection_wrote(db_factory: Any) -> N
               ApiKeyUpdated(key_hash="hb", expires_at=None, name="renewed"),
               ApiKeyDisabled(key_hash="hb")],
         "c": [ApiKeyCreated(key_hash="hc", reference_id="u"), ApiKeyRevoked(key_hash="hc")],
+        # Two updates setting different fields, then an older field set again: each field is its last setter's.
+        "d": [ApiKeyCreated(key_hash="hd", reference_id="u", name="d0", remaining=9, enabled=False),
+              ApiKeyUpdated(key_hash="hd", name="d1", rate_limit_max=3),
+              ApiKeyEnabled(key_hash="hd"),
+              ApiKeyUpdated(key_hash="hd", metadata={"x": [1, 2.50, "é"]}, rate_limit_enabled=True),
+              ApiKeyExpired(key_hash="hd", expires_at=later),
+              ApiKeyUpdated(key_hash="hd", name=None, remaining=1)],
+        # Rotations: the row takes the last secret; superseded secrets stay while in grace, unless retired.
+        "e": [ApiKeyCreated(key_hash="he", reference_id="u", start="he"),
+              ApiKeyRotated(key_hash="he2", previous_key_hash="he", start="he2", grace_until=later),
+              ApiKeyRotated(key_hash="he3", previous_key_hash="he2", start="he3", grace_until=None),
+              ApiKeyRotated(key_hash="he4", previous_key_hash="he3", start=None, grace_until=later)],
+        "f": [ApiKeyCreated(key_hash="hf", reference_id="u"),
+              ApiKeyRotated(key_hash="hf2", previous_key_hash="hf", start="hf2", grace_until=later),
+              ApiKeySecretRetired(key_hash="hf", grace_until=later),
+              ApiKeyRotated(key_hash="hf3", previous_key_hash="hf2", start="hf3", grace_until=later),
+              ApiKeyDisabled(key_hash="hf3")],
+        "g": [ApiKeyCreated(key_hash="hg", reference_id="u"),
+              ApiKeyRotated(key_hash="hg2", previous_key_hash="hg", start="hg2", grace_until=later),
+              ApiKeyRevoked(key_hash="hg2")],
     }
     with psycopg.connect(url, autocommit=True) as conn:
         for key_id, events in streams.items():
@@ -187,8 +207,26 @@ def test_replayed_rows_equal_what_the_sql_projection_wrote(db_factory: Any) -> N
                 conn.execute(APPEND_ONE, (key_id, version, type(event).__name__, encode_data(event).decode(),
                                           at + dt.timedelta(minutes=version)))
         projected = conn.execute("SELECT * FROM active_api_keys ORDER BY id").fetchall()
-        assert [r[0] for r in projected] == ["a", "b"]
+        assert [r[0] for r in projected] == ["a", "b", "d", "e", "f"]
+        superseded = conn.execute("SELECT * FROM superseded_key_secrets ORDER BY key_hash").fetchall()
+        assert [r[0] for r in superseded] == ["he", "he3", "hf2"]
+        # Wipe both tables first: the replay must rebuild them, not keep them.
+        conn.execute("DELETE FROM active_api_keys")
+        conn.execute("DELETE FROM superseded_key_secrets")
+        report = replay.replay(url, progress=False)
+        assert (report.rows, report.secrets) == (5, 3)
+        assert conn.execute("SELECT * FROM active_api_keys ORDER BY id").fetchall() == projected
+        assert conn.execute("SELECT * FROM superseded_key_secrets ORDER BY key_hash").fetchall() == superseded
+
+        # Tracking: a row left behind is raised, a missing one added, a stray one (a key the log does not know)
+        # dropped; every key ends at its last version, revoked keys included.
+        conn.execute("UPDATE projection_tracking SET version = 1 WHERE stream_id = 'd'")
+        conn.execute("DELETE FROM projection_tracking WHERE stream_id = 'e'")
+        conn.execute("INSERT INTO projection_tracking VALUES ('active_api_keys', 'stray', 4)")
         replay.replay(url, progress=False)
+        tracked = dict(conn.execute("SELECT stream_id, version FROM projection_tracking "
+                                    "WHERE projection = 'active_api_keys'").fetchall())
+        assert tracked == {key_id: len(events) for key_id, events in streams.items()}
         assert conn.execute("SELECT * FROM active_api_keys ORDER BY id").fetchall() == projected
 
 

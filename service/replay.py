@@ -56,7 +56,6 @@ which are not events) is left alone. One replay runs at a time (advisory lock).
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .audit import final_horizon
+from .audit import final_horizon, parallel
 
 NAME = "active_api_keys"
 SECRETS = "superseded_key_secrets"
@@ -303,36 +302,6 @@ def _fold(conn: psycopg.Connection[Any], scope: sql.Composable, *, bulk: bool = 
     return cur.rowcount
 
 
-def _parallel(conns: Sequence[psycopg.Connection[Any]], jobs: Sequence[Callable[[psycopg.Connection[Any]], Any]]
-              ) -> list[Any]:
-    """Run ``jobs`` on ``conns``, one thread per connection taking the next job when it is free (psycopg
-    releases the GIL while PostgreSQL works); re-raises the first error after every thread has finished."""
-    results: list[Any] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    pending = iter(range(len(jobs)))
-    lock = threading.Lock()
-
-    def worker(conn: psycopg.Connection[Any]) -> None:
-        while not errors:
-            with lock:
-                i = next(pending, None)
-            if i is None:
-                return
-            try:
-                results[i] = jobs[i](conn)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(conn,), daemon=True) for conn in conns[:len(jobs)]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _bulk(conns: Sequence[psycopg.Connection[Any]], horizon: int) -> int:
     parts = len(conns)
 
@@ -343,7 +312,7 @@ def _bulk(conns: Sequence[psycopg.Connection[Any]], horizon: int) -> int:
                 return _fold(conn, scope, bulk=True)
         return run
 
-    return sum(_parallel(conns, [job(part) for part in range(parts)]))
+    return sum(parallel(conns, [job(part) for part in range(parts)]))
 
 
 def _index_jobs(conn: psycopg.Connection[Any]) -> tuple[list[str], list[str]]:
@@ -371,10 +340,10 @@ def _build_indexes(conns: Sequence[psycopg.Connection[Any]]) -> None:
     builds.insert(0, INDEX_STAGED)
     # CREATE INDEX takes a SHARE lock, so the builds run side by side; then the constraints adopt the unique
     # indexes (a catalog change) and the statistics are taken, again side by side.
-    _parallel(conns, [lambda c, s=s: c.execute(s) for s in builds])
+    parallel(conns, [lambda c, s=s: c.execute(s) for s in builds])
     for statement in constraints:
         conns[0].execute(statement)
-    _parallel(conns, [lambda c, t=t: c.execute(f"ANALYZE {t}") for t in (REBUILD, STAGED, SECRETS_REBUILD)])
+    parallel(conns, [lambda c, t=t: c.execute(f"ANALYZE {t}") for t in (REBUILD, STAGED, SECRETS_REBUILD)])
 
 
 def _refold_keys(conn: psycopg.Connection[Any], keys: list[str], upto: int | None) -> int:

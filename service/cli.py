@@ -132,7 +132,9 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
 def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
     from dataclasses import replace
 
-    return replace(settings, run_relay=not args.no_relay, run_projections=not args.no_projections)
+    # A flag can only take a role away: KEYLEDGER_RUN_RELAY=0 / KEYLEDGER_RUN_PROJECTIONS=0 hold without flags.
+    return replace(settings, run_relay=settings.run_relay and not args.no_relay,
+                   run_projections=settings.run_projections and not args.no_projections)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ class Runtime:
     def nudge_relay(self) -> None:
         if self.leader:
             self.relay.nudge()
-        elif self.bus.connected and (self.settings.run_relay or self.settings.run_projections):
+        elif self.bus.connected:  # the relay runs in another process (also when this one never leads)
             asyncio.get_running_loop().create_task(self._ping())
 
     async def _ping(self) -> None:

@@ -48,3 +48,24 @@ def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers
     assert time.monotonic() - started < 2.0
     with __import__("psycopg").connect(workers.database_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+
+
+def test_an_http_only_process_wakes_the_relay_of_another(workers: Service) -> None:
+    """``serve --no-relay --no-projections`` beside a leader: its revocations are published promptly, not at the
+    leader's next poll (30 s here), because it pings the leader after each commit."""
+    http_only = Service(database_url=workers.database_url, nats_url=workers.nats_url, topology=workers.topology,
+                        extra_env={"KEYLEDGER_RUN_RELAY": "0", "KEYLEDGER_RUN_PROJECTIONS": "0"}).start()
+    try:
+        me = http_only.session()
+        key = http_only.create_key(me)
+        started = time.monotonic()
+        assert http_only.delete(me, key["id"]).status_code == 200
+
+        def published() -> bool:
+            messages = read_stream_messages(workers.nats_url, workers.topology.events_stream)
+            return any(m.subject.endswith(f".revoked.{key['id']}") for m in messages)
+
+        wait_until(published, timeout=10, what="the revocation on JetStream")
+        assert time.monotonic() - started < 2.0
+    finally:
+        http_only.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import hmac
 import logging
 import uuid
@@ -567,6 +568,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start()
+        # Everything allocated so far (modules, the app, pools) lives as long as the process: move it out of
+        # the cyclic collector's reach, so its full collections during requests have less to walk. (Revoke
+        # p99 at c=16: 29.6 ms in one run without, 25.6-27.8 ms in four runs with; a noisy machine.)
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

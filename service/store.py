@@ -47,6 +47,17 @@ WITH appended AS (
 SELECT position, keyledger_project_active_key(stream_id, version, type, data, recorded_at)
 FROM appended
 """
+# APPEND for the common case of one event (a revoke), with scalar parameters: psycopg dumps seven one-element
+# arrays in ~30 us of Python per call against ~2 us for scalars (measured), and a revoke costs ~1 ms in all.
+APPEND_ONE = """
+WITH appended AS (
+    INSERT INTO events (id, stream_id, version, type, data, metadata, recorded_at)
+    VALUES (%(id)s::uuid, %(stream)s, %(version)s, %(type)s, %(data)s::jsonb, %(metadata)s::jsonb, %(at)s)
+    RETURNING position, stream_id, version, type, data, recorded_at
+)
+SELECT position, keyledger_project_active_key(stream_id, version, type, data, recorded_at)
+FROM appended
+"""
 # The same insert without the inline projection, for the slow path (the projection then catches up).
 APPEND_ONLY = """
 INSERT INTO events (id, stream_id, version, type, data, metadata, recorded_at)
@@ -183,7 +194,10 @@ def _conflict(exc: psycopg.Error) -> bool:
 
 async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[RecordedEvent]:
     try:
-        cur = await conn.execute(APPEND, _params(pending))
+        if len(pending) == 1:
+            cur = await conn.execute(APPEND_ONE, {name: values[0] for name, values in _params(pending).items()})
+        else:
+            cur = await conn.execute(APPEND, _params(pending))
         positions = [row[0] for row in await cur.fetchall()]
     except psycopg.Error as exc:
         if _conflict(exc):

@@ -212,7 +212,7 @@ BEGIN
         INSERT INTO active_api_keys (
             id, key_hash, config_id, reference_id, name, start, prefix, enabled, expires_at,
             rate_limit_enabled, rate_limit_time_window, rate_limit_max, refill_interval, refill_amount,
-            remaining, permissions, metadata, created_at, updated_at, version)
+            remaining, permissions, metadata, created_at, updated_at, version, remaining_version)
         VALUES (
             p_stream_id, p_data->>'keyHash', coalesce(p_data->>'configId', 'default'), p_data->>'referenceId',
             p_data->>'name', p_data->>'start', p_data->>'prefix', coalesce((p_data->>'enabled')::boolean, true),
@@ -221,8 +221,7 @@ BEGIN
             (p_data->>'refillInterval')::integer, (p_data->>'refillAmount')::integer,
             (p_data->>'remaining')::integer, nullif(p_data->'permissions', 'null'::jsonb),
             nullif(p_data->'metadata', 'null'::jsonb), coalesce((p_data->>'createdAt')::timestamptz, p_at), p_at,
-            p_version);
-        UPDATE active_api_keys SET remaining_version = p_version WHERE id = p_stream_id;
+            p_version, p_version);
     WHEN 'ApiKeyUpdated' THEN  -- carries only the fields that changed
         UPDATE active_api_keys SET
             name       = CASE WHEN p_data ? 'name' THEN p_data->>'name' ELSE name END,

@@ -187,12 +187,18 @@ class ServerFields(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     rate_limit_max: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
 
 
-def _expires_in(body: dict[str, Any]) -> Any:
-    value = inputs.optional(body, "expiresIn", (int, float), "number", nullable=True)
+def _whole_number(body: dict[str, Any], name: str, expected: str = "an integer") -> Any:
+    """An optional JSON number that must be whole (``5.0`` counts as 5): an int, None or MISSING."""
+    value = inputs.optional(body, name, (int, float), "number", nullable=True)
     if isinstance(value, float):
         if not value.is_integer():
-            raise ApiError(400, "VALIDATION_ERROR", "[body.expiresIn] Invalid input: expected an integer")
+            raise ApiError(400, "VALIDATION_ERROR", f"[body.{name}] Invalid input: expected {expected}")
         value = int(value)
+    return value
+
+
+def _expires_in(body: dict[str, Any]) -> Any:
+    value = _whole_number(body, "expiresIn")
     if isinstance(value, int) and value > MAX_EXPIRES_IN * 1000:  # absurd values never reach timedelta
         raise ApiError(400, "EXPIRES_IN_IS_TOO_LARGE", "The expiresIn is larger than the predefined maximum value.")
     return value
@@ -433,13 +439,13 @@ async def rotate_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 def _grace_period(body: dict[str, Any]) -> int:
-    value = inputs.optional(body, "gracePeriodSeconds", (int, float), "number", nullable=True)
+    expected = f"an integer from 0 to {MAX_GRACE_PERIOD}"
+    value = _whole_number(body, "gracePeriodSeconds", expected)
     if value is MISSING or value is None:
         return 0
-    if not float(value).is_integer() or not 0 <= value <= MAX_GRACE_PERIOD:
-        raise ApiError(400, "VALIDATION_ERROR",
-                       f"[body.gracePeriodSeconds] Invalid input: expected an integer from 0 to {MAX_GRACE_PERIOD}")
-    return int(value)
+    if not 0 <= value <= MAX_GRACE_PERIOD:
+        raise ApiError(400, "VALIDATION_ERROR", f"[body.gracePeriodSeconds] Invalid input: expected {expected}")
+    return value
 
 
 @post("/api-key/verify", status_code=200, summary="Verify a key (for downstream services)")

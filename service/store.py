@@ -172,16 +172,17 @@ async def append(
         return await _append_catching_up(conn, pending)
 
 
+def _event_params(r: RecordedEvent) -> dict[str, Any]:
+    """One event's column values, named as in APPEND_ONE."""
+    return {"id": r.id, "stream": r.stream_id, "version": r.version, "type": r.type,
+            "data": encode_data(r.event).decode(), "metadata": _encoder.encode(r.metadata).decode(),
+            "at": r.recorded_at}
+
+
 def _params(pending: list[RecordedEvent]) -> dict[str, list[Any]]:
-    return {
-        "id": [r.id for r in pending],
-        "stream": [r.stream_id for r in pending],
-        "version": [r.version for r in pending],
-        "type": [r.type for r in pending],
-        "data": [encode_data(r.event).decode() for r in pending],
-        "metadata": [_encoder.encode(r.metadata).decode() for r in pending],
-        "at": [r.recorded_at for r in pending],
-    }
+    """The same values as arrays, one element per event, for APPEND and APPEND_ONLY."""
+    rows = [_event_params(r) for r in pending]
+    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def _with_positions(pending: list[RecordedEvent], positions: list[int]) -> list[RecordedEvent]:
@@ -195,7 +196,7 @@ def _conflict(exc: psycopg.Error) -> bool:
 async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[RecordedEvent]:
     try:
         if len(pending) == 1:
-            cur = await conn.execute(APPEND_ONE, {name: values[0] for name, values in _params(pending).items()})
+            cur = await conn.execute(APPEND_ONE, _event_params(pending[0]))
         else:
             cur = await conn.execute(APPEND, _params(pending))
         positions = [row[0] for row in await cur.fetchall()]

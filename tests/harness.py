@@ -237,3 +237,20 @@ async def delete_streams(nats_url: str, topology: Topology) -> None:
                 pass
     finally:
         await nc.close()
+
+
+async def create_key_in_the_past(url: str, owner: str, *, days_ago: float,
+                                 expires_in: int | None = None) -> tuple[str, str]:
+    """(key id, secret) of a key created ``days_ago`` days ago through the real write path, bypassing HTTP:
+    the only way to get a key whose deadline has passed, since expiresIn is at least a day."""
+    import datetime as dt
+
+    from keyledger import records, store
+    from keyledger.domain import CreateKey
+
+    key, key_id = records.new_key(None), records.new_key_id()
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await store.execute(conn, CreateKey(actor_id=owner, now=past, key_id=key_id, key_hash=records.hash_key(key),
+                                            start=key[:6], expires_in=expires_in), key_id, {"userId": owner})
+    return key_id, key

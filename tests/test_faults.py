@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import shutil
 import signal
@@ -161,6 +162,40 @@ def short_dir(tmp_path: Path, name: str) -> tuple[Path, Path | None]:
         return candidate, None
     parent = Path(tempfile.mkdtemp(prefix="klf-", dir="/tmp"))
     return parent / name, parent
+
+
+class PostgresRig:
+    """A PostgreSQL of the test's own (so it can be stopped, killed and started again on the same URL), with
+    the schema applied, and a ``keyledger serve`` on it."""
+
+    def __init__(self, data_dir: Path, topology: Topology) -> None:
+        self.data_dir = data_dir
+        self.topology = topology
+        self.pg = start_postgres(data_dir)
+        self.service: Service | None = None
+
+    def restart(self) -> Any:
+        """Start PostgreSQL again on the same data directory (after a stop or a kill); returns the server."""
+        self.pg = start_postgres(self.data_dir)
+        return self.pg
+
+
+@contextlib.contextmanager
+def private_postgres(nats_url: str, tmp_path: Path, hint: str) -> Iterator[PostgresRig]:
+    data_dir, extra_dir = short_dir(tmp_path, "pg")
+    topology = unique_topology(hint)
+    rig = PostgresRig(data_dir, topology)
+    try:
+        migrate(rig.pg.url)
+        rig.service = new_service(rig.pg.url, nats_url, topology, tmp_path).start()
+        yield rig
+    finally:
+        if rig.service is not None:
+            rig.service.stop()
+        rig.pg.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+        if extra_dir is not None:
+            shutil.rmtree(extra_dir, ignore_errors=True)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -366,13 +401,8 @@ def test_sigkill_under_revoke_load_loses_and_duplicates_nothing(db_factory: Any,
 @pytest.mark.parametrize("outage", ["stop", "kill"])
 def test_postgres_down_is_a_prompt_503_and_the_service_recovers(nats_url: str, tmp_path: Path,
                                                                 outage: str) -> None:
-    data_dir, extra_dir = short_dir(tmp_path, "pg")
-    topology = unique_topology("pgdown")
-    pg = start_postgres(data_dir)
-    service: Service | None = None
-    try:
-        migrate(pg.url)
-        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+    with private_postgres(nats_url, tmp_path, "pgdown") as rig:
+        pg, service, topology = rig.pg, rig.service, rig.topology
         me = service.session()
         doomed = service.create_key(me, name="doomed")
         survivor = service.create_key(me, name="survivor")
@@ -390,7 +420,7 @@ def test_postgres_down_is_a_prompt_503_and_the_service_recovers(nats_url: str, t
             assert timings[label] < 10, f"{label} took {timings[label]:.2f}s with PostgreSQL down"
 
         old_url = pg.url
-        pg = start_postgres(data_dir)
+        pg = rig.restart()
         assert pg.url == old_url
         restarted = time.monotonic()
 
@@ -409,50 +439,26 @@ def test_postgres_down_is_a_prompt_503_and_the_service_recovers(nats_url: str, t
         assert_stream_matches_log(nats_url, topology, pg.url)
         print(f"\n[faults] postgres {outage}: " + ", ".join(f"{k} 503 in {v:.2f}s" for k, v in timings.items())
               + f"; first 200 {recovery:.2f}s after restart")
-    finally:
-        if service is not None:
-            service.stop()
-        pg.stop()
-        asyncio.run(delete_streams(nats_url, topology))
-        if extra_dir is not None:
-            shutil.rmtree(extra_dir, ignore_errors=True)
 
 
 def test_first_request_after_an_idle_postgres_restart_succeeds(nats_url: str, tmp_path: Path) -> None:
-    data_dir, extra_dir = short_dir(tmp_path, "pg")
-    topology = unique_topology("pgidle")
-    pg = start_postgres(data_dir)
-    service: Service | None = None
-    try:
-        migrate(pg.url)
-        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+    with private_postgres(nats_url, tmp_path, "pgidle") as rig:
+        pg, service = rig.pg, rig.service
         me = service.session()
         key = service.create_key(me, name="idle")
         assert service.verify(key["key"])["valid"] is True
 
         pg.stop()  # no request reaches the service while PostgreSQL is down
-        pg = start_postgres(data_dir)
+        pg = rig.restart()
         first = service.post("api-key/verify", json={"key": key["key"]})
         assert first.status_code == 200 and first.json()["valid"] is True, first.text
         assert service.delete(me, key["id"]).status_code == 200
         assert_consistent(pg.url)
-    finally:
-        if service is not None:
-            service.stop()
-        pg.stop()
-        asyncio.run(delete_streams(nats_url, topology))
-        if extra_dir is not None:
-            shutil.rmtree(extra_dir, ignore_errors=True)
 
 
 def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str, tmp_path: Path) -> None:
-    data_dir, extra_dir = short_dir(tmp_path, "pg")
-    topology = unique_topology("pglong")
-    pg = start_postgres(data_dir)
-    service: Service | None = None
-    try:
-        migrate(pg.url)
-        service = new_service(pg.url, nats_url, topology, tmp_path).start()
+    with private_postgres(nats_url, tmp_path, "pglong") as rig:
+        pg, service = rig.pg, rig.service
         key = service.create_key(service.session(), name="long-outage")
         pg.kill()
         down = time.monotonic()
@@ -460,7 +466,7 @@ def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str,
             response, elapsed = timed(service.post, "api-key/verify", json={"key": key["key"]})
             assert response.status_code == 503 and elapsed < 10, (response.text, elapsed)
             time.sleep(0.5)
-        pg = start_postgres(data_dir)
+        pg = rig.restart()
         back = time.monotonic()
         # Each probe may itself wait the 5 s pool timeout, so measure the lag instead of trusting the poll.
         wait_until(lambda: service.post("api-key/verify", json={"key": key["key"]}).status_code == 200,
@@ -468,13 +474,6 @@ def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str,
         lag = time.monotonic() - back
         print(f"\n[faults] 16s outage: first 200 {lag:.2f}s after PostgreSQL was back")
         assert lag < 6, f"503 for {lag:.1f}s after PostgreSQL was back"
-    finally:
-        if service is not None:
-            service.stop()
-        pg.stop()
-        asyncio.run(delete_streams(nats_url, topology))
-        if extra_dir is not None:
-            shutil.rmtree(extra_dir, ignore_errors=True)
 
 
 def test_relay_redeclares_the_streams_when_nats_comes_back_empty(db_factory: Any, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -12,9 +11,9 @@ import httpx
 import psycopg
 import pytest
 
-from harness import Service, count_events, delete_streams, read_stream_messages, unique_topology, wait_until
-from keyledger import records, store, sweeper
-from keyledger.domain import CreateKey
+from harness import (Service, count_events, create_key_in_the_past, delete_streams, read_stream_messages,
+                     unique_topology, wait_until)
+from keyledger import sweeper
 from servers import DatabaseFactory
 
 TOKEN = "s3rv1ce-token-for-tests-only-0123456789"
@@ -119,13 +118,7 @@ def test_verify_checks_requested_permissions(server: Service) -> None:
 
 async def _create_expired(url: str, owner: str) -> tuple[str, str]:
     """A key created two days ago that expired one day later (expiresIn's minimum is a day)."""
-    key = records.new_key(None)
-    key_id = records.new_key_id()
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await store.execute(conn, CreateKey(actor_id=owner, now=past, key_id=key_id, key_hash=records.hash_key(key),
-                                            start=key[:6], expires_in=86_400), key_id, {"userId": owner})
-    return key_id, key
+    return await create_key_in_the_past(url, owner, days_ago=2, expires_in=86_400)
 
 
 def test_two_sweepers_at_once_record_one_expiry(db_factory: DatabaseFactory) -> None:

@@ -16,10 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from harness import Service, count_events, delete_streams, read_stream_messages, unique_topology, wait_for, wait_until
+from harness import (Service, count_events, create_key_in_the_past, delete_streams, read_stream_messages,
+                     unique_topology, wait_for, wait_until)
 from keyledger import records, store, sweeper
 from keyledger.client import KeyCache
-from keyledger.domain import CreateKey, RotateKey
+from keyledger.domain import RotateKey
 from servers import DatabaseFactory
 
 
@@ -151,19 +152,10 @@ def test_rotate_refuses_bad_input_and_keys_it_may_not_touch_writing_nothing(serv
 
 def test_an_expired_key_cannot_be_rotated(server: Service) -> None:
     owner = server.session()
-    key_id, _ = asyncio.run(_key_created_at(server.database_url, owner["x-test-user-id"], days_ago=2,
+    key_id, _ = asyncio.run(create_key_in_the_past(server.database_url, owner["x-test-user-id"], days_ago=2,
                                             expires_in=86_400))
     response = _rotate(server, owner, key_id)
     assert response.status_code == 400 and response.json()["code"] == "KEY_EXPIRED"
-
-
-async def _key_created_at(url: str, owner: str, *, days_ago: float, expires_in: int | None = None) -> tuple[str, str]:
-    key, key_id = records.new_key(None), records.new_key_id()
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await store.execute(conn, CreateKey(actor_id=owner, now=past, key_id=key_id, key_hash=records.hash_key(key),
-                                            start=key[:6], expires_in=expires_in), key_id, {"userId": owner})
-    return key_id, key
 
 
 def test_two_sweepers_at_once_retire_each_superseded_secret_once(db_factory: DatabaseFactory) -> None:
@@ -172,7 +164,7 @@ def test_two_sweepers_at_once_retire_each_superseded_secret_once(db_factory: Dat
     async def scenario() -> list[int]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             for _ in range(20):  # each key rotated an hour ago with a 60 s grace: due for retirement
-                key_id, _ = await _key_created_at(url, "owner", days_ago=1)
+                key_id, _ = await create_key_in_the_past(url, "owner", days_ago=1)
                 new = records.new_key(None)
                 an_hour_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
                 await store.execute(conn, RotateKey(actor_id="owner", now=an_hour_ago, key_id=key_id,

@@ -242,3 +242,12 @@ def test_requested_permissions_are_checked_before_any_use_is_counted(server: Ser
     assert _verify(server, key["key"], permissions={"files": ["write"]})["error"]["code"] == "KEY_NOT_FOUND"
     assert _verify(server, key["key"], permissions={"other": []})["valid"] is True  # no action asked: held
     assert _verify(server, key["key"], permissions={"files": ["read"]})["error"]["code"] == "USAGE_EXCEEDED"
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_a_bad_flush_interval_is_a_startup_error(db_factory: DatabaseFactory, nats_url: str, value: str) -> None:
+    svc = Service(database_url=db_factory.create("usage_cfg"), nats_url=nats_url, topology=unique_topology("cfg"),
+                  extra_env={"KEYLEDGER_LAST_REQUEST_FLUSH_S": value})
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        svc.start(timeout=15)
+    assert "KEYLEDGER_LAST_REQUEST_FLUSH_S" in str(failed.value)

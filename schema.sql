@@ -446,3 +446,13 @@ REVOKE UPDATE, DELETE, TRUNCATE ON event_chain FROM PUBLIC;
 -- aggregate feeds the rows does not matter. (jsonb_agg would do too, but its internal state makes the planner
 -- budget 8 kB per key and spill the aggregate to disk.)
 CREATE OR REPLACE AGGREGATE keyledger_jsonb_union(jsonb) (SFUNC = jsonb_concat, STYPE = jsonb);
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Which schema.sql was applied last (service/schema.py): a start whose script is unchanged skips applying it,
+-- so starting beside a busy service takes no table locks at all.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS keyledger_schema (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    sha256     text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

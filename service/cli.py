@@ -142,7 +142,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     env = Environment(need_nats=False)
     try:
-        migrate(env.database_url)
+        migrate(env.database_url, force=True)  # the explicit command always applies, recorded digest or not
         print("schema applied", file=sys.stderr)
     finally:
         env.stop()

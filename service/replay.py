@@ -8,9 +8,10 @@ Build aside, then swap:
 1. **Horizon.** ``audit.final_horizon`` gives L0 such that every position <= L0 is final (the sealer's
    algorithm), so a snapshot taken afterwards sees exactly the events <= L0, late committers included.
 2. **Bulk build, set-based, on two connections.** ``*_rebuild`` tables (``LIKE ... INCLUDING ALL EXCLUDING
-   INDEXES``) are filled by ONE statement per connection (``FOLD``), each folding half of the keys (split by
-   ``hashtext(stream_id)``) with a hash aggregate over the log; the indexes are built afterwards, from sorted
-   data, with the live tables' definitions. Every key's last version goes into a staging table for tracking.
+   INDEXES``) are filled by two statements per connection, each connection taking half of the keys (split by
+   ``hashtext(stream_id)``): ``TRACK`` stages every key's last version for tracking and marks the keys whose
+   last event is a revocation, then ``FOLD`` folds the others with a hash aggregate over the log; the indexes
+   are built afterwards, from sorted data, with the live tables' definitions.
 3. **Catch up** (no lock): events in (L_k, L_k+1] are applied by re-folding the keys they touch (the same
    ``FOLD``, scoped to those keys), until the tail is small. The live tracking rows are only ever *raised* to
    the rebuilt versions here: lowering them would make the live table re-apply events it already has.
@@ -32,7 +33,9 @@ event), or reading it in index order (random heap access, ~4 us per event). So `
 every field of the row is "the value carried by the LAST event of the key that sets it", which is
 ``max(ARRAY[version, value])`` (arrays compare element by element, the version decides), an aggregate that
 does not care in which order the rows come. A hash aggregate over a sequential scan then folds ~600k events
-per second per connection, and the two connections fold the two halves of the keys at once. Each rule below is
+per second per connection, and the two connections fold the two halves of the keys at once. A cheap first
+pass (``TRACK``, a count and two maxima per key) lets the wide fold skip revoked keys: 2.25 s per half instead
+of 2.6 s on the bench, where 58% of the keys are revoked. Each rule below is
 the rule of ``keyledger_project_active_key`` (schema.sql) for one event type; the equality test
 (tests/test_replay.py) checks the two agree on every column of both tables:
 
@@ -81,7 +84,8 @@ CREATE_REBUILD = f"""
 DROP TABLE IF EXISTS {REBUILD}, {SECRETS_REBUILD}, {STAGED};
 CREATE TABLE {REBUILD} (LIKE {NAME} INCLUDING ALL EXCLUDING INDEXES);
 CREATE TABLE {SECRETS_REBUILD} (LIKE {SECRETS} INCLUDING ALL EXCLUDING INDEXES);
-CREATE UNLOGGED TABLE {STAGED} (stream_id text NOT NULL, version integer NOT NULL, events integer NOT NULL);
+CREATE UNLOGGED TABLE {STAGED} (stream_id text COLLATE "C" NOT NULL, version integer NOT NULL, events integer NOT NULL,
+                                open boolean NOT NULL);
 """
 DROP_SCRATCH = f"DROP TABLE IF EXISTS {REBUILD}, {SECRETS_REBUILD}, {STAGED}"
 COUNT_STAGED = f"SELECT count(*), coalesce(sum(events), 0) FROM {STAGED}"
@@ -128,19 +132,27 @@ def _field(key: str, agg: str, cast: str | None, default: str | None) -> str:
 
 _F = {key: _field(key, agg, cast, default) for key, agg, cast, default in UPDATABLE}
 
-# FOLD: the whole projection of the keys in {scope}, in one statement (see the module docstring for why it is
+# TRACK: every key's last version and event count into the staged tracking, and whether the key is still
+# `open`: a key whose last event is ApiKeyRevoked has no row and no superseded secret (each rotation came
+# before the revocation), so FOLD can skip its events. In a long log most keys end that way.
+TRACK = f"""
+INSERT INTO {STAGED} (stream_id, version, events, open)
+SELECT stream_id, max(version), count(*), max(version) FILTER (WHERE type = 'ApiKeyRevoked') IS DISTINCT FROM max(version)
+FROM events
+WHERE {{scope}}
+GROUP BY stream_id
+"""
+# FOLD: the projection of the keys in {scope}, in one statement (see the module docstring for why it is
 # order-free). `k` is one row per key: `created` = [version, data, recorded_at] of its creation, for every
 # other rule the last (version, value) that sets it, and the key's rotations with a grace period and its
 # retirements as {"<version>": ...} objects (keyledger_jsonb_union, schema.sql: distinct keys, so any order;
-# not jsonb_agg, whose internal state the planner sizes at 8 kB per key and spills the hash aggregate to disk). Then three inserts from `k`: the staged tracking (every
-# key), the superseded secrets still in grace, and the rows of the keys that exist.
+# not jsonb_agg, whose internal state the planner sizes at 8 kB per key and spills the hash aggregate to
+# disk). Then two inserts from `k`: the superseded secrets still in grace, and the rows of the keys that exist.
 FOLD = f"""
 WITH k AS MATERIALIZED (
     SELECT a.*, (a.created[1])::integer AS created_v, a.created[2] AS d
     FROM (
         SELECT stream_id,
-            count(*) AS events,
-            max(version) AS last_version,
             max(ARRAY[to_jsonb(version), data, to_jsonb(recorded_at)]) FILTER (WHERE type IN {CREATED}) AS created,
             max(version) FILTER (WHERE type = 'ApiKeyRevoked') AS revoked_v,
             max(ARRAY[to_timestamp(version), recorded_at]) FILTER (WHERE type IN {TOUCHING}) AS touched,
@@ -159,8 +171,6 @@ WITH k AS MATERIALIZED (
         WHERE {{scope}}
         GROUP BY stream_id
     ) a
-), staged AS (
-    INSERT INTO {STAGED} (stream_id, version, events) SELECT stream_id, last_version, events FROM k
 ), secrets AS (
     INSERT INTO {SECRETS_REBUILD} (key_hash, key_id, start, valid_until)
     SELECT g.value ->> 0, k.stream_id, g.value ->> 1, (g.value ->> 2)::timestamptz
@@ -203,9 +213,13 @@ WHERE k.created_v IS NOT NULL AND coalesce(k.revoked_v, 0) < k.created_v
 # The bulk scope: events up to the horizon, of the keys in part {part} of {parts} (a hash split: even halves
 # whatever the key ids look like).
 BULK_SCOPE = "position <= {horizon} AND (hashtext(stream_id) & 2147483647) % {parts} = {part}"
+# FOLD's bulk scope also skips the closed keys TRACK found (a hash semi-join on the staged tracking).
+OPEN_KEYS = f"stream_id IN (SELECT stream_id FROM {STAGED} WHERE open)"
 # The planner cannot estimate the hash split (it guesses 0.5% of the rows) and would sort 500k rows for a
-# group aggregate; the hash aggregate is what we want (work_mem: ~150k keys' states).
-BULK_SETTINGS = ("SET LOCAL work_mem = '256MB'", "SET LOCAL enable_sort = off", "SET LOCAL jit = off")
+# group aggregate; the hash aggregate is what we want (work_mem: ~150k keys' states). The staged tracking has
+# no statistics yet: no nested loop over it.
+BULK_SETTINGS = ("SET LOCAL work_mem = '256MB'", "SET LOCAL enable_sort = off", "SET LOCAL jit = off",
+                 "SET LOCAL enable_nestloop = off")
 
 DELETE_REBUILT = f"DELETE FROM {REBUILD} WHERE id = ANY(%(keys)s)"
 DELETE_REBUILT_SECRETS = f"DELETE FROM {SECRETS_REBUILD} WHERE key_id = ANY(%(keys)s)"
@@ -293,13 +307,16 @@ class Progress:
 # The fold, on one connection or several at once
 # ----------------------------------------------------------------------------------------------------------
 def _fold(conn: psycopg.Connection[Any], scope: sql.Composable, *, bulk: bool = False) -> int:
-    """Run FOLD for ``scope`` in ``conn``'s current transaction; returns the rows it wrote to the rebuild."""
+    """Run TRACK then FOLD for ``scope`` in ``conn``'s current transaction; returns the rows FOLD wrote."""
     if bulk:
         for setting in BULK_SETTINGS:
             conn.execute(setting)
     # FOLD holds literal braces ('{}' paths), so the scope is spliced in as text rather than by sql.SQL.format.
-    cur = conn.execute(FOLD.replace("{scope}", scope.as_string(conn)))
-    return cur.rowcount
+    where = scope.as_string(conn)
+    conn.execute(TRACK.replace("{scope}", where))
+    if bulk:  # worth a join only over many keys; a refold's few keys are folded whole
+        where = f"{where} AND {OPEN_KEYS}"
+    return conn.execute(FOLD.replace("{scope}", where)).rowcount
 
 
 def _bulk(conns: Sequence[psycopg.Connection[Any]], horizon: int) -> int:

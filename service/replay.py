@@ -137,7 +137,8 @@ _F = {key: _field(key, agg, cast, default) for key, agg, cast, default in UPDATA
 # before the revocation), so FOLD can skip its events. In a long log most keys end that way.
 TRACK = f"""
 INSERT INTO {STAGED} (stream_id, version, events, open)
-SELECT stream_id, max(version), count(*), max(version) FILTER (WHERE type = 'ApiKeyRevoked') IS DISTINCT FROM max(version)
+SELECT stream_id, max(version), count(*),
+       max(version) FILTER (WHERE type = 'ApiKeyRevoked') IS DISTINCT FROM max(version)
 FROM events
 WHERE {{scope}}
 GROUP BY stream_id

@@ -8,6 +8,7 @@ other order: without care the two deadlock, and PostgreSQL may pick the revoke a
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any
@@ -80,6 +81,4 @@ def test_an_unchanged_schema_is_not_applied_again(service: Service) -> None:
     with psycopg.connect(service.database_url, autocommit=True) as conn:
         row: Any = conn.execute("SELECT sha256, applied_at FROM keyledger_schema").fetchone()
     assert row[1] == before
-    import hashlib
-
     assert row[0] == hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest()

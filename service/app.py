@@ -130,6 +130,18 @@ async def _identify(
     return _authenticated(session, code), stream, False
 
 
+async def _caller_and_key(
+    request: Request[Any, Any, Any], conn: Any, params: dict[str, Any], key_id: str, *, where: str = "body",
+) -> tuple[store.Session, list[Any]]:
+    """``_identify`` for an endpoint about one existing key: the caller first (401/403 come before 404, as in
+    better-auth), then 404 ``KEY_NOT_FOUND`` for an id that cannot be a key id, without a lookup."""
+    plausible = inputs.plausible_key_id(key_id)
+    session, stream, _ = await _identify(request, conn, params, key_id if plausible else None, where=where)
+    if not plausible:
+        raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+    return session, stream
+
+
 def _token(request: Request[Any, Any, Any]) -> str | None:
     return session_token(request.cookies, _rt(request).settings.secret)
 
@@ -398,11 +410,8 @@ async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await _post_body(request)
     key_id = inputs.string_field(body, "keyId", required=True)
     config_id = _config_id(body)
-    plausible = inputs.plausible_key_id(key_id)
     async with rt.pool.connection() as conn:
-        session, stream, _ = await _identify(request, conn, body, key_id if plausible else None)
-        if not plausible:
-            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        session, stream = await _caller_and_key(request, conn, body, key_id)
         command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id,
                             **await _scope(conn, session, config_id, stream))
         await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
@@ -423,11 +432,8 @@ async def rotate_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     key_id = inputs.string_field(body, "keyId", required=True)
     config_id = _config_id(body)
     grace = _grace_period(body)
-    plausible = inputs.plausible_key_id(key_id)
     async with rt.pool.connection() as conn:
-        session, stream, _ = await _identify(request, conn, body, key_id if plausible else None)
-        if not plausible:
-            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+        session, stream = await _caller_and_key(request, conn, body, key_id)
         # A key's prefix is set at creation and never changes, so the new secret can be drawn before deciding.
         prefix = stream[0].event.prefix if stream and isinstance(stream[0].event, ApiKeyCreated) else None
         key = records.new_key(prefix)
@@ -510,9 +516,8 @@ async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
     params = dict(request.query_params)
     key_id = inputs.string_field(params, "id", required=True, where="query")
     config_id = _config_id(params)
-    plausible = inputs.plausible_key_id(key_id)
     async with _rt(request).pool.connection() as conn:
-        session, stream, _ = await _identify(request, conn, params, key_id if plausible else None, where="query")
+        session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
         created = stream[0].event if stream and isinstance(stream[0].event, ApiKeyCreated) else None
         if created is None or created.config_id != config_id:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")

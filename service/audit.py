@@ -144,7 +144,7 @@ FIRST_POSITION = "SELECT least((SELECT min(position) FROM events), (SELECT min(p
 # A consistent read over several connections: the first one exports its snapshot, the others adopt it.
 SNAPSHOT_BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 EXPORT_SNAPSHOT = "SELECT pg_export_snapshot()"
-IMPORT_SNAPSHOT = "SET TRANSACTION SNAPSHOT %s"
+IMPORT_SNAPSHOT = "SET TRANSACTION SNAPSHOT {}"
 # Per reading connection: memory for export's per-chunk sort; no parallel workers or JIT (each statement covers
 # a slice, and the slices already keep every core busy; JIT compiling ~100 statements cost more than it saved).
 READ_SETTINGS = ("SET LOCAL work_mem = '64MB'", "SET LOCAL max_parallel_workers_per_gather = 0", "SET LOCAL jit = off")
@@ -403,8 +403,9 @@ def snapshot_readers(conn: psycopg.Connection[Any], jobs: int = DEFAULT_JOBS
             for _ in range(jobs):
                 reader = _sibling(conn)
                 readers.append(reader)
-                reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                reader.execute("BEGIN")
+                reader.execute(SNAPSHOT_BEGIN)
+                reader.execute(sql.SQL(IMPORT_SNAPSHOT).format(sql.Literal(snapshot)))
                 for setting in READ_SETTINGS:
                     reader.execute(setting)
             yield readers

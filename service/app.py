@@ -36,6 +36,7 @@ from .domain import (
     SERVER_FIELDS,
     CreateKey,
     DomainError,
+    GracePeriodOutOfRange,
     RevokeKey,
     RotateKey,
     UpdateKey,
@@ -445,12 +446,12 @@ async def rotate_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 def _grace_period(body: dict[str, Any]) -> int:
-    expected = f"an integer from 0 to {MAX_GRACE_PERIOD}"
-    value = _whole_number(body, "gracePeriodSeconds", expected)
+    # Checked here as well as in the domain so that, like every body-schema error, it comes before the 401.
+    value = _whole_number(body, "gracePeriodSeconds", GracePeriodOutOfRange.expected)
     if value is MISSING or value is None:
         return 0
     if not 0 <= value <= MAX_GRACE_PERIOD:
-        raise ApiError(400, "VALIDATION_ERROR", f"[body.gracePeriodSeconds] Invalid input: expected {expected}")
+        raise GracePeriodOutOfRange()
     return value
 
 

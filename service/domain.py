@@ -81,8 +81,11 @@ class KeyExpired(DomainError):
 
 
 class GracePeriodOutOfRange(DomainError):
+    """The invariant, and also what the handler answers when it checks the input before authenticating."""
+
     code = "VALIDATION_ERROR"
-    message = f"[body.gracePeriodSeconds] Expected a whole number of seconds from 0 to {MAX_GRACE_PERIOD}"
+    expected = f"an integer from 0 to {MAX_GRACE_PERIOD}"
+    message = f"[body.gracePeriodSeconds] Invalid input: expected {expected}"
 
 
 class KeyState(msgspec.Struct, frozen=True, kw_only=True):

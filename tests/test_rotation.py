@@ -20,7 +20,7 @@ from harness import (Service, count_events, create_key_in_the_past, delete_strea
                      unique_topology, wait_for, wait_until)
 from keyledger import records, store, sweeper
 from keyledger.client import KeyCache
-from keyledger.domain import RotateKey
+from keyledger.domain import GracePeriodOutOfRange, RotateKey
 from servers import DatabaseFactory
 
 
@@ -136,6 +136,8 @@ def test_rotate_refuses_bad_input_and_keys_it_may_not_touch_writing_nothing(serv
     for bad in ("60", -1, 604_801, 1.5, True, [], {}):
         response = _rotate(server, owner, key_id, gracePeriodSeconds=bad)
         assert response.status_code == 400 and response.json()["code"] == "VALIDATION_ERROR", (bad, response.text)
+        if bad in (-1, 604_801, 1.5):  # a number out of range: one wording, the domain's own
+            assert response.json()["message"] == GracePeriodOutOfRange.message
     assert _rotate(server, owner, key_id, gracePeriodSeconds=604_800).status_code == 200  # 7 days is allowed
     versions = count_events(server.database_url, key_id)
 

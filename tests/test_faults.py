@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import nats
@@ -198,6 +198,33 @@ def private_postgres(nats_url: str, tmp_path: Path, hint: str) -> Iterator[Postg
             shutil.rmtree(extra_dir, ignore_errors=True)
 
 
+class NatsRig(NamedTuple):
+    server: Any  # the test's own nats-server: kill() / stop() / restart() on the same port and store
+    database_url: str
+    topology: Topology
+    service: Service
+    boot_s: float  # how long ``keyledger serve`` took to answer /health
+
+
+@contextlib.contextmanager
+def private_nats(db_factory: Any, tmp_path: Path, hint: str, *, running: bool = True) -> Iterator[NatsRig]:
+    """A nats-server of the test's own, a fresh database, and a ``keyledger serve`` on both. With
+    ``running=False`` the service boots while nothing listens on NATS's (known) port."""
+    server = start_nats(tmp_path / "nats", port=None)
+    if not running:
+        server.stop()
+    service: Service | None = None
+    try:
+        database_url = db_factory.create(f"faults_{hint}")
+        topology = unique_topology(hint)
+        service, boot_s = timed(new_service(database_url, server.url, topology, tmp_path).start)
+        yield NatsRig(server, database_url, topology, service, boot_s)
+    finally:
+        if service is not None:
+            service.stop()
+        server.stop()
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     started = time.monotonic()
     result = fn(*args, **kwargs)
@@ -208,12 +235,8 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 # 1. NATS down: revocation is not blocked, the event waits in the outbox and goes out exactly once
 # ------------------------------------------------------------------------------------------------------
 def test_nats_down_delete_is_immediate_and_published_once_after_restart(db_factory: Any, tmp_path: Path) -> None:
-    server = start_nats(tmp_path / "nats", port=None)
-    topology = unique_topology("nats")
-    service: Service | None = None
-    try:
-        database_url = db_factory.create("faults_nats")
-        service = new_service(database_url, server.url, topology, tmp_path).start()
+    with private_nats(db_factory, tmp_path, "nats") as rig:
+        server, database_url, topology, service = rig.server, rig.database_url, rig.topology, rig.service
         me = service.session()
         key = service.create_key(me, name="nats-down")
         wait_until(lambda: not outbox(database_url), timeout=10, what="the create event published")
@@ -241,20 +264,11 @@ def test_nats_down_delete_is_immediate_and_published_once_after_restart(db_facto
         revoked = [m for m in messages if m[0] == f"{topology.prefix}.events.revoked.{key['id']}"]
         assert revoked == [(f"{topology.prefix}.events.revoked.{key['id']}", revoked_id, key["id"], 2)]
         assert_consistent(database_url)
-    finally:
-        if service is not None:
-            service.stop()
-        server.stop()
 
 
 def test_service_starts_and_revokes_while_nats_is_down(db_factory: Any, tmp_path: Path) -> None:
-    server = start_nats(tmp_path / "nats", port=None)
-    server.stop()  # a known port and store dir, nothing listening on it
-    topology = unique_topology("natsboot")
-    service: Service | None = None
-    try:
-        database_url = db_factory.create("faults_natsboot")
-        service, boot = timed(new_service(database_url, server.url, topology, tmp_path).start)
+    with private_nats(db_factory, tmp_path, "natsboot", running=False) as rig:
+        server, database_url, topology, service = rig.server, rig.database_url, rig.topology, rig.service
         health = httpx.get(f"{service.url}/health", timeout=5)
         assert health.status_code == 200 and health.json() == {"ok": True, "nats": False}
 
@@ -273,11 +287,7 @@ def test_service_starts_and_revokes_while_nats_is_down(db_factory: Any, tmp_path
         wait_until(lambda: httpx.get(f"{service.url}/health", timeout=5).json()["nats"] is True, timeout=10,
                    what="/health reporting NATS connected")
         assert_consistent(database_url)
-        print(f"\n[faults] service boot with NATS down: {boot:.2f}s")
-    finally:
-        if service is not None:
-            service.stop()
-        server.stop()
+        print(f"\n[faults] service boot with NATS down: {rig.boot_s:.2f}s")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -477,12 +487,8 @@ def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str,
 
 
 def test_relay_redeclares_the_streams_when_nats_comes_back_empty(db_factory: Any, tmp_path: Path) -> None:
-    server = start_nats(tmp_path / "nats", port=None)
-    topology = unique_topology("natsempty")
-    service: Service | None = None
-    try:
-        database_url = db_factory.create("faults_natsempty")
-        service = new_service(database_url, server.url, topology, tmp_path).start()
+    with private_nats(db_factory, tmp_path, "natsempty") as rig:
+        server, database_url, service = rig.server, rig.database_url, rig.service
         me = service.session()
         key = service.create_key(me, name="state-lost")
         wait_until(lambda: not outbox(database_url), timeout=10, what="the create event published")
@@ -495,12 +501,8 @@ def test_relay_redeclares_the_streams_when_nats_comes_back_empty(db_factory: Any
 
         assert service.delete(me, key["id"]).status_code == 200
         wait_until(lambda: not outbox(database_url), timeout=10, what="the outbox drained into fresh streams")
-        messages = stream_index(server.url, topology.events_stream)
-        assert [m[0] for m in messages] == [f"{topology.prefix}.events.revoked.{key['id']}"]
-    finally:
-        if service is not None:
-            service.stop()
-        server.stop()
+        messages = stream_index(server.url, rig.topology.events_stream)
+        assert [m[0] for m in messages] == [f"{rig.topology.prefix}.events.revoked.{key['id']}"]
 
 
 # ------------------------------------------------------------------------------------------------------

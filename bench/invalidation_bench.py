@@ -530,49 +530,19 @@ async def verify_throughput(cache: Any, key: str, seconds: float = 1.0, rounds: 
 # ------------------------------------------------------------------------------------------------------------
 # 4: downstream example under wrk
 # ------------------------------------------------------------------------------------------------------------
-class Downstream:
+class Downstream(R.ServedProcess):
+    what = "downstream"
+
     def __init__(self, servers: Any, keyledger_base: str, log_path: Path) -> None:
-        self.port = R.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        port = R.free_port()
         env = {**os.environ, "KEYLEDGER_SUBJECT_PREFIX": servers.prefix,
                "KEYLEDGER_INVALIDATIONS_STREAM": servers.inv_stream, "PYTHONPATH": str(ROOT)}
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "downstream.py"), "--keyledger-url", keyledger_base,
-             "--nats-url", servers.nats_url, "--port", str(self.port)],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
-        self.pid = self.proc.pid
+        super().__init__([sys.executable, str(ROOT / "examples" / "downstream.py"), "--keyledger-url",
+                          keyledger_base, "--nats-url", servers.nats_url, "--port", str(port)],
+                         env, log_path, port, cwd=str(ROOT))
 
     def wait_caught_up(self, timeout: float = 30.0) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"downstream exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                r = httpx.get(self.base + "/health", timeout=1.0)
-                if r.status_code == 200 and r.json().get("cacheCaughtUp"):
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"downstream not caught up after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        return self.wait_ready(lambda r: r.status_code == 200 and r.json().get("cacheCaughtUp"), timeout, 0.05)
 
 
 def run_wrk(url: str, key: str, threads: int, conns: int, duration: float) -> tuple[dict[str, Any], float]:

@@ -225,11 +225,62 @@ def keyledger_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "keyledger.cli"]
 
 
-class Service:
+class ServedProcess:
+    """A server subprocess (its own session, output in a log file): wait until its /health says ready, show
+    the log's tail when it does not, stop it with SIGTERM (then SIGKILL). The service and invalidation_bench's
+    example downstream are both one."""
+
+    what = "process"
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, port: int, **popen: Any) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.env = env
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, **popen)
+        self.pid = self.proc.pid
+
+    def wait_ready(self, ready: Any = lambda r: r.status_code == 200, timeout: float = 60.0,
+                   interval: float = 0.1) -> float:
+        """Seconds until ``ready(GET /health)`` held; raises with the log's tail if the process exits or
+        ``timeout`` passes first."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if ready(httpx.get(self.base + "/health", timeout=1.0)):
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(interval)
+        raise RuntimeError(f"{self.what} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class Service(ServedProcess):
+    what = "service"
+
     def __init__(self, servers: Servers, log_path: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {
+        port = free_port()
+        env = {
             **os.environ,
             "DATABASE_URL": servers.db_url,
             "NATS_URL": servers.nats_url,
@@ -242,33 +293,11 @@ class Service:
             "KEYLEDGER_CONSUMER_PREFIX": f"bench-{servers.rand}",
             "KEYLEDGER_LOG_LEVEL": os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),
         }
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*keyledger_cmd(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.pid = self.proc.pid
+        super().__init__([*keyledger_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)], env, log_path,
+                         port)
 
     def wait_healthy(self, timeout: float = 60.0) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                r = httpx.get(self.base + "/health", timeout=1.0)
-                if r.status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"service not healthy after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.wait_ready(timeout=timeout)
 
     def dev_session(self) -> str:
         out = subprocess.run([*keyledger_cmd(), "dev-session", "--email", EMAIL], env=self.env,
@@ -277,16 +306,6 @@ class Service:
             if line.startswith("Cookie: "):
                 return line[len("Cookie: "):].strip()
         raise RuntimeError(f"dev-session printed no cookie (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
 
 
 class RssSampler(threading.Thread):

@@ -713,7 +713,7 @@ def main() -> int:
         say(f"  servers   {servers.mode}: database {servers.dbname}, NATS {servers.nats_url}, "
             f"streams {servers.events_stream}/{servers.inv_stream}, prefix {servers.prefix}")
         service = R.Service(servers, work / "service.log")
-        say(f"  service   pid {service.pid} on {service.base}, healthy after {service.wait_healthy():.1f} s")
+        say(f"  service   pid {service.pid} on {service.base}, healthy after {service.wait_ready():.1f} s")
         cookie = service.dev_session()
         seeder = R.Seeder(service.base, cookie, args.seed_concurrency)
         seq_keys = seeder.create(args.sequential + 20, "sequential revocations (+20 warm-up)")

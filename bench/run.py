@@ -296,9 +296,6 @@ class Service(ServedProcess):
         super().__init__([*keyledger_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)], env, log_path,
                          port)
 
-    def wait_healthy(self, timeout: float = 60.0) -> float:
-        return self.wait_ready(timeout=timeout)
-
     def dev_session(self) -> str:
         out = subprocess.run([*keyledger_cmd(), "dev-session", "--email", EMAIL], env=self.env,
                              capture_output=True, text=True, timeout=60)
@@ -845,7 +842,7 @@ def main() -> int:
             f"streams {servers.events_stream}/{servers.inv_stream}")
 
         service = Service(servers, work / "service.log")
-        started = service.wait_healthy()
+        started = service.wait_ready()
         say(f"  service   pid {service.pid} on {service.base}, healthy after {started:.1f} s")
         sampler = RssSampler(service.pid)
         sampler.start()

@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +243,8 @@ class ServedProcess:
                                      start_new_session=True, **popen)
         self.pid = self.proc.pid
 
-    def wait_ready(self, ready: Any = lambda r: r.status_code == 200, timeout: float = 60.0,
-                   interval: float = 0.1) -> float:
+    def wait_ready(self, ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+                   timeout: float = 60.0, interval: float = 0.1) -> float:
         """Seconds until ``ready(GET /health)`` held; raises with the log's tail if the process exits or
         ``timeout`` passes first."""
         t0 = time.monotonic()

@@ -384,14 +384,15 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     name = inputs.optional(body, "name", str, "string")
     enabled = inputs.optional(body, "enabled", bool, "boolean")
     expires_in = _expires_in(body)
+    plausible = inputs.plausible_key_id(key_id)
     async with rt.pool.connection() as conn:
-        session, stream, is_server = await _identify(
-            request, conn, body, key_id if inputs.plausible_key_id(key_id) else None)
+        # Not _caller_and_key: better-auth validates the server fields, metadata and name before the 404.
+        session, stream, is_server = await _identify(request, conn, body, key_id if plausible else None)
         server_fields = _server_fields(body, is_server)
         metadata = _metadata(rt, body)
         if name is not MISSING and not 1 <= len(name) <= 32:
             raise ApiError(400, "INVALID_NAME_LENGTH", "The name length is either too large or too small.")
-        if not inputs.plausible_key_id(key_id):
+        if not plausible:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         command = UpdateKey(
             actor_id=session.user_id, now=_now(), key_id=key_id, **await _scope(conn, session, config_id, stream),

@@ -476,3 +476,29 @@ CREATE TABLE IF NOT EXISTS keyledger_schema (
     sha256     text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Background leadership: a lease with an epoch (service/leadership.py).
+-- One process at a time runs the relay, the subscriber projections, the audit sealer and the expiry sweeper.
+-- It must renew the lease (every 0.3 s, lasting 1.5 s) and renews it only while its work makes progress, so a
+-- killed, hung (SIGSTOP) or NATS-less leader loses it within 1.5 s and another process takes over. Every
+-- takeover draws a new epoch: a deposed leader that wakes up finds its epoch stale, both locally (its lease
+-- deadline has passed on its own monotonic clock) and here (keyledger_fence), and stops before writing.
+-- Times are the database's clock only, so the hosts' clocks never have to agree.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS keyledger_leader (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    holder     text        NOT NULL,  -- a random id per process and term, never reused
+    epoch      bigint      NOT NULL,  -- +1 at every takeover
+    expires_at timestamptz NOT NULL
+);
+
+-- Raise KL410 unless p_epoch is the current, unexpired term. Called inside a writer's transaction (the sealer)
+-- so that a write by a deposed leader aborts instead of committing.
+CREATE OR REPLACE FUNCTION keyledger_fence(p_epoch bigint) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM keyledger_leader WHERE epoch = p_epoch AND expires_at > clock_timestamp();
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'leadership epoch % is over', p_epoch USING ERRCODE = 'KL410';
+    END IF;
+END $$;

@@ -2,7 +2,7 @@
 
 Run it next to a keyledger instance:
 
-    python examples/downstream.py --keyledger-url http://127.0.0.1:3000 --nats-url nats://127.0.0.1:4222 --port 3100
+    python examples/downstream.py --keyledger-url http://127.0.0.1:3000 --nats-url nats://127.0.0.1:4250 --port 3100
     curl -H "Authorization: Bearer $KEY" http://127.0.0.1:3100/api/data      # {"ok": true, "keyId": "..."}
     curl "http://127.0.0.1:3100/api/data?api_key=$KEY"                       # the same
 
@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Litestar, Request, get
+from prometheus_client import CollectorRegistry, generate_latest
 
 from keyledger.client import KeyCache, litestar_middleware
 from keyledger.config import Topology
@@ -35,7 +36,15 @@ def create_app(cache: KeyCache) -> Litestar:
 
     @get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "cacheCaughtUp": cache.caught_up}
+        # ``trusted``: the cache holds a freshness proof from keyledger's log (not just a live connection).
+        return {"ok": True, "cacheTrusted": cache.trusted, "cacheCaughtUp": cache.caught_up}
+
+    registry = CollectorRegistry()
+    registry.register(cache.collector())
+
+    @get("/metrics", media_type="text/plain; version=0.0.4")
+    async def metrics() -> bytes:
+        return generate_latest(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -46,8 +55,8 @@ def create_app(cache: KeyCache) -> Litestar:
             await cache.close()
 
     return Litestar(
-        route_handlers=[data, health],
-        middleware=[litestar_middleware(cache, exclude=("/health",))],
+        route_handlers=[data, health, metrics],
+        middleware=[litestar_middleware(cache, exclude=("/health", "/metrics"))],
         lifespan=[lifespan],
         logging_config=None,
     )
@@ -58,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="example downstream service using keyledger's KeyCache")
     parser.add_argument("--keyledger-url", default=os.environ.get("KEYLEDGER_URL", "http://127.0.0.1:3000"))
-    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    # 4250: the embedded NATS of `./dev.sh run`; set NATS_URL for any other.
+    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4250"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3100)
     parser.add_argument("--staleness", type=float, default=1.0,

@@ -6,10 +6,15 @@ invalidation took 120-300 ms to get through under revoke load). A push subscript
 to a queue; the projection then takes everything that arrived in one go, however many messages that is, so a
 lone revocation is handled at once and a burst costs one turn per batch.
 
-Delivery stays at-least-once and durable (the consumer remembers what was acknowledged across restarts); the
-queue group lets a new background leader bind the same durable consumer while an old one is still leaving.
-Messages the server pushed to a subscription that went away come back after ``ack_wait``: callers keep it
-short, since every projection here treats a repeat as harmless.
+Delivery stays at-least-once and durable (the consumer remembers what was acknowledged across restarts).
+
+**One consumer per leadership term.** A deposed leader may be hung rather than dead (SIGSTOP): its subscription
+stays bound, and a consumer shared with it would keep pushing part of the stream into a process that never
+acks, each message stuck until ``ack_wait``. So each term creates its own durable consumer,
+``<prefix>-<name>-e<epoch>``, starting right after the ack floor of the newest earlier one, and then deletes the
+earlier ones: everything not acknowledged before is delivered again (to this term only), and a hung leader's
+subscription simply stops receiving. The new consumer exists before the old ones go, so a crash in between
+never loses the position. Repeats are harmless to every projection here.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from ..bus import Bus
 
@@ -42,21 +48,62 @@ async def run_forever(name: str, body: Callable[[], Awaitable[None]]) -> None:
             backoff = min(backoff * 2, 2.0)
 
 
+def term_consumer(base: str, epoch: int | None) -> str:
+    """The durable consumer of one leadership term (``base`` alone outside a term: tests, tools)."""
+    return base if epoch is None else f"{base}-e{epoch}"
+
+
+def _term_of(base: str, consumer: str) -> int:
+    suffix = consumer[len(base):]
+    return int(suffix[2:]) if suffix.startswith("-e") and suffix[2:].isdigit() else 0
+
+
+async def _take_over(js: Any, stream: str, base: str, durable: str, config: ConsumerConfig) -> None:
+    """Create this term's consumer after the newest earlier one's ack floor, then delete the earlier ones."""
+    try:
+        await js.consumer_info(stream, durable)
+        return  # this term's consumer exists already (a resubscription after an error)
+    except NotFoundError:
+        pass
+    earlier = [c for c in await js.consumers_info(stream)
+               if c.name == base or (c.name.startswith(base + "-e") and _term_of(base, c.name) > 0)]
+    config.durable_name = durable
+    config.deliver_group = durable
+    config.deliver_subject = f"_KL_DELIVER.{durable}"
+    if earlier:
+        newest = max(earlier, key=lambda c: _term_of(base, c.name))
+        floor = newest.ack_floor.stream_seq if newest.ack_floor else 0
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = (floor or 0) + 1
+    await js.add_consumer(stream, config)
+    for old in earlier:
+        try:
+            await js.delete_consumer(stream, old.name)
+        except NotFoundError:
+            pass
+
+
 async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy = AckPolicy.EXPLICIT,
-                  max_batch: int = 512, ack_wait: float = 30.0) -> None:
-    """Run ``handle(messages)`` on batches from the durable consumer ``name``, until cancelled.
+                  max_batch: int = 512, ack_wait: float = 30.0, epoch: int | None = None) -> None:
+    """Run ``handle(messages)`` on batches from the durable consumer ``name`` of term ``epoch``, until cancelled.
 
     ``handle`` acknowledges what it processed (with ``AckPolicy.ALL``, acking the last message of a batch
     acknowledges the batch). Raises when the connection or subscription fails; the caller retries.
     """
     js = await bus.ready()
     topology = bus.topology
-    durable = topology.consumer(name)
+    base = topology.consumer(name)
+    durable = term_consumer(base, epoch)
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def arrived(msg: Any) -> None:
         queue.put_nowait(msg)
 
+    config = ConsumerConfig(ack_policy=ack_policy, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait,
+                            max_ack_pending=10_000)
+    if epoch is not None:
+        config.filter_subject = topology.events_subjects
+        await _take_over(js, topology.events_stream, base, durable, config)
     sub = await js.subscribe(
         topology.events_subjects,
         queue=durable,
@@ -64,8 +111,7 @@ async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy
         stream=topology.events_stream,
         cb=arrived,
         manual_ack=True,
-        config=ConsumerConfig(ack_policy=ack_policy, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait,
-                              max_ack_pending=10_000),
+        config=None if epoch is not None else config,
     )
     try:
         while True:

@@ -19,6 +19,12 @@ Guarantees, and how:
 * **Latency.** Messages are taken in whatever batch has arrived (``consumer.py``): a lone revocation is
   handled the moment it arrives, a burst in one go, with all its publishes in flight together.
 * **Never a plaintext key**: events carry only the key hash, and that is all we copy.
+* **Freshness checkpoints** (``freshness.py``) ride the event stream behind the events they vouch for. One at
+  stream sequence ``s`` is forwarded to ``<prefix>.cache.checkpoint`` only once the durable consumer's ack
+  floor is at least ``s - 1``: every event before it has had its invalidation acknowledged by JetStream,
+  whoever handled it (an earlier leader, a redelivery). The projection keeps only the newest waiting
+  checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
+* **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 
 No framework imports here; the service's runtime starts ``InvalidationProjection(bus).run()`` as a task.
 """
@@ -26,7 +32,10 @@ No framework imports here; the service's runtime starts ``InvalidationProjection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -34,7 +43,8 @@ from msgspec import UNSET
 
 from ..bus import Bus
 from ..events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
-from .consumer import consume, run_forever
+from ..freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
+from .consumer import consume, run_forever, term_consumer
 
 log = logging.getLogger("keyledger.projections.invalidations")
 
@@ -53,9 +63,12 @@ REASONS = {
     "ApiKeyRotated": "rotated",
     "ApiKeySecretRetired": "rotated",
 }
-# ApiKeyUpdated invalidates only when it changes what a verification answers on: expiry, permissions or
-# metadata. A rename does not (the cached record keeps the old name until its next re-verification).
-UPDATE_FIELDS_THAT_INVALIDATE = ("expires_at", "permissions", "metadata")
+# ApiKeyUpdated invalidates only when it changes what a verification answers on: expiry, permissions,
+# metadata, or a usage or rate limit (a cache never answers a limited key from memory, but it may hold the key
+# from before it had limits). A rename does not (the cached record keeps the old name until re-verified).
+UPDATE_FIELDS_THAT_INVALIDATE = ("expires_at", "permissions", "metadata", "remaining", "refill_amount",
+                                 "refill_interval", "rate_limit_enabled", "rate_limit_time_window",
+                                 "rate_limit_max")
 
 _encoder = msgspec.json.Encoder()
 
@@ -79,6 +92,10 @@ def invalidation_for(recorded: RecordedEvent) -> dict[str, Any] | None:
         "position": recorded.position,
         "occurredAt": _encoder.encode(recorded.recorded_at).decode()[1:-1],
     }
+
+
+def _unfenced() -> None:
+    pass
 
 
 def _fallback(payload: bytes) -> dict[str, Any] | None:
@@ -106,24 +123,39 @@ def _msg_id(payload: bytes) -> str | None:
 
 
 class InvalidationProjection:
-    """Consumes the event stream, publishes invalidations to the invalidations stream, acks after PubAck."""
+    """Consumes the event stream, publishes invalidations to the invalidations stream, acks after PubAck;
+    forwards freshness checkpoints once everything before them is acknowledged."""
 
     name = NAME
 
-    def __init__(self, bus: Bus, *, publish_timeout: float = 2.0) -> None:
+    def __init__(self, bus: Bus, *, publish_timeout: float = 2.0, fence: Callable[[], None] = _unfenced,
+                 epoch: int | None = None) -> None:
         self.bus = bus
         self.publish_timeout = publish_timeout
+        self.fence = fence
+        self.epoch = epoch  # the leadership term: its own durable consumer (consumer.py)
         self.published = 0  # invalidations acknowledged by JetStream (duplicates included)
         self.ignored = 0  # events that call for no invalidation
         self.failed = 0  # publishes not acknowledged (the event is redelivered)
+        self.forwarded = 0  # checkpoints forwarded to caches
+        self.last_forwarded = float("-inf")  # monotonic
+        self.pending = 0  # the consumer's backlog (num_pending + num_ack_pending) at the last look
+        self._held: tuple[int, Checkpoint] | None = None  # (stream sequence, newest checkpoint not yet forwarded)
+        self._held_changed = asyncio.Event()
 
     async def run(self) -> None:
-        await run_forever(f"{self.name} projection", self._consume)
+        releaser = asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever))
+        try:
+            await run_forever(f"{self.name} projection", self._consume)
+        finally:
+            releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await releaser
 
     async def _consume(self) -> None:
         # A short ack_wait: after a restart the server may already have pushed messages to a subscription that
         # was going away; they come back after ack_wait, and a repeat invalidation is harmless.
-        await consume(self.bus, NAME, self._handle_batch, ack_wait=2)
+        await consume(self.bus, NAME, self._handle_batch, ack_wait=2, epoch=self.epoch)
 
     async def _handle_batch(self, msgs: list[Any]) -> None:
         failures = await self.handle(msgs)
@@ -137,11 +169,16 @@ class InvalidationProjection:
         """
         js = await self.bus.ready()
         topology = self.bus.topology
+        self.fence()
         todo: list[tuple[Any, dict[str, Any] | None, str | None]] = []
         for msg in msgs:
+            if msg.subject == topology.checkpoint_event_subject:
+                self._hold(msg)
+                continue
             try:
                 recorded = decode_envelope(msg.data)
-                todo.append((msg, invalidation_for(recorded), recorded.id))
+                reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
+                todo.append((msg, _fallback(msg.data) if reduced else invalidation_for(recorded), recorded.id))
             except Exception as exc:
                 log.error("undecodable event %s (%s); invalidating conservatively", msg.subject, exc)
                 todo.append((msg, _fallback(msg.data), _msg_id(msg.data)))
@@ -182,3 +219,43 @@ class InvalidationProjection:
             log.warning("%d invalidation publish(es) not acknowledged (%s); events will be redelivered",
                         failures, type(error).__name__)
         return failures
+
+    # --------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # --------------------------------------------------------------------------------------------------
+    def _hold(self, msg: Any) -> None:
+        """Keep the newest checkpoint until everything before it is acknowledged. Acked at once: losing one
+        (a crash before forwarding) only delays the proof to the next checkpoint."""
+        with contextlib.suppress(Exception):
+            seq = msg.metadata.sequence.stream
+            checkpoint = decode_checkpoint(msg.data)
+            if self._held is not None:
+                checkpoint = Checkpoint(position=checkpoint.position, epoch=checkpoint.epoch,
+                                        created_at=checkpoint.created_at,
+                                        probes=merge_probes(self._held[1].probes, checkpoint.probes))
+            self._held = (seq, checkpoint)
+            self._held_changed.set()
+        asyncio.ensure_future(msg.ack())
+
+    async def _release_forever(self) -> None:
+        js = await self.bus.ready()
+        topology = self.bus.topology
+        durable = term_consumer(topology.consumer(NAME), self.epoch)
+        while True:
+            if self._held is None:
+                self._held_changed.clear()
+                await self._held_changed.wait()
+                continue
+            seq, checkpoint = self._held
+            info = await js.consumer_info(topology.events_stream, durable, timeout=self.publish_timeout)
+            self.pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            if (floor or 0) < seq - 1:  # an earlier event's invalidation is not acknowledged yet (or our acks
+                await asyncio.sleep(0.01)  # of it are still on their way to the server): look again soon
+                continue
+            self.fence()
+            await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]
+            self.forwarded += 1
+            self.last_forwarded = time.monotonic()
+            if self._held is not None and self._held[0] == seq:
+                self._held = None

@@ -8,6 +8,7 @@ after the transaction that applied it (or proved it already applied) committed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -15,7 +16,7 @@ from nats.js.api import AckPolicy
 
 from ..bus import Bus
 from ..config import PG_KEEPALIVES
-from ..events import decode_envelope
+from ..events import decode_envelope_head
 from . import active_keys
 from .consumer import consume, run_forever
 
@@ -25,9 +26,12 @@ class ActiveKeysSubscriber:
 
     name = active_keys.NAME
 
-    def __init__(self, database_url: str, bus: Bus) -> None:
+    def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
+                 epoch: int | None = None) -> None:
         self.database_url = database_url
         self.bus = bus
+        self.fence = fence
+        self.epoch = epoch  # the leadership term: its own durable consumer (consumer.py)
         self.applied = 0
         self.skipped = 0
 
@@ -39,13 +43,17 @@ class ActiveKeysSubscriber:
                                                          **PG_KEEPALIVES) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
-                          ack_policy=AckPolicy.ALL, ack_wait=5)
+                          ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
+        self.fence()
         newest: dict[str, int] = {}
         for msg in msgs:
-            recorded = decode_envelope(msg.data)
-            newest[recorded.stream_id] = max(newest.get(recorded.stream_id, 0), recorded.version)
+            if msg.subject == self.bus.topology.checkpoint_event_subject:
+                continue  # freshness checkpoints are the invalidation projection's business
+            # Only the key and version: the rest comes from the log (so a reduced envelope is just as good).
+            head = decode_envelope_head(msg.data)
+            newest[head.key_id] = max(newest.get(head.key_id, 0), head.version)
         have = await active_keys.tracked_versions(conn, list(newest))
         for key_id, version in newest.items():
             if have.get(key_id, 0) >= version:

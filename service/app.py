@@ -43,6 +43,7 @@ from .domain import (
 )
 from .errors import MISSING, ApiError, unauthorized, validation
 from .events import ApiKeyCreated, to_envelope
+from .metrics import Figures, Metrics
 from .runtime import Runtime
 
 log = logging.getLogger("keyledger.http")
@@ -157,16 +158,24 @@ def _authenticated(session: store.Session | None, code: str = "UNAUTHORIZED") ->
     return session
 
 
+# What a request copies into an event's metadata is capped, in characters: events are kept forever and
+# published to NATS, and one oversized header must not make an event unpublishable (a 1.1 MB User-Agent once
+# did). Longer values are cut, not refused: the request itself is legitimate.
+MAX_USER_AGENT = 512
+MAX_REQUEST_ID = 128
+
+
 def _actor(request: Request[Any, Any, Any], session: store.Session) -> dict[str, Any]:
     """Event metadata: who did it, from where. Never the key, never the cookie or token."""
     client = request.client.host if request.client else None
+    user_agent = request.headers.get("user-agent")
     return {
         "userId": session.user_id,
         "sessionId": session.id,  # None for a server caller
         "via": "server" if session.id is None else "session",
         "ipAddress": client,
-        "userAgent": request.headers.get("user-agent"),
-        "requestId": request.headers.get("x-request-id") or str(uuid.uuid4()),
+        "userAgent": user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
+        "requestId": (request.headers.get("x-request-id") or str(uuid.uuid4()))[:MAX_REQUEST_ID],
     }
 
 
@@ -538,6 +547,21 @@ async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"ok": True, "nats": rt.bus.connected}
 
 
+@get("/ready", summary="Readiness: this deployment propagates revocations now (metrics.py)")
+async def ready(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    figures = await Figures.gather(_rt(request))
+    reasons = figures.reasons()
+    if reasons:
+        raise ApiError(503, "NOT_READY", "; ".join(reasons), reasons=reasons)
+    return {"ready": True, "checkpointAgeSeconds": round(figures.checkpoint_age, 3),
+            "outboxDepth": figures.outbox_depth, "leader": figures.leader}
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(await request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The one exception-to-response mapping
 # --------------------------------------------------------------------------------------------------------
@@ -556,6 +580,8 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return _json_error(exc.status, exc.code, exc.message, **exc.extra)
     if isinstance(exc, DomainError):
         return _json_error(exc.status, exc.code, exc.message)
+    if isinstance(exc, store.EventTooLarge):
+        return _json_error(413, "EVENT_TOO_LARGE", "The change would make an event larger than keyledger stores")
     if isinstance(exc, store.ConcurrencyConflict):
         return _json_error(409, "CONFLICT", "The key is being changed concurrently; try again")
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
@@ -592,10 +618,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             await runtime.stop()
 
     api = Router(path="/api/auth", route_handlers=API_ROUTES)
+    counted = Metrics(runtime)
     return Litestar(
-        route_handlers=[api, health, openapi_document],
+        route_handlers=[api, health, ready, metrics, openapi_document],
         lifespan=[lifespan],
-        state=State({"runtime": runtime}),
+        middleware=[counted.middleware],
+        state=State({"runtime": runtime, "metrics": counted}),
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,  # the document is openapi.py's, served at /openapi.json

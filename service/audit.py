@@ -30,16 +30,12 @@ that, not the hashing, is what the two connections share. See bench/audit_bench.
 
 The sealer
 ----------
-One sealer (advisory lock) chains events *after* they committed, so the write path is untouched. The gap
-problem: positions are drawn at insert but become visible at commit, so a lower position can appear after a
-higher one was seen. ``schema.sql`` assigns each writer's xid before its position (trigger
-``events_position``), which gives a horizon: read ``L`` = the sequence's last value, THEN take a snapshot
-``S``; every position <= L was drawn by a transaction whose xid existed before ``S``, so it has either ended
-or is listed in ``pg_snapshot_xip(S)``. Once none of those is in a newer snapshot's xip list any more (not
-``pg_xact_status``, which says 'committed' a moment before the commit becomes visible), every position <= L is
-final (committed or never to appear) and the sealer chains the visible rows up to L in position order.
-Positions that never commit are simply absent: the chain links consecutive *existing* events.
-(This relies on ``events_position_seq`` having CACHE 1, the default: a cached value could be drawn later.)
+One sealer (the background leader's, service/leadership.py) chains events *after* they committed, so the write
+path is untouched. The gap problem (a lower position can commit after a higher one was seen) is solved by the
+safe horizon of ``horizon.py``: the sealer chains the visible rows up to that horizon, in position order, and
+positions that never commit are simply absent: the chain links consecutive *existing* events. A second sealer
+(a deposed leader, ``audit verify --seal``) cannot fork the chain: the chain's primary key makes the slower
+one's batch fail, and the service's sealer also checks its leadership epoch inside each batch's transaction.
 
 The window: an event is unsealed from its commit until the next sealer pass (``AuditSealer.interval``,
 0.5 s by default, longer while a transaction that was running at horizon time stays open). ``audit verify``
@@ -67,6 +63,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from .horizon import final_horizon
+from .leadership import fence_sql
+
 log = logging.getLogger("keyledger.audit")
 
 GENESIS = "0" * 64
@@ -84,26 +83,6 @@ CANONICAL = f"concat({CANONICAL_FIELDS}, '}}')"
 # The hash of an events row `e` given its chain row `c`, recomputed by PostgreSQL.
 RECOMPUTED_HASH = f"encode(sha256(convert_to(concat(c.prev_hash, {CANONICAL_FIELDS}, '}}'), 'UTF8')), 'hex')"
 
-SEQUENCE_LAST_VALUE = "SELECT pg_sequence_last_value('events_position_seq')"
-# A snapshot's xip list only holds running xids *below its xmax* (latestCompletedXid + 1): a writer whose xid is
-# the newest assigned, with no later xid completed yet, is running but absent from xip (PostgreSQL's
-# GetSnapshotData skips xids >= xmax), so reading xip alone let the horizon pass an uncommitted revoke (the
-# replay test's resurrected keys). Hence OWN_XID: an autocommitted statement that takes an xid of its own and
-# commits. Every writer whose position is <= the sequence value read before it has a smaller xid (positions are
-# drawn after the xid, see the events_position trigger), and every snapshot taken after it has xmax > that xid,
-# so it lists each such writer still running in its xip.
-OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
-CURRENT_SNAPSHOT_XIP = (
-    "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE x::text::bigint < %s"
-)
-# "Still running" means: still in a NEW snapshot's xip list. Not pg_xact_status(): a transaction is marked
-# committed in the commit log *before* it leaves the proc array, and in between, a new snapshot still treats it
-# as running, so its rows are invisible although pg_xact_status already says 'committed' (a replay test caught
-# exactly that: a revoke sealed out of the rebuilt table).
-STILL_RUNNING = (
-    "SELECT array_agg(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x "
-    "WHERE x::text::bigint = ANY(%s::bigint[])"
-)
 HEAD = "SELECT position, hash FROM event_chain ORDER BY position DESC LIMIT 1"
 TO_SEAL = f"""
 SELECT e.position, convert_to({CANONICAL}, 'UTF8')
@@ -154,30 +133,6 @@ DEFAULT_JOBS = 2  # reading connections for verify and export (the bench machine
 # ----------------------------------------------------------------------------------------------------------
 # Horizon and sealing
 # ----------------------------------------------------------------------------------------------------------
-def final_horizon(conn: psycopg.Connection[Any], *, max_wait: float = 5.0, poll: float = 0.002) -> int | None:
-    """The highest position L such that every position <= L is final, or None (nothing yet / timed out).
-
-    ``conn`` must be in autocommit mode: the sequence read, the own-xid statement and the snapshot are three
-    statements, in that order (a single statement would take its snapshot *before* reading the sequence, and
-    the own xid must have committed before the snapshot is taken; see OWN_XID).
-    """
-    last = conn.execute(SEQUENCE_LAST_VALUE).fetchone()[0]
-    if last is None:
-        return None
-    own = conn.execute(OWN_XID).fetchone()[0]  # its own statement, committed before the snapshot below
-    running = conn.execute(CURRENT_SNAPSHOT_XIP, (own,)).fetchone()[0] or []
-    deadline = time.monotonic() + max_wait
-    while running:
-        running = conn.execute(STILL_RUNNING, (running,)).fetchone()[0] or []
-        if not running:
-            break
-        if time.monotonic() > deadline:
-            log.info("audit horizon: %d transaction(s) still running after %.1fs", len(running), max_wait)
-            return None
-        time.sleep(poll)
-    return int(last)
-
-
 def head(conn: psycopg.Connection[Any]) -> tuple[int, str] | None:
     row = conn.execute(HEAD).fetchone()
     return (int(row[0]), row[1]) if row else None
@@ -187,7 +142,8 @@ def chain_hash(prev_hash: str, canonical: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical).hexdigest()
 
 
-def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float = 5.0) -> int:
+def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float = 5.0,
+         epoch: int | None = None) -> int:
     """Chain every event that is final; returns how many were sealed. Caller is the one sealer.
 
     Each batch is one transaction: read the canonical texts, hash them in order, COPY the chain rows. A
@@ -209,6 +165,8 @@ def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float 
             chain.append((pos, prev, digest))
             prev = digest
         with conn.transaction():
+            if epoch is not None:  # the background leader's: commit only inside its own term
+                fence_sql(conn, epoch)
             with conn.cursor().copy(COPY_CHAIN) as copy:
                 for row in chain:
                     copy.write_row(row)
@@ -243,15 +201,19 @@ class AuditSealer:
 
     Sealing runs in a worker thread on its own synchronous connection (psycopg's blocking API keeps the
     horizon wait simple and off the event loop); publishing happens on the loop, through the service's Bus.
-    Only one sealer chains at a time (session advisory lock); the others wait for the lock.
+    It runs in the background leader only: ``fence()`` before each pass, and ``keyledger_fence(epoch)`` inside
+    each batch's transaction, so a deposed leader's sealer cannot commit a batch.
     """
 
     def __init__(self, database_url: str, bus: Any | None = None, *, interval: float = 0.5,
-                 head_every: float = 10.0) -> None:
+                 head_every: float = 10.0, fence: Callable[[], None] = lambda: None,
+                 epoch: Callable[[], int | None] = lambda: None) -> None:
         self.database_url = database_url
         self.bus = bus
         self.interval = interval
         self.head_every = head_every
+        self.fence = fence
+        self.epoch = epoch
         self.sealed = 0
         self.published = 0
         self._conn: psycopg.Connection[Any] | None = None
@@ -278,21 +240,16 @@ class AuditSealer:
             finally:
                 self._conn = None
 
-    def _connect_and_lead(self) -> bool:
+    def _seal(self) -> tuple[int, tuple[int, str] | None]:
         if self._conn is None:
             self._conn = psycopg.connect(self.database_url, autocommit=True)
-        return try_lead(self._conn)
-
-    def _seal(self) -> tuple[int, tuple[int, str] | None]:
-        assert self._conn is not None
-        n = seal(self._conn, max_wait=max(self.interval * 4, 1.0))
+        n = seal(self._conn, max_wait=max(self.interval * 4, 1.0), epoch=self.epoch())
         return n, head(self._conn)
 
     async def _run(self) -> None:
-        while not await asyncio.to_thread(self._connect_and_lead):
-            await asyncio.sleep(1.0)
         last_publish = 0.0
         while True:
+            self.fence()
             n, current = await asyncio.to_thread(self._seal)
             self.sealed += n
             if current and (n or time.monotonic() - last_publish >= self.head_every):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client
@@ -33,10 +35,16 @@ class Bus:
         self.js: JetStreamContext | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.on_disconnect: Callable[[], None] | None = None  # called at every disconnect
 
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def is_ready(self) -> bool:
+        """Connected, with the streams declared: JetStream work can start."""
+        return self._ready.is_set() and self.connected
 
     async def ready(self) -> JetStreamContext:
         await self._ready.wait()
@@ -80,6 +88,8 @@ class Bus:
         log.debug("NATS error: %s", exc)
 
     async def _on_disconnect(self) -> None:
+        if self.on_disconnect is not None:
+            self.on_disconnect()
         log.warning("NATS disconnected; events wait in the outbox")
 
     async def _on_reconnect(self) -> None:
@@ -95,10 +105,14 @@ class Bus:
 
 
 async def ensure_streams(js: JetStreamContext, topology: Topology) -> None:
-    """Create the event and invalidation streams, or leave them as they are."""
-    for name, subjects in (
-        (topology.events_stream, [topology.events_subjects]),
-        (topology.invalidations_stream, [topology.invalidation_subject]),
+    """Create the event and invalidation streams, or leave them as they are.
+
+    One exception: the events stream must allow rollup headers, which the freshness checkpoints use so that the
+    stream keeps only the newest one. An existing stream without it gets it (JetStream allows that update).
+    """
+    for name, subjects, rollup in (
+        (topology.events_stream, [topology.events_subjects], True),
+        (topology.invalidations_stream, [topology.invalidation_subject], False),
     ):
         config = StreamConfig(
             name=name,
@@ -106,11 +120,17 @@ async def ensure_streams(js: JetStreamContext, topology: Topology) -> None:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
+            allow_rollup_hdrs=rollup,
         )
         try:
             await js.add_stream(config)
         except BadRequestError as exc:  # exists with another config: keep the operator's
             log.info("stream %s exists (%s); leaving it unchanged", name, exc.description)
+            if rollup:
+                existing = (await js.stream_info(name)).config
+                if not existing.allow_rollup_hdrs:
+                    await js.update_stream(dataclasses.replace(existing, allow_rollup_hdrs=True))
+                    log.warning("stream %s: enabled rollup headers (freshness checkpoints need them)", name)
 
 
 async def _close(nc: Client) -> None:

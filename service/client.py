@@ -6,19 +6,25 @@ projection publishes, within milliseconds of a revocation, disable or relevant u
 ``<prefix>.cache.invalidate``; the cache evicts the key the moment it arrives, and the next request
 re-verifies over HTTP (where keyledger answers from the table the revoking transaction already changed).
 
-The cache only ever trusts itself as far as it can *prove* it has heard every invalidation:
+The cache only ever trusts itself as far as it can *prove* it has heard every invalidation, and the proof
+covers the whole path from keyledger's event log, not only the cache's own connection (freshness.py):
 
-* **Proof of hearing.** Every ``sync_interval`` the cache makes a JetStream API round trip on its NATS
-  connection (``STREAM.INFO`` on the invalidations stream). NATS delivers a connection's messages in order,
-  so when the answer arrives every invalidation stored before it was asked has been received. The time the
-  last successful round trip *started* is ``synced_at``. This covers what nats-py's disconnected callback
-  cannot: a silent network partition, or a disconnect it has not noticed yet.
-* **Bounded staleness, fail-closed.** A cached positive is served only if it was verified, or the cache was
-  synced, within ``staleness`` seconds (default 1 s). Otherwise it is re-verified over HTTP.
-* **Catching up.** A disconnect (or a client-side slow-consumer drop) opens a *gap*. After reconnecting, the
-  cache reads the invalidations it missed from the JetStream stream, from just after the last stream sequence
-  it had proven (``cursor``) up to the stream's end, before trusting itself again. If it cannot prove it saw
-  them all (the stream lost messages past its limits, was purged or recreated, is missing, or the gap is
+* **Proof of freshness.** Every ``sync_interval`` the cache publishes a numbered probe; keyledger's relay
+  answers probes with a checkpoint that travels behind the events through the outbox, the events stream and
+  the invalidation projection, and arrives here only after the invalidation of every event committed before
+  the probe was sent. The send time of the newest answered probe, on this process's own monotonic clock, is
+  ``proven_at``; ``trusted`` means it is at most ``staleness`` old. Whatever stalls (keyledger cut from NATS,
+  a hung leader, a deleted stream, a cache on the wrong NATS or prefix), the echoes stop and trust ends within
+  ``staleness``: answers stay right, only slower.
+* **Bounded staleness, fail-closed.** A cached positive is served only if it was verified, or freshness was
+  proven, within ``staleness`` seconds (default 1 s). Otherwise it is re-verified over HTTP.
+* **Limited keys are never answered from memory.** A key with a usage limit (``remaining``) or a rate limit
+  counts every use in keyledger, so its positives are never cached.
+* **Catching up.** A disconnect (or a client-side slow-consumer drop) opens a *gap*, and a probe sent before it
+  proves nothing afterwards. After reconnecting, the cache reads the invalidations it missed from the JetStream
+  stream, from just after the last stream sequence it had seen (``cursor``, kept by a ``STREAM.INFO`` round
+  trip every ``sync_interval``) up to the stream's end, before an echo can count again. If it cannot prove it
+  saw them all (the stream lost messages past its limits, was purged or recreated, is missing, or the gap is
   larger than ``max_replay``) it flushes every entry instead.
 * **Fail-closed on keyledger outages.** If keyledger cannot be asked, ``verify`` answers invalid
   (``KEYLEDGER_UNAVAILABLE``), never valid from an entry it cannot trust. ``fail_open=True`` changes only
@@ -49,6 +55,7 @@ import httpx
 import msgspec
 
 from .config import Topology
+from .freshness import Prober
 
 log = logging.getLogger("keyledger.client")
 
@@ -135,7 +142,8 @@ class KeyCache:
     :param max_age: upper bound on any positive's life, invalidations or not (``None``: no bound). A safety
         net for what the cache cannot see, such as an invalidation projection that is not running.
     :param fail_open: serve stale (never evicted, never expired) positives while keyledger is unreachable.
-    :param sync_interval: period of the proof round trip; default ``staleness / 4``.
+    :param sync_interval: period of the freshness probes (and of the cursor's round trip); default
+        ``staleness / 4``.
     :param max_replay: the largest gap replayed message by message; a larger one flushes everything.
     :param max_entries: a full cache drops expired entries, then everything (it is only a cache).
     :param on_invalidation: called (synchronously) after each invalidation was applied.
@@ -186,14 +194,16 @@ class KeyCache:
         self._js: Any = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._synced_at = -_NEVER  # monotonic start of the last proof round trip
-        self._gap = True  # nothing proven yet: the first sync resolves it
+        self._prober = Prober()  # the freshness proof: probes out, checkpoint echoes in (freshness.py)
+        self._gap = True  # nothing proven yet: the first catch-up resolves it
         self._epoch = 0  # bumped on every disconnect, so a round trip that spans one proves nothing
         self._cursor: int | None = None  # last invalidations-stream sequence proven received
 
-        # Observability (plain counters; the hot path updates none of them).
-        self.http_verifications = 0
+        # Observability (plain counters; ``collector()`` exports them).
+        self.hits = 0  # answers served from memory
+        self.http_verifications = 0  # misses: answers asked of keyledger
         self.invalidations_applied = 0
+        self.evictions = 0  # entries removed by invalidations and flushes
         self.flushes = 0
         self.replayed = 0
         self.last_invalidation: Invalidation | None = None
@@ -237,8 +247,14 @@ class KeyCache:
 
     @property
     def trusted(self) -> bool:
-        """True while the cache has proven, within ``staleness``, that it heard every invalidation."""
-        return _monotonic() - self._synced_at <= self.staleness
+        """True while the cache holds a freshness proof at most ``staleness`` old: every event committed in
+        keyledger's log before ``now - staleness`` has been invalidated here."""
+        return _monotonic() - self._prober.proven_at <= self.staleness
+
+    @property
+    def proof_age(self) -> float:
+        """Seconds since the newest proven instant (``inf``: never proven)."""
+        return self._prober.age()
 
     @property
     def caught_up(self) -> bool:
@@ -252,6 +268,32 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def collector(self, prefix: str = "keyledger_cache") -> Any:
+        """A Prometheus collector of this cache's figures: ``registry.register(cache.collector())``.
+
+        Needs ``prometheus-client``; nothing is imported unless this is called."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cache = self
+
+        class _Collector:
+            def collect(self) -> Any:
+                yield GaugeMetricFamily(f"{prefix}_trusted", "1 while the cache holds a fresh freshness proof",
+                                        value=float(cache.trusted))
+                yield GaugeMetricFamily(f"{prefix}_checkpoint_age_seconds",
+                                        "Age of the freshness proof (+Inf: none)", value=cache.proof_age)
+                yield GaugeMetricFamily(f"{prefix}_entries", "Cached answers", value=len(cache))
+                for name, value, doc in (
+                    ("hits", cache.hits, "Answers served from memory"),
+                    ("misses", cache.http_verifications, "Answers asked of keyledger over HTTP"),
+                    ("evictions", cache.evictions, "Entries removed by invalidations and flushes"),
+                    ("invalidations", cache.invalidations_applied, "Invalidations applied"),
+                    ("flushes", cache.flushes, "Whole-cache flushes"),
+                ):
+                    yield CounterMetricFamily(f"{prefix}_{name}", doc, value=value)
+
+        return _Collector()
+
     # ------------------------------------------------------------------------------------------------------
     # Verification
     # ------------------------------------------------------------------------------------------------------
@@ -264,8 +306,9 @@ class KeyCache:
         if now >= entry.deadline:
             return None
         staleness = self.staleness
-        if now - self._synced_at > staleness and now - entry.verified_at > staleness:
+        if now - self._prober.proven_at > staleness and now - entry.verified_at > staleness:
             return None  # cannot prove no invalidation was missed: re-verify
+        self.hits += 1
         return entry.result
 
     async def verify(self, key: str) -> VerifyResult:
@@ -331,8 +374,10 @@ class KeyCache:
 
     def _store(self, digest: bytes, result: VerifyResult, sent: float) -> None:
         if result.valid:
-            deadline = sent + self.max_age if self.max_age is not None else _NEVER
             key = result.key or {}
+            if key.get("remaining") is not None or key.get("rateLimitEnabled"):
+                return  # keyledger counts every use of a limited key: never answer one from memory
+            deadline = sent + self.max_age if self.max_age is not None else _NEVER
             # The key's expiry, and for a superseded secret its rotation grace deadline, end the entry too.
             for ends in (_epoch(key.get("expiresAt")), _epoch(key.get("graceUntil"))):
                 if ends is not None:
@@ -365,17 +410,19 @@ class KeyCache:
     def invalidate(self, *, key_hash: str | None = None, key_id: str | None = None) -> None:
         """Evict one key, by hash and/or id (what an invalidation message does)."""
         digest = _digest_of_hash(key_hash) if key_hash else None
-        if digest is not None:
-            self._entries.pop(digest, None)
+        if digest is not None and self._entries.pop(digest, None) is not None:
+            self.evictions += 1
         if key_id is not None:
             for by_id in self._by_id.pop(key_id, ()):
-                self._entries.pop(by_id, None)
+                if self._entries.pop(by_id, None) is not None:
+                    self.evictions += 1
         self._generation += 1
         self._evictions.append((self._generation, digest, key_id, False))
 
     def flush(self, why: str = "") -> None:
         """Evict everything."""
         had = len(self._entries)
+        self.evictions += had
         self._entries.clear()
         self._by_id.clear()
         self._generation += 1
@@ -432,11 +479,13 @@ class KeyCache:
                 delay = min(delay * 2, 2.0)
         self._js = self._nc.jetstream(timeout=max(min(self.staleness, 2.0), 0.2))
         await self._nc.subscribe(self.topology.invalidation_subject, cb=self._on_message)
+        await self._nc.subscribe(self.topology.checkpoint_subject, cb=self._on_checkpoint)
         while True:
             try:
                 if self._nc.is_closed:
                     return
                 if self._nc.is_connected:
+                    await self._nc.publish(self.topology.probe_subject, self._prober.next_probe())
                     if self._gap:
                         await self._catch_up()
                     else:
@@ -451,8 +500,13 @@ class KeyCache:
             except asyncio.TimeoutError:
                 pass
 
+    async def _on_checkpoint(self, msg: Any) -> None:
+        # An echo counts only with no gap left to close (the probe's own session is checked by the prober).
+        self._prober.on_checkpoint(msg.data, accept=not self._gap)
+
     async def _on_disconnect(self) -> None:
         self._epoch += 1
+        self._prober.new_session()
         self._gap = True
         log.warning("key cache: NATS disconnected; positives older than %ss are re-verified", self.staleness)
 
@@ -465,6 +519,7 @@ class KeyCache:
 
         if isinstance(exc, SlowConsumerError):  # the client dropped messages: some may be invalidations
             self._epoch += 1
+            self._prober.new_session()
             self._gap = True
             self._wake.set()
         log.debug("key cache NATS error: %s", exc)
@@ -480,19 +535,17 @@ class KeyCache:
         return info.state.first_seq, info.state.last_seq
 
     async def _sync(self) -> None:
-        """One proof round trip; also moves the cursor to the stream's end (all of it was received live)."""
-        epoch, sent = self._epoch, _monotonic()
+        """Move the cursor to the stream's end: NATS keeps a connection's messages in order, so when the answer
+        arrives every invalidation stored before it was asked has been received live."""
+        epoch = self._epoch
         state = await self._stream_state()
-        if state is None:
-            await self._nc.flush(timeout=max(self.staleness, 0.2))
         if epoch != self._epoch or self._gap:
             return
         self._cursor = None if state is None else state[1]
-        self._synced_at = sent
 
     async def _catch_up(self) -> None:
         """Close a gap: replay what the stream holds after the cursor, or flush if that cannot be proven."""
-        epoch, sent = self._epoch, _monotonic()
+        epoch = self._epoch
         for _ in range(3):  # repeat until the stream's end stops moving (closes a publish-vs-SUB race)
             state = await self._stream_state()
             cursor = self._cursor
@@ -513,7 +566,6 @@ class KeyCache:
         if epoch != self._epoch:
             return  # disconnected again meanwhile: still a gap
         self._gap = False
-        self._synced_at = sent
         log.info("key cache: caught up at stream sequence %s", self._cursor)
 
     async def _replay(self, first: int, last: int) -> bool:

@@ -35,7 +35,7 @@ def _positive(value: str | None, default: float, name: str) -> float:
 class Topology:
     """NATS names. The defaults are the public contract; tests override them to isolate themselves."""
 
-    prefix: str = "apikey"  # subjects: <prefix>.events.<kind>.<keyId>, <prefix>.cache.invalidate
+    prefix: str = "apikey"  # subjects: <prefix>.events.<kind>.<keyId>, <prefix>.cache.invalidate, ...
     events_stream: str = "APIKEY_EVENTS"
     invalidations_stream: str = "APIKEY_INVALIDATIONS"
     consumer_prefix: str = "keyledger"
@@ -50,6 +50,20 @@ class Topology:
     @property
     def invalidation_subject(self) -> str:
         return f"{self.prefix}.cache.invalidate"
+
+    # The freshness proof (freshness.py): probes from caches, checkpoints on the events stream (one subject,
+    # rolled up to the newest) and forwarded to caches after the invalidations they vouch for.
+    @property
+    def probe_subject(self) -> str:
+        return f"{self.prefix}.cache.probe"
+
+    @property
+    def checkpoint_event_subject(self) -> str:
+        return f"{self.prefix}.events.checkpoint"
+
+    @property
+    def checkpoint_subject(self) -> str:
+        return f"{self.prefix}.cache.checkpoint"
 
     def consumer(self, name: str) -> str:
         return f"{self.consumer_prefix}-{name}"

@@ -152,11 +152,25 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     occurred_at: dt.datetime
     actor: dict[str, Any]
     data: dict[str, Any]
+    # Present (true) only on the reduced form the relay publishes when NATS refuses an event for its size: the
+    # key hashes stay in ``data``, ``actor`` is empty, the rest is in the log (history, export).
+    reduced: bool | UnsetType = UNSET
+
+
+class EnvelopeHead(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a consumer that reads the log itself needs of an envelope (decodes whole and reduced forms)."""
+
+    id: str
+    type: str
+    key_id: str
+    version: int
+    position: int
 
 
 # One encoder/decoder pair, built once and reused.
 _encoder = msgspec.json.Encoder()
 _envelope_decoder = msgspec.json.Decoder(Envelope)
+_head_decoder = msgspec.json.Decoder(EnvelopeHead)
 _data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
 
 
@@ -196,6 +210,20 @@ def to_envelope(recorded: RecordedEvent) -> Envelope:
 
 def encode_envelope(recorded: RecordedEvent) -> bytes:
     return _encoder.encode(to_envelope(recorded))
+
+
+# The fields a reduced envelope keeps of ``data``: enough for a cache to evict.
+REDUCED_FIELDS = ("keyHash", "previousKeyHash")
+
+
+def encode_reduced_envelope(recorded: RecordedEvent) -> bytes:
+    env = to_envelope(recorded)
+    data = {k: env.data[k] for k in REDUCED_FIELDS if k in env.data}
+    return _encoder.encode(msgspec.structs.replace(env, actor={}, data=data, reduced=True))
+
+
+def decode_envelope_head(payload: bytes) -> EnvelopeHead:
+    return _head_decoder.decode(payload)
 
 
 def decode_envelope(payload: bytes) -> RecordedEvent:

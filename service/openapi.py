@@ -119,8 +119,21 @@ class Health(msgspec.Struct):
     nats: bool
 
 
+class Ready(msgspec.Struct, rename="camel"):
+    ready: bool
+    checkpoint_age_seconds: float  # age of this process's freshness proof (see the README, "Freshness")
+    outbox_depth: int
+    leader: bool  # this process runs the background work
+
+
+class NotReady(msgspec.Struct):
+    message: str
+    code: str  # NOT_READY
+    reasons: list[str]
+
+
 _STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, RotateBody, Success, ListAnswer, VerifyBody,
-            VerifyAnswer, Envelope, History, Health]
+            VerifyAnswer, Envelope, History, Health, Ready, NotReady]
 _COOKIE = [{"betterAuthSession": []}]
 
 
@@ -202,8 +215,16 @@ def document() -> dict[str, Any]:
                           **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)",
                                     "404 not yours or unknown (KEY_NOT_FOUND)")},
         }},
-        "/health": {"get": {"summary": "The database answers; whether NATS is connected",
-                            "responses": {"200": _json(Health, "healthy")}}},
+        "/health": {"get": {"summary": "Liveness: the database answers; whether NATS is connected",
+                            "responses": {"200": _json(Health, "healthy"),
+                                          **_errors("503 database unavailable (SERVICE_UNAVAILABLE)")}}},
+        "/ready": {"get": {"summary": "Readiness: revocations propagate now (database writable, NATS connected, "
+                                      "a fresh freshness proof, no old unpublished event)",
+                           "responses": {"200": _json(Ready, "ready"),
+                                         "503": _json(NotReady, "not ready, with the reasons (NOT_READY)")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format)",
+                             "responses": {"200": {"description": "metrics",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
     return {
         "openapi": "3.1.0",

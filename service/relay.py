@@ -1,4 +1,5 @@
-"""The outbox relay: every committed event reaches JetStream, at least once, in position order per batch.
+"""The outbox relay: every committed event reaches JetStream, at least once, in position order per batch;
+and behind the events, the freshness checkpoints that prove it (``freshness.py``).
 
 Guarantee without two-phase commit: an event's outbox row is committed with the event (trigger in
 schema.sql) and deleted only after JetStream acknowledged the publish. So:
@@ -9,29 +10,43 @@ schema.sql) and deleted only after JetStream acknowledged the publish. So:
 * Process killed after the commit: the rows are still there at restart and go out then.
 * Killed between the ack and the delete: the event is published again with the same ``Nats-Msg-Id`` (the
   event id): JetStream drops it inside its duplicate window, and consumers deduplicate by (keyId, version).
+* An event the broker refuses for its size (``max_payload``, a stream's ``max_msg_size``) is published in a
+  reduced form instead (``Envelope.reduced``: ids, version, position, type and the key hashes; no actor, no
+  other data), so caches still hear of it and it never blocks the events behind it. The log keeps it whole.
 
 Order: rows are published in position order, one batch at a time, and a batch that fails is retried from
 its first unacknowledged row, so nothing is skipped. A key's version n+1 is only appended after version n
 committed, so n is always in an earlier batch or earlier in the same one. The publishes of a batch are in
 flight together (one ack round trip per batch, not per event); if one fails while a later one of the same
 batch was stored, the retry lands after it, so the stream order is "almost always" per-key order. Consumers
-must (and ours do) order by the envelope's per-key ``version``, never by arrival. Only one relay publishes
-at a time (a Postgres advisory lock), so several service processes never interleave their batches.
+must (and ours do) order by the envelope's per-key ``version``, never by arrival.
+
+Only the background leader relays (``leadership.py``); ``fence()`` is checked right before every publish, so a
+deposed leader that wakes up publishes nothing more.
+
+Checkpoints never block the relay's loop: a checkpoint is *begun* (probes taken, then the horizon read) and
+then *settled* by one look per pass of the loop, published once no writer that could hold a position <= its
+horizon is running and the outbox holds nothing <= it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from nats.errors import MaxPayloadError
+from nats.js.errors import APIError, NoStreamResponseError
 
-from nats.js.errors import NoStreamResponseError
-
+from . import horizon
 from .bus import Bus, ensure_streams
 from .config import PG_KEEPALIVES
-from .events import encode_envelope, kind
+from .events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
+from .freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
 from .log import EVENT_COLUMNS, row_to_event
 
 log = logging.getLogger("keyledger.relay")
@@ -48,24 +63,54 @@ MARK_PUBLISHED = "DELETE FROM outbox WHERE position = ANY(%s)"
 # up, even on servers where autovacuum is off or slow (it is a tiny table: this costs next to nothing).
 VACUUM_OUTBOX = "VACUUM (SKIP_LOCKED) outbox"
 VACUUM_EVERY_S = 5.0
-LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.outbox-relay', 0))"
+# JetStream's "message size exceeds maximum allowed" (a stream's max_msg_size).
+JS_MESSAGE_TOO_LARGE = 10054
+# Under a steady stream of batches, a checkpoint per batch would cost a horizon read per batch: at most one per
+# this many seconds instead (the 250 ms "at least" comes from ``checkpoint_every``).
+CHECKPOINT_MIN_GAP = 0.02
+
+
+def _too_large(error: BaseException) -> bool:
+    return isinstance(error, MaxPayloadError) or (isinstance(error, APIError) and error.err_code == JS_MESSAGE_TOO_LARGE)
+
+
+def _unfenced() -> None:
+    pass
 
 
 class OutboxRelay:
     def __init__(self, database_url: str, bus: Bus, *, batch_size: int = 500, poll_interval: float = 0.5,
-                 publish_timeout: float = 2.0) -> None:
+                 publish_timeout: float = 2.0, checkpoint_every: float = 0.25,
+                 fence: Callable[[], None] = _unfenced, epoch: Callable[[], int | None] = lambda: None) -> None:
         self.database_url = database_url
         self.bus = bus
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.publish_timeout = publish_timeout
+        self.checkpoint_every = checkpoint_every
+        self.fence = fence
+        self.epoch = epoch
         self._wake = asyncio.Event()
-        self.published = 0
+        self._probes: dict[str, int] = {}
         self.vacuum = True
+        # Figures for /ready and /metrics.
+        self.published = 0
+        self.reduced = 0
+        self.checkpoints = 0
+        self.last_ack = float("-inf")  # monotonic time of the last JetStream acknowledgement (progress)
 
     def nudge(self) -> None:
         """Called after a commit in this process, so publication does not wait for the next poll."""
         self._wake.set()
+
+    def on_probe(self, payload: bytes) -> None:
+        """A prober's probe arrived (core NATS): answer it with the next checkpoint begun after now."""
+        try:
+            probe = decode_probe(payload)
+        except Exception:
+            return
+        if len(self._probes) < 100_000 and probe.n > self._probes.get(probe.i, -1):
+            self._probes[probe.i] = probe.n
 
     async def run(self) -> None:
         backoff = 0.05
@@ -73,7 +118,6 @@ class OutboxRelay:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
                                                                  **PG_KEEPALIVES) as conn:
-                    await self._lead(conn)
                     backoff = 0.05
                     await self._relay(conn)
             except asyncio.CancelledError:
@@ -83,69 +127,121 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # Session-level advisory lock: held while this connection lives, released if the process dies.
-        while not (await (await conn.execute(LEADER_LOCK)).fetchone())[0]:
-            await asyncio.sleep(1.0)
-
     async def _relay(self, conn: psycopg.AsyncConnection[Any]) -> None:
         js = await self.bus.ready()
-        topology = self.bus.topology
+        loop = asyncio.get_running_loop()
         failures = 0
-        vacuum_at = asyncio.get_running_loop().time() + VACUUM_EVERY_S
+        vacuum_at = loop.time() + VACUUM_EVERY_S
+        pending: tuple[horizon.PendingHorizon, dict[str, int]] | None = None
+        checkpoint_due = 0.0
+        begun = float("-inf")
         while True:
-            if self.vacuum and asyncio.get_running_loop().time() >= vacuum_at:
-                vacuum_at = asyncio.get_running_loop().time() + VACUUM_EVERY_S
+            now = loop.time()
+            if self.vacuum and now >= vacuum_at:
+                vacuum_at = now + VACUUM_EVERY_S
                 try:
                     await conn.execute(VACUUM_OUTBOX)
                 except psycopg.errors.InsufficientPrivilege:
                     log.info("not the outbox's owner: leaving its vacuuming to autovacuum")
                     self.vacuum = False
+            if pending is None and now >= checkpoint_due:
+                # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
+                probes, self._probes = self._probes, {}
+                pending, begun = (await horizon.begin(conn), probes), now
             self._wake.clear()
             cur = await conn.execute(NEXT_BATCH, (self.batch_size,))
             rows = await cur.fetchall()
-            if not rows:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            events = [row_to_event(r) for r in rows]
-            # Sent in order on one connection; the acks are awaited together.
-            results = await asyncio.gather(
-                *(
-                    js.publish(
-                        topology.event_subject(kind(e.type), e.stream_id),
-                        encode_envelope(e),
-                        timeout=self.publish_timeout,
-                        headers={"Nats-Msg-Id": e.id},
-                    )
-                    for e in events
-                ),
-                return_exceptions=True,
-            )
-            # Only the leading run of acknowledged events is marked: the first failure and everything after
-            # it stay in the outbox and are retried in order.
-            acked = []
-            for e, result in zip(events, results):
-                if isinstance(result, BaseException):
-                    break
-                acked.append(e.position)
-            if acked:
-                await conn.execute(MARK_PUBLISHED, (acked,))
-                self.published += len(acked)
-            if len(acked) < len(events):
-                failures += 1
-                error = next(r for r in results if isinstance(r, BaseException))
-                log.warning("publish failed (%s); %d events wait in the outbox", type(error).__name__,
-                            len(events) - len(acked))
-                if isinstance(error, NoStreamResponseError):
-                    # NATS came back without its JetStream state (new volume, stream deleted): declare the
-                    # streams again, or every retry fails the same way until the process restarts.
-                    try:
-                        await ensure_streams(js, topology)
-                    except Exception as exc:
-                        log.warning("could not declare the streams: %s: %s", type(exc).__name__, exc)
-                await asyncio.sleep(min(0.05 * 2**failures, 1.0))
-            else:
+            if rows:
+                if not await self._publish([row_to_event(r) for r in rows], conn, js):
+                    failures += 1
+                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
+                    continue
                 failures = 0
+                # A checkpoint follows every batch (at most one per CHECKPOINT_MIN_GAP under a steady stream).
+                checkpoint_due = min(checkpoint_due, begun + CHECKPOINT_MIN_GAP)
+            if pending is not None:
+                oldest = await horizon.settle(conn, pending[0])
+                if oldest is not None and not 0 < oldest <= pending[0].position:
+                    if await self._checkpoint(js, pending[0].position, pending[1]):
+                        failures = 0
+                        checkpoint_due = loop.time() + self.checkpoint_every
+                    else:  # answer the same probes with a fresh checkpoint later
+                        self._probes = merge_probes(pending[1], self._probes)
+                        failures += 1
+                        checkpoint_due = loop.time() + min(0.05 * 2**failures, 1.0)
+                    pending = None
+                    continue
+                if not rows:  # a writer below the horizon is still running, or its row just became visible
+                    await asyncio.sleep(0.002 if oldest is None else 0)
+                    continue
+            if rows:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(self.poll_interval, checkpoint_due - now)))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _publish(self, events: list[RecordedEvent], conn: psycopg.AsyncConnection[Any], js: Any) -> bool:
+        """Publish one batch; mark the leading run of acknowledged events. True when all were acknowledged."""
+        topology = self.bus.topology
+        self.fence()
+        # Sent in order on one connection; the acks are awaited together.
+        results = await asyncio.gather(
+            *(self._publish_one(js, topology.event_subject(kind(e.type), e.stream_id), e) for e in events),
+            return_exceptions=True,
+        )
+        # Only the leading run of acknowledged events is marked: the first failure and everything after
+        # it stay in the outbox and are retried in order.
+        acked = []
+        for e, result in zip(events, results):
+            if isinstance(result, BaseException):
+                break
+            acked.append(e.position)
+        if acked:
+            self.last_ack = time.monotonic()
+            await conn.execute(MARK_PUBLISHED, (acked,))
+            self.published += len(acked)
+        if len(acked) == len(events):
+            return True
+        error = next(r for r in results if isinstance(r, BaseException))
+        log.warning("publish failed (%s); %d events wait in the outbox", type(error).__name__,
+                    len(events) - len(acked))
+        if isinstance(error, NoStreamResponseError):
+            # NATS came back without its JetStream state (new volume, stream deleted): declare the
+            # streams again, or every retry fails the same way until the process restarts.
+            try:
+                await ensure_streams(js, topology)
+            except Exception as exc:
+                log.warning("could not declare the streams: %s: %s", type(exc).__name__, exc)
+        return False
+
+    async def _publish_one(self, js: Any, subject: str, event: RecordedEvent) -> Any:
+        headers = {"Nats-Msg-Id": event.id}
+        try:
+            return await js.publish(subject, encode_envelope(event), timeout=self.publish_timeout, headers=headers)
+        except Exception as exc:
+            if not _too_large(exc):
+                raise
+        # The broker refuses it whole: a reduced form, marked as such, rather than a poison message that
+        # blocks every event behind it. Consumers that need the rest read the log (history, export).
+        log.warning("event %s (position %d) is too large for NATS; publishing its reduced form",
+                    event.id, event.position)
+        self.reduced += 1
+        return await js.publish(subject, encode_reduced_envelope(event), timeout=self.publish_timeout,
+                                headers={**headers, "Keyledger-Reduced": "true"})
+
+    async def _checkpoint(self, js: Any, position: int, probes: dict[str, int]) -> bool:
+        topology = self.bus.topology
+        checkpoint = Checkpoint(position=position, probes=probes, epoch=self.epoch() or 0,
+                                created_at=dt.datetime.now(dt.timezone.utc))
+        self.fence()
+        try:
+            # Nats-Rollup: the stream keeps only the newest checkpoint, however often they come.
+            await js.publish(topology.checkpoint_event_subject, encode_checkpoint(checkpoint),
+                             timeout=self.publish_timeout, headers={"Nats-Rollup": "sub"})
+        except Exception as exc:
+            log.debug("checkpoint not acknowledged: %s: %s", type(exc).__name__, exc)
+            return False
+        self.last_ack = time.monotonic()
+        self.checkpoints += 1
+        return True

@@ -5,7 +5,7 @@ key that exists) and ``superseded_key_secrets`` (secrets a rotation superseded, 
 
 Build aside, then swap:
 
-1. **Horizon.** ``audit.final_horizon`` gives L0 such that every position <= L0 is final (the sealer's
+1. **Horizon.** ``horizon.final_horizon`` gives L0 such that every position <= L0 is final (the sealer's
    algorithm), so a snapshot taken afterwards sees exactly the events <= L0, late committers included.
 2. **Bulk build, set-based, on two connections.** ``*_rebuild`` tables (``LIKE ... INCLUDING ALL EXCLUDING
    INDEXES``) are filled by two statements per connection, each connection taking half of the keys (split by
@@ -67,7 +67,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .audit import final_horizon, parallel
+from .audit import parallel
+from .horizon import SEQUENCE_LAST_VALUE, final_horizon
 
 NAME = "active_api_keys"
 SECRETS = "superseded_key_secrets"
@@ -92,7 +93,6 @@ COUNT_STAGED = f"SELECT count(*), coalesce(sum(events), 0) FROM {STAGED}"
 COUNT_ROWS = f"SELECT count(*) FROM {REBUILD}"
 TAIL_KEYS = "SELECT DISTINCT stream_id FROM events WHERE position > %s AND position <= %s"
 TAIL_KEYS_ALL = "SELECT DISTINCT stream_id FROM events WHERE position > %s"
-SEQUENCE_LAST_VALUE = "SELECT pg_sequence_last_value('events_position_seq')"
 
 # Event types. Every known type but ApiKeyRevoked sets the row's version and updated_at (see the docstring).
 CREATED = "('ApiKeyCreated', 'ApiKeyImported')"

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import select
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
@@ -15,11 +16,22 @@ from psycopg_pool import AsyncConnectionPool
 
 from .bus import Bus
 from .config import PG_KEEPALIVES, Settings
+from .freshness import Prober
+from .leadership import Lease
 from .relay import OutboxRelay
 from .usage import LastRequests
 from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
 
+if TYPE_CHECKING:
+    from .projections.invalidations import InvalidationProjection
+
 log = logging.getLogger("keyledger")
+
+PROBE_EVERY_S = 0.25  # this process's own freshness probes (for /ready and /metrics)
+# The leader keeps its lease while JetStream acknowledged something of its relay within this window; the
+# relay checkpoints every 250 ms, so a healthy leader is always well inside it.
+LEADER_PROGRESS_WINDOW_S = 1.0
+LEADER_STARTUP_GRACE_S = 1.0
 
 # jsonb parameters and results through msgspec rather than the stdlib json module: same JSON, less CPU on
 # the hot path (event metadata is a jsonb parameter of every append).
@@ -43,21 +55,23 @@ async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
-BACKGROUND_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.background', 0))"
-
-
 class Runtime:
-    """One process's share of the service: the HTTP pool, and, in exactly one process, the background work.
+    """One process's share of the service: the HTTP pool, its own freshness prober, and, in exactly one
+    process, the background work.
 
-    Several processes (``serve --workers N``, or several hosts) can serve the API at once. The outbox relay
-    and the NATS subscribers run in one of them only: whoever holds the ``keyledger.background`` advisory
-    lock (held by a dedicated connection; if that process dies, the lock is released and another takes
-    over within a second). One relay keeps batches in position order; one puller per durable consumer keeps
-    the subscribers' batch acknowledgements (AckAll) safe.
+    Several processes (``serve --workers N``, or several hosts) can serve the API at once. The outbox relay,
+    the NATS subscribers, the audit sealer and the expiry sweeper run in one of them only: the holder of the
+    leadership lease (leadership.py), which moves to another process within about 2 s when the leader is
+    killed, hung or cut from NATS. One relay keeps batches in position order; one puller per durable consumer
+    keeps the subscribers' batch acknowledgements (AckAll) safe.
 
     After a commit, a handler nudges the relay so publication does not wait for its next poll: directly when
     the relay runs in this process, otherwise with an empty core-NATS message on ``<prefix>.internal.wake``
     that the leader listens to. The ping carries nothing; losing it only delays publication to the next poll.
+
+    Every process also probes the pipeline (freshness.py) like a cache would: ``freshness.age()`` is how old
+    this process's proof is that every committed event has been invalidated everywhere, which ``/ready``
+    and ``/metrics`` report. Progress, not connectivity.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -76,13 +90,21 @@ class Runtime:
             open=False,
         )
         self.bus = Bus(settings.nats_url, settings.topology)
-        self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s)
+        self.lease = Lease(settings.database_url)
+        self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s,
+                                 fence=self.lease.check, epoch=lambda: self.lease.epoch)
+        self.invalidations: InvalidationProjection | None = None
         # lastRequest of keys without limits: noted by verify in memory, written in batches (usage.py).
         self.last_requests = LastRequests(self.pool, settings.last_request_flush_s)
+        self.freshness = Prober()
         self._flusher: asyncio.Task[Any] | None = None
-        self.leader = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._term_started = float("-inf")
         self._wake_subject = f"{settings.topology.prefix}.internal.wake"
+
+    @property
+    def leader(self) -> bool:
+        return self.lease.valid()
 
     def nudge_relay(self) -> None:
         if self.leader:
@@ -97,71 +119,87 @@ class Runtime:
     async def start(self) -> None:
         await self.pool.open(wait=True, timeout=15)
         self._flusher = asyncio.create_task(self.last_requests.run(), name="last-request-flusher")
+        self.bus.on_disconnect = self.freshness.new_session
         self.bus.start()
+        self._tasks.append(asyncio.create_task(self._probe_forever(), name="freshness-prober"))
         if self.settings.run_relay or self.settings.run_projections:
-            self._tasks.append(asyncio.create_task(self._background(), name="background-leader"))
+            self._tasks.append(asyncio.create_task(
+                self.lease.hold(self._lead, eligible=lambda: self.bus.is_ready, healthy=self._progressing),
+                name="background-leadership"))
 
-    async def _background(self) -> None:
-        """Become the background leader (or wait to), run the relay and subscribers, step down on failure."""
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(self.settings.database_url, autocommit=True,
-                                                                 **PG_KEEPALIVES) as conn:
-                    while not (await (await conn.execute(BACKGROUND_LOCK)).fetchone())[0]:
-                        await asyncio.sleep(1.0)
-                    await self._lead(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("background work stopped (%s: %s); retrying", type(exc).__name__, exc)
-                await asyncio.sleep(1.0)
+    def _progressing(self) -> bool:
+        """The leader keeps its lease only while JetStream acknowledges its work: the relay's checkpoints
+        (every 250 ms) are acknowledged even when no event is written. A start-up grace covers the first."""
+        if not self.settings.run_relay:
+            return self.bus.connected
+        last = max(self.relay.last_ack, self._term_started + LEADER_STARTUP_GRACE_S)
+        return time.monotonic() - last < LEADER_PROGRESS_WINDOW_S
 
-    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _lead(self) -> None:
+        from .audit import AuditSealer
         from .projections.invalidations import InvalidationProjection
         from .projections.subscriber import ActiveKeysSubscriber
+        from .sweeper import ExpirySweeper
 
+        self._term_started = time.monotonic()
+        fence = self.lease.check
         workers: list[asyncio.Task[Any]] = []
         if self.settings.run_relay:
             workers.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
-        if self.settings.run_projections:
-            sub = ActiveKeysSubscriber(self.settings.database_url, self.bus)
-            workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
-            workers.append(asyncio.create_task(InvalidationProjection(self.bus).run(), name="projection-invalidations"))
-        if self.settings.run_projections:
-            from .sweeper import ExpirySweeper
-
-            sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge)
-            workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
-        if self.settings.run_relay:
-            from .audit import AuditSealer
-
-            sealer = AuditSealer(self.settings.database_url, self.bus)
+            workers.append(asyncio.create_task(self._listen(self.settings.topology.probe_subject,
+                                                            self.relay.on_probe), name="probes"))
+            sealer = AuditSealer(self.settings.database_url, self.bus, fence=fence,
+                                 epoch=lambda: self.lease.epoch)
             workers.append(asyncio.create_task(sealer.run(), name="audit-sealer"))
-        workers.append(asyncio.create_task(self._listen_for_wake(), name="relay-wake"))
-        self.leader = True
+        if self.settings.run_projections:
+            sub = ActiveKeysSubscriber(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch)
+            workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
+            self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch)
+            workers.append(asyncio.create_task(self.invalidations.run(), name="projection-invalidations"))
+            sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge, fence=fence)
+            workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
+        workers.append(asyncio.create_task(self._listen(self._wake_subject, lambda _: self.relay.nudge()),
+                                           name="relay-wake"))
         try:
-            while True:  # hold the lock; a broken connection means another process may lead now
-                await asyncio.sleep(2.0)
-                await conn.execute("SELECT 1")
+            await asyncio.gather(*workers)
         finally:
-            self.leader = False
             for task in workers:
                 task.cancel()
-            for task in workers:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _listen_for_wake(self) -> None:
+    async def _listen(self, subject: str, handle: Any) -> None:
+        """Call ``handle(payload)`` for each core-NATS message on ``subject``, resubscribing after failures."""
         await self.bus.ready()
         while True:
             try:
-                sub = await self.bus.nc.subscribe(self._wake_subject)  # type: ignore[union-attr]
-                async for _ in sub.messages:
-                    self.relay.nudge()
+                sub = await self.bus.nc.subscribe(subject)  # type: ignore[union-attr]
+                try:
+                    async for msg in sub.messages:
+                        handle(msg.data)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 await asyncio.sleep(0.5)
+
+    async def _probe_forever(self) -> None:
+        """Probe the pipeline every PROBE_EVERY_S and take the checkpoints' echoes (freshness.py)."""
+        await self.bus.ready()
+        topology = self.settings.topology
+        nc = self.bus.nc
+        assert nc is not None
+
+        async def on_checkpoint(msg: Any) -> None:
+            self.freshness.on_checkpoint(msg.data)
+
+        await nc.subscribe(topology.checkpoint_subject, cb=on_checkpoint)
+        while True:
+            if self.bus.connected:
+                with contextlib.suppress(Exception):
+                    await nc.publish(topology.probe_subject, self.freshness.next_probe())
+            await asyncio.sleep(PROBE_EVERY_S)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -18,6 +18,7 @@ only be written after the earlier one committed, so per-key order in the log is 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import random
 import uuid
@@ -83,6 +84,20 @@ SELECT
 # pause so that a crowd of writers on one key spreads out instead of colliding again in lockstep.
 MAX_ATTEMPTS = 40
 RETRY_PAUSE_S = 0.004
+
+
+# The largest event (data + metadata as stored) an append accepts. The body limit (64 KiB) and the caps on what
+# a request copies into metadata (app.py) keep every real event far below it; it is the last guard that keeps an
+# event publishable whole under NATS's default 1 MB max_payload. (A broker set lower still gets the reduced form,
+# relay.py.)
+MAX_EVENT_BYTES = 256 * 1024
+
+# Events appended by this process, by type (for /metrics).
+APPENDED: collections.Counter[str] = collections.Counter()
+
+
+class EventTooLarge(Exception):
+    """An event over MAX_EVENT_BYTES: refused before anything is written (413)."""
 
 
 class ConcurrencyConflict(Exception):
@@ -174,9 +189,11 @@ async def append(
 
 def _event_params(r: RecordedEvent) -> dict[str, Any]:
     """One event's column values, named as in APPEND_ONE."""
+    data, metadata = encode_data(r.event), _encoder.encode(r.metadata)
+    if len(data) + len(metadata) > MAX_EVENT_BYTES:
+        raise EventTooLarge(f"the event would take {len(data) + len(metadata)} bytes (at most {MAX_EVENT_BYTES})")
     return {"id": r.id, "stream": r.stream_id, "version": r.version, "type": r.type,
-            "data": encode_data(r.event).decode(), "metadata": _encoder.encode(r.metadata).decode(),
-            "at": r.recorded_at}
+            "data": data.decode(), "metadata": metadata.decode(), "at": r.recorded_at}
 
 
 def _params(pending: list[RecordedEvent]) -> dict[str, list[Any]]:
@@ -254,5 +271,6 @@ async def execute(
             continue
         for r in recorded:
             state = evolve(state, r.event, key_id=key_id, version=r.version, at=r.recorded_at)
+            APPENDED[r.type] += 1
         return state, recorded
     raise ConcurrencyConflict(f"gave up on key {key_id} after {MAX_ATTEMPTS} conflicting attempts")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -41,7 +42,8 @@ LIMIT %s
 ACTOR = {"userId": None, "sessionId": None, "via": "expiry-sweeper"}
 
 
-async def sweep_once(conn: psycopg.AsyncConnection[Any], *, batch: int = 500) -> int:
+async def sweep_once(conn: psycopg.AsyncConnection[Any], *, batch: int = 500,
+                     fence: Callable[[], None] = lambda: None) -> int:
     """Record ApiKeyExpired for every key whose deadline passed and ApiKeySecretRetired for every superseded
     secret whose grace ended; returns how many events this call recorded."""
     recorded = 0
@@ -51,6 +53,7 @@ async def sweep_once(conn: psycopg.AsyncConnection[Any], *, batch: int = 500) ->
             due = await (await conn.execute(query, (now, batch))).fetchall()
             before = recorded
             for row in due:
+                fence()  # a deposed leader records nothing more (a late one would be a no-op anyway)
                 _, events = await store.execute(conn, command(now, *row), row[0], ACTOR)
                 recorded += len(events)
             if len(due) < batch or recorded == before:  # a full batch that changed nothing would repeat
@@ -67,8 +70,10 @@ def _retire(now: dt.datetime, key_id: str, key_hash: str) -> Command:
 
 
 class ExpirySweeper:
-    def __init__(self, database_url: str, *, interval: float = 1.0, on_recorded: Any = None) -> None:
+    def __init__(self, database_url: str, *, interval: float = 1.0, on_recorded: Any = None,
+                 fence: Callable[[], None] = lambda: None) -> None:
         self.database_url = database_url
+        self.fence = fence
         self.interval = interval
         self.on_recorded = on_recorded  # called after a pass that recorded something (nudges the relay)
         self.recorded = 0
@@ -79,7 +84,7 @@ class ExpirySweeper:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
                                                                  **PG_KEEPALIVES) as conn:
                     while True:
-                        count = await sweep_once(conn)
+                        count = await sweep_once(conn, fence=self.fence)
                         if count:
                             self.recorded += count
                             log.info("recorded %d expirations", count)

@@ -217,6 +217,17 @@ async def stream_messages(nats_url: str, stream: str) -> list[Any]:
         await nc.close()
 
 
+async def term_consumer_info(js: Any, topology: Topology, name: str) -> Any:
+    """Info of the durable consumer of projection ``name`` for the current leadership term (the newest
+    ``<prefix>-<name>-e<epoch>``; projections/consumer.py)."""
+    base = topology.consumer(name)
+    names = [c.name for c in await js.consumers_info(topology.events_stream) if c.name.startswith(base)]
+    if not names:
+        raise LookupError(f"no consumer {base}*")
+    newest = max(names, key=lambda n: int(n.rsplit("-e", 1)[1]) if n.rsplit("-e", 1)[-1].isdigit() else 0)
+    return await js.consumer_info(topology.events_stream, newest)
+
+
 def read_stream_messages(nats_url: str, stream: str) -> list[Any]:
     return asyncio.run(stream_messages(nats_url, stream))
 

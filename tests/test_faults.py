@@ -25,7 +25,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import Service, delete_streams, read_stream_messages, unique_topology, wait_until
+from harness import Service, delete_streams, read_stream_messages, term_consumer_info, unique_topology, wait_until
 from keyledger.config import Topology
 from keyledger.domain import KeyState, fold
 from keyledger.embedded import start_nats, start_postgres
@@ -118,9 +118,12 @@ def assert_consistent(database_url: str) -> None:
 
 
 def stream_index(nats_url: str, stream: str) -> list[tuple[str, str, str, int]]:
-    """(subject, Nats-Msg-Id, keyId, version) of every message in a JetStream stream, in stream order."""
+    """(subject, Nats-Msg-Id, keyId, version) of every event message in a JetStream stream, in stream order
+    (the freshness checkpoint that rides the events stream is not an event)."""
     out = []
     for m in read_stream_messages(nats_url, stream):
+        if m.subject.endswith(".events.checkpoint"):
+            continue
         envelope = json.loads(m.data)
         out.append((m.subject, (m.headers or {}).get("Nats-Msg-Id"), envelope["keyId"], envelope["version"]))
     return out
@@ -534,7 +537,7 @@ async def _consumer_acked(nats_url: str, topology: Topology, stream_seq: int) ->
     try:
         js = nc.jetstream(timeout=5)
         try:
-            info = await js.consumer_info(topology.events_stream, topology.consumer(SUBSCRIBER_DURABLE))
+            info = await term_consumer_info(js, topology, SUBSCRIBER_DURABLE)
         except Exception:
             return False
         return info.ack_floor.stream_seq >= stream_seq and info.num_ack_pending == 0 and info.num_pending == 0

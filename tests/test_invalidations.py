@@ -279,19 +279,6 @@ class Downstream:
         await asyncio.wait_for(self.task, 10)
 
 
-async def _running_projection(service: Service) -> tuple[Bus, asyncio.Task[None]]:
-    bus = Bus(service.nats_url, service.topology)
-    bus.start()
-    task = asyncio.create_task(InvalidationProjection(bus).run())
-    return bus, task
-
-
-async def _stop(bus: Bus, task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await bus.close()
-
-
 def _check_no_plaintext(messages: list[bytes], *plaintexts: str) -> None:
     assert messages
     for payload in messages:
@@ -310,7 +297,6 @@ def test_downstream_answers_401_once_the_invalidation_arrives(service: Service, 
         headers = service.session()
         created = service.create_key(headers, name="downstream")
         key, key_id = created["key"], created["id"]
-        bus, task = await _running_projection(service)
         observed: list[bytes] = []
         nc = await nats.connect(service.nats_url)
         await nc.subscribe(service.topology.invalidation_subject, cb=functools.partial(_append, observed))
@@ -357,7 +343,6 @@ def test_downstream_answers_401_once_the_invalidation_arrives(service: Service, 
             _check_no_plaintext(observed, key)
         finally:
             await nc.close()
-            await _stop(bus, task)
 
     asyncio.run(scenario())
 
@@ -394,7 +379,6 @@ def test_example_downstream_runs_from_its_command_line(service: Service) -> None
     )
 
     async def scenario() -> None:
-        bus, task = await _running_projection(service)
         observed: list[bytes] = []
         nc = await nats.connect(service.nats_url)
         await nc.subscribe(service.topology.invalidation_subject, cb=functools.partial(_append, observed))
@@ -426,7 +410,6 @@ def test_example_downstream_runs_from_its_command_line(service: Service) -> None
                 assert r.json() == {"error": "Unauthorized"}
         finally:
             await nc.close()
-            await _stop(bus, task)
 
     try:
         asyncio.run(scenario())

@@ -12,7 +12,7 @@ import pytest
 
 from harness import Service
 from keyledger import replay
-from keyledger.audit import final_horizon
+from keyledger.horizon import final_horizon
 from keyledger.domain import fold
 from keyledger.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyExpired, ApiKeyRevoked,
                               ApiKeyRotated, ApiKeySecretRetired, ApiKeyUpdated, decode_data, encode_data)

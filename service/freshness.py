@@ -1,0 +1,140 @@
+"""The freshness proof: how a cache (or a service process) knows that every revocation has reached it.
+
+A proof must cover the whole path, not the last hop: log -> outbox -> relay -> events stream -> invalidation
+projection -> cache. So the proof travels that path itself, behind the events it vouches for:
+
+1. **Probe.** A prober (each ``KeyCache``, and each keyledger process for its own ``/ready``) publishes
+   ``Probe(i=<its id>, n=<counter>)`` on ``<prefix>.cache.probe`` every ``interval`` and remembers, on its own
+   monotonic clock, when it sent probe ``n``.
+2. **Checkpoint at the log.** The outbox relay (``relay.py``) takes the probes it has received, THEN reads the
+   log's safe horizon ``P`` (``horizon.py``: every position <= P is committed or never will be). Any event that
+   committed before the relay took a probe had drawn its position before, so it is <= P. The relay waits until
+   the outbox holds nothing <= P (all of it acknowledged by JetStream) and publishes a ``Checkpoint`` on the
+   events stream (``<prefix>.events.checkpoint``), behind every one of those events.
+3. **Through the invalidation path.** The invalidation projection forwards a checkpoint at stream sequence
+   ``s`` to ``<prefix>.cache.checkpoint`` only once its durable consumer's ack floor is >= s - 1: every earlier
+   event's invalidation has been acknowledged by JetStream (it acks an event only after that), whichever
+   leader handled it, redeliveries included.
+4. **Echo.** The prober receives the checkpoint after those invalidations (NATS keeps one connection's messages
+   in order; the cache's own rules for gaps and reconnects are in ``client.py``). Its own probe number ``n`` in
+   the checkpoint proves: every event committed before I sent probe ``n`` has been invalidated here. So the
+   proof's age is ``now - sent[n]``, both readings of this process's own monotonic clock: the clocks of other
+   hosts never enter it, and a delay anywhere on the path only makes the proof older, never wrong.
+
+The relay checkpoints at least every 250 ms and after each batch it publishes. Checkpoints on the events stream
+carry the ``Nats-Rollup: sub`` header, so the stream keeps only the newest one; the forwarded copy is a plain
+core-NATS message (a lost one only delays the next proof).
+
+This module holds the wire format and the prober's bookkeeping. It imports no framework, driver or client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+
+import msgspec
+
+__all__ = ["Checkpoint", "Probe", "Prober", "decode_checkpoint", "encode_checkpoint", "merge_probes"]
+
+
+class Probe(msgspec.Struct, frozen=True):
+    """``i``: the prober's random id; ``n``: its probe counter."""
+
+    i: str
+    n: int
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """"Every event committed in the log up to ``position`` had its invalidation published before this message,
+    and so had every event committed before each prober sent the probe number ``probes[prober]``."""
+
+    position: int
+    probes: dict[str, int] = {}
+    epoch: int = 0  # the leadership term that made it (for the curious; the proof does not depend on it)
+    created_at: dt.datetime | None = None  # wall clock of the relay that made it, informational only
+
+
+_encoder = msgspec.json.Encoder()
+_probe_decoder = msgspec.json.Decoder(Probe)
+_checkpoint_decoder = msgspec.json.Decoder(Checkpoint)
+
+
+def encode_probe(probe: Probe) -> bytes:
+    return _encoder.encode(probe)
+
+
+def decode_probe(payload: bytes) -> Probe:
+    return _probe_decoder.decode(payload)
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    return _encoder.encode(checkpoint)
+
+
+def decode_checkpoint(payload: bytes) -> Checkpoint:
+    return _checkpoint_decoder.decode(payload)
+
+
+def merge_probes(older: dict[str, int], newer: dict[str, int]) -> dict[str, int]:
+    """Probes answered by a later checkpoint are answered by it too: keep each prober's highest number."""
+    merged = dict(older)
+    for prober, n in newer.items():
+        if n > merged.get(prober, -1):
+            merged[prober] = n
+    return merged
+
+
+class Prober:
+    """One prober's side: numbers its probes, remembers when each was sent, turns echoes into a proof time.
+
+    ``session`` is the owner's connection generation: a probe sent before a disconnect proves nothing about
+    what was published while disconnected, so an echo only counts if it comes back in the session its probe
+    was sent in, and only while ``accept()`` says the owner has no gap it still has to close.
+    """
+
+    MAX_OUTSTANDING = 256  # probes remembered; older ones are forgotten (their echo can only be older news)
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.session = 0
+        self.proven_at = float("-inf")  # monotonic send time of the newest echoed probe
+        self.proven_position: int | None = None  # the log position the newest proof covered
+        self.checkpoints = 0
+        self._n = 0
+        self._sent: dict[int, tuple[float, int]] = {}  # n -> (monotonic send time, session)
+
+    def next_probe(self) -> bytes:
+        self._n += 1
+        self._sent[self._n] = (time.monotonic(), self.session)
+        if len(self._sent) > self.MAX_OUTSTANDING:
+            del self._sent[min(self._sent)]
+        return encode_probe(Probe(self.id, self._n))
+
+    def new_session(self) -> None:
+        """Call on every disconnect (or dropped message): outstanding probes no longer prove anything."""
+        self.session += 1
+
+    def on_checkpoint(self, payload: bytes, accept: bool = True) -> bool:
+        """Apply a checkpoint; True when it advanced the proof."""
+        try:
+            checkpoint = decode_checkpoint(payload)
+        except msgspec.DecodeError:
+            return False
+        self.checkpoints += 1
+        n = checkpoint.probes.get(self.id)
+        sent = self._sent.get(n) if n is not None else None
+        if sent is None or not accept or sent[1] != self.session:
+            return False
+        for old in [k for k in self._sent if k <= n]:
+            del self._sent[old]
+        if sent[0] > self.proven_at:
+            self.proven_at = sent[0]
+            self.proven_position = checkpoint.position
+            return True
+        return False
+
+    def age(self) -> float:
+        """Seconds since the send time of the newest echoed probe (inf: no proof yet)."""
+        return time.monotonic() - self.proven_at

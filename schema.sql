@@ -313,7 +313,8 @@ DROP FUNCTION IF EXISTS keyledger_use_key(text, timestamptz);
 --   1. find it by hash: the current secret (active_api_keys), else a superseded secret still inside its grace
 --      period, as the same key (same record, same checks, same counters; grace_until says it matched so);
 --   2. refuse it in better-auth's order: KEY_DISABLED, KEY_EXPIRED, then KEY_NOT_FOUND when p_wanted (the
---      requested permissions, {"resource": ["action", ...]}) is not contained in the key's permissions;
+--      requested permissions, {"resource": ["action", ...]}) is not contained in the key's permissions, or is
+--      empty, or asks for a resource with no action (better-auth's authorize refuses those too);
 --   3. only for a key with a usage or a rate limit, count the use under a row lock on its api_key_usage row,
 --      with better-auth's semantics: a usage limit (`remaining`, refilled to `refillAmount` every
 --      `refillInterval` ms once exhausted) and a rate limit (`rateLimitMax` requests per `rateLimitTimeWindow`
@@ -363,8 +364,10 @@ BEGIN
         code := 'KEY_DISABLED';
     ELSIF expires_at <= p_now THEN
         code := 'KEY_EXPIRED';
-    ELSIF p_wanted IS NOT NULL AND NOT coalesce(permissions, '{}') @> p_wanted THEN
-        code := 'KEY_NOT_FOUND';
+    ELSIF p_wanted IS NOT NULL AND (p_wanted = '{}'::jsonb OR NOT coalesce(permissions, '{}') @> p_wanted
+                                    OR EXISTS (SELECT 1 FROM jsonb_each(p_wanted) w
+                                               WHERE jsonb_array_length(w.value) = 0)) THEN
+        code := 'KEY_NOT_FOUND';  -- better-auth's authorize: all of it, and never an empty request
     END IF;
     request_count := 0;
     IF code IS NOT NULL OR (remaining IS NULL AND NOT rate_limit_enabled) THEN

@@ -78,6 +78,11 @@ def _rt(request: Request[Any, Any, Any]) -> Runtime:
     return request.app.state.runtime
 
 
+def _reconnect(rt: Runtime) -> store.Connect:
+    """Another pooled connection, for finding out what became of a write whose connection failed."""
+    return lambda: rt.pool.connection(timeout=1.0)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -192,6 +197,10 @@ def _server_fields(body: dict[str, Any], is_server: bool) -> dict[str, Any]:
                 "The property you're trying to set can only be set from the server auth instance only.",
             )
         return {}
+    for name, value in present.items():  # integer columns: refuse what they cannot hold, in zod's words
+        if isinstance(value, int) and not isinstance(value, bool) and value > inputs.MAX_INT:
+            raise ApiError(400, "VALIDATION_ERROR",
+                           f"[body.{name}] Too big: expected number to be <={inputs.MAX_INT}")
     try:
         fields = msgspec.convert(present, ServerFields)
     except msgspec.ValidationError as exc:
@@ -246,10 +255,16 @@ def _config_id(params: dict[str, Any]) -> str:
     return value
 
 
-async def _may_manage(conn: Any, user_id: str, org_id: str) -> None:
-    """Owners and admins of an organization manage its keys; a plain member gets 403, a stranger another 403."""
+async def _may_manage(conn: Any, user_id: str, org_id: str, *, key_addressed: bool = False) -> None:
+    """Owners and admins of an organization manage its keys; a plain member gets 403, a stranger another 403.
+
+    ``key_addressed``: the request named a key id, not the organization. A stranger then gets the 404 that an
+    unknown key id gets, so key ids cannot be probed for existence from outside the organization.
+    """
     row = await (await conn.execute(MEMBER_ROLE, (org_id, user_id))).fetchone()
     if row is None:
+        if key_addressed:
+            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         raise ApiError(403, "USER_NOT_MEMBER_OF_ORGANIZATION", "You are not a member of this organization")
     if not {role.strip() for role in (row[0] or "").split(",")} & ORG_MANAGERS:
         raise ApiError(403, "INSUFFICIENT_API_KEY_PERMISSIONS",
@@ -261,7 +276,7 @@ async def _scope(conn: Any, caller: store.Session, config_id: str, stream: list[
     once the caller is found to manage it. The domain then answers 404 unless referenceId and configId match."""
     if config_id == "org" and stream and stream[0].event.config_id == "org":
         org_id = stream[0].event.reference_id  # a key's owner never changes
-        await _may_manage(conn, caller.user_id, org_id)
+        await _may_manage(conn, caller.user_id, org_id, key_addressed=True)
         return {"owner_id": org_id, "config_id": "org"}
     return {"config_id": config_id}
 
@@ -303,7 +318,8 @@ async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             metadata=None if metadata is MISSING else metadata, **server_fields,
             owner_id=org_id if config_id == "org" else None, config_id=config_id,
         )
-        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=[])
+        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=[],
+                                       connect=_reconnect(rt))
     rt.nudge_relay()
     return {**records.from_state(state), "key": key}
 
@@ -321,7 +337,7 @@ async def get_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
         row = await cur.fetchone()
         record = records.from_live_row(row) if row else None
         if record is not None and config_id == "org":
-            await _may_manage(conn, session.user_id, record["referenceId"])
+            await _may_manage(conn, session.user_id, record["referenceId"], key_addressed=True)
         elif record is not None and record["referenceId"] != session.user_id:
             record = None
     if record is None:
@@ -339,6 +355,8 @@ def _non_negative_int(params: dict[str, str], name: str) -> int | None:
         raise validation(f"query.{name}", "number", "NaN") from None
     if value < 0:
         raise ApiError(400, "VALIDATION_ERROR", f"[query.{name}] Too small: expected number to be >=0")
+    if value > inputs.MAX_INT:
+        raise ApiError(400, "VALIDATION_ERROR", f"[query.{name}] Too big: expected number to be <={inputs.MAX_INT}")
     return value
 
 
@@ -409,7 +427,8 @@ async def update_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
                                  ("metadata", metadata)) if v is not MISSING},
             **server_fields,
         )
-        state, recorded = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+        state, recorded = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream,
+                                              connect=_reconnect(rt))
     if recorded:
         rt.nudge_relay()
     return records.from_state(state)
@@ -425,7 +444,8 @@ async def delete_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
         session, stream = await _caller_and_key(request, conn, body, key_id)
         command = RevokeKey(actor_id=session.user_id, now=_now(), key_id=key_id,
                             **await _scope(conn, session, config_id, stream))
-        await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+        await store.execute(conn, command, key_id, _actor(request, session), loaded=stream,
+                            connect=_reconnect(rt))
     rt.nudge_relay()
     return {"success": True}
 
@@ -450,7 +470,8 @@ async def rotate_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
         key = records.new_key(prefix)
         command = RotateKey(actor_id=session.user_id, now=_now(), key_id=key_id, key_hash=records.hash_key(key),
                             start=key[:6], grace_seconds=grace, **await _scope(conn, session, config_id, stream))
-        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream)
+        state, _ = await store.execute(conn, command, key_id, _actor(request, session), loaded=stream,
+                                       connect=_reconnect(rt))
     rt.nudge_relay()
     return {**records.from_state(state), "key": key}
 
@@ -485,8 +506,8 @@ async def verify_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
             wanted = msgspec.convert(wanted, dict[str, list[str]])
         except msgspec.ValidationError as exc:
             raise ApiError(400, "VALIDATION_ERROR", f"[body.permissions] Invalid input: {exc}") from None
-        # A resource asked for with no action is vacuously held; the rest must be contained in the key's.
-        wanted = {resource: actions for resource, actions in wanted.items() if actions} or None
+        # As better-auth's role().authorize: every requested resource's actions must all be held (AND); an empty
+        # request or an empty action list is refused, never vacuously held (keyledger_verify_key).
     now = _now()
     async with rt.pool.connection() as conn:
         cur = await conn.execute(VERIFY_KEY, (records.hash_key(key), now,
@@ -533,7 +554,7 @@ async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
         if created is None or created.config_id != config_id:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
         if config_id == "org":  # the organization's owners and admins, like every other org-key endpoint
-            await _may_manage(conn, session.user_id, created.reference_id)
+            await _may_manage(conn, session.user_id, created.reference_id, key_addressed=True)
         elif created.reference_id != session.user_id:
             raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
     return {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}
@@ -580,6 +601,10 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return _json_error(exc.status, exc.code, exc.message, **exc.extra)
     if isinstance(exc, DomainError):
         return _json_error(exc.status, exc.code, exc.message)
+    if isinstance(exc, store.OutcomeUnknown):
+        log.warning("write outcome unknown: the database connection failed after the change was sent")
+        return _json_error(503, "OUTCOME_UNKNOWN", "The database connection failed after the change was sent and "
+                           "it could not be found out whether it was applied; check before retrying")
     if isinstance(exc, store.EventTooLarge):
         return _json_error(413, "EVENT_TOO_LARGE", "The change would make an event larger than keyledger stores")
     if isinstance(exc, store.ConcurrencyConflict):

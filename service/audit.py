@@ -636,8 +636,12 @@ _grace_decoder = msgspec.json.Decoder(list[GraceSecret])
 
 
 def parse_instant(text: str) -> dt.datetime:
-    """ISO-8601; an instant without a zone is UTC (never the machine's local time)."""
-    value = dt.datetime.fromisoformat(text.strip())
+    """ISO-8601; an instant without a zone is UTC (never the machine's local time). As an argparse ``type``, a
+    bad value is one line and exit status 2, never a traceback."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 instant: {text!r} (e.g. 2026-12-01T09:30:00Z)") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
@@ -669,7 +673,7 @@ def _environment() -> Any:
 
 
 def cmd_as_of(args: argparse.Namespace) -> int:
-    at = parse_instant(args.instant)
+    at = args.instant
     env = _environment()
     try:
         with _connect(env) as conn:
@@ -696,8 +700,7 @@ def cmd_as_of(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    since = parse_instant(args.since) if args.since else None
-    until = parse_instant(args.until) if args.until else None
+    since, until = args.since, args.until
     env = _environment()
     try:
         with _connect(env) as conn:
@@ -771,13 +774,13 @@ def add_audit_commands(subparsers: Any) -> None:
     sub = audit.add_subparsers(dest="audit_command", required=True)
 
     p = sub.add_parser("as-of", help="the keys active at an instant, from the log")
-    p.add_argument("instant", help="ISO-8601; without a zone it is UTC")
+    p.add_argument("instant", type=parse_instant, help="ISO-8601; without a zone it is UTC")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_as_of)
 
     p = sub.add_parser("export", help="events as JSON lines with their chain hashes, in position order")
-    p.add_argument("--since", help="recorded at or after (ISO-8601, inclusive)")
-    p.add_argument("--until", help="recorded before (ISO-8601, exclusive)")
+    p.add_argument("--since", type=parse_instant, help="recorded at or after (ISO-8601, inclusive)")
+    p.add_argument("--until", type=parse_instant, help="recorded before (ISO-8601, exclusive)")
     p.add_argument("--key", help="only this key's events")
     p.set_defaults(func=cmd_export)
 

@@ -15,7 +15,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ApiError
 
-COOKIE_NAMES = ("better-auth.session_token", "__Secure-better-auth.session_token")
+# The ``__Secure-`` cookie first: only an HTTPS response from this origin can set it, while a plain one can be
+# tossed in by a sibling subdomain. With both present, the ``__Secure-`` one is the session.
+COOKIE_NAMES = ("__Secure-better-auth.session_token", "better-auth.session_token")
 
 
 def sign(token: str, secret: str) -> str:
@@ -43,17 +45,24 @@ def session_token(cookies: dict[str, str], secret: str) -> str | None:
 
 
 def check_origin(headers: Mapping[str, str], has_cookie: bool, trusted: tuple[str, ...]) -> None:
-    """better-auth's CSRF defence: a cookie-carrying POST must come from a trusted origin."""
+    """better-auth's CSRF defence: a cookie-carrying POST must come from a trusted origin.
+
+    As better-auth's ``originCheckMiddleware`` (1.7): the origin is ``Origin || Referer``, so a literal ``null``
+    Origin (sandboxed frames, privacy redirects) is taken as is and is never replaced by a Referer; missing or
+    ``null`` is 403 ``MISSING_OR_NULL_ORIGIN``, except with ``Sec-Fetch-Site: same-origin``, where the browser
+    itself vouches that the request comes from this origin. Anything else must be a trusted origin (the
+    Referer's scheme://host[:port]), or 403 ``INVALID_ORIGIN``.
+    """
     if not has_cookie:
         return
-    origin = headers.get("origin") or ""
+    origin = headers.get("origin") or headers.get("referer") or ""
+    if origin and origin != "null":
+        parts = urlsplit(origin)
+        origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
     if not origin or origin == "null":
-        referer = headers.get("referer") or ""
-        if referer:
-            parts = urlsplit(referer)
-            origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
-    if not origin or origin == "null":
+        if (headers.get("sec-fetch-site") or "").lower() == "same-origin":
+            return
         raise ApiError(403, "MISSING_OR_NULL_ORIGIN", "Missing or null Origin")
-    if origin.rstrip("/") not in trusted:
+    if origin not in trusted:
         raise ApiError(403, "INVALID_ORIGIN", "Invalid origin")
 

@@ -105,8 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
         # before it; make that handler an exception so the `finally` below still stops the embedded servers.
         signal.signal(signal.SIGTERM, _raise_system_exit)
+        from .http_limits import BoundedHttpToolsProtocol
+
         common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, loop="uvloop",
-                      http="httptools", lifespan="on")
+                      http=BoundedHttpToolsProtocol, lifespan="on")
         if args.workers > 1:
             # Worker processes build their settings from the environment: hand them exactly ours.
             os.environ.update(

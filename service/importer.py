@@ -52,12 +52,14 @@ from typing import Any, TextIO
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.string import StrBinaryDumper
 
 from .config import ConfigError
 from .events import ApiKeyImported, encode_data
-from .inputs import KEY_ID_RE, has_nul
+from .errors import ApiError
+from .inputs import KEY_ID_RE, MAX_DEPTH, has_nul
 from .store import APPEND
 
 SOURCE_NAME = "better-auth"
@@ -219,11 +221,15 @@ def decode_json_text(text: str | None, field_name: str) -> Any:
             return None
         try:
             value = _json.decode(stripped)
-        except msgspec.DecodeError:
-            raise Rejected(f"{field_name} is not valid JSON") from None
+        except (msgspec.DecodeError, RecursionError):
+            raise Rejected(f"{field_name} is not valid JSON (or nests deeper than {MAX_DEPTH} levels)") from None
     if isinstance(value, str):
         raise Rejected(f"{field_name} is a JSON string nested too deep, not an object")
-    if value is not None and has_nul(value):
+    try:
+        nul = value is not None and has_nul(value)
+    except ApiError:
+        raise Rejected(f"{field_name} nests deeper than {MAX_DEPTH} levels") from None
+    if nul:
         raise Rejected(f"{field_name} contains NUL characters (PostgreSQL cannot store them)")
     return value
 
@@ -643,6 +649,15 @@ def cmd_import_better_auth(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def database_url(text: str) -> str:
+    """An argparse ``type``: a libpq URL or key=value string, else one line and exit status 2."""
+    try:
+        conninfo_to_dict(text)
+    except psycopg.ProgrammingError as exc:
+        raise argparse.ArgumentTypeError(f"not a PostgreSQL connection URL: {text!r} ({exc})") from None
+    return text
+
+
 def add_import_command(subparsers: Any) -> None:
     """Register ``import better-auth --from URL [--dry-run]`` on the ``keyledger`` command's subparsers."""
     p = subparsers.add_parser("import", help="adopt existing API keys from another system")
@@ -654,7 +669,7 @@ def add_import_command(subparsers: Any) -> None:
         epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
                "2 configuration problem; 3 database unavailable",
     )
-    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL",
+    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=database_url,
                    help="the better-auth database (read only)")
     b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
     b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "

@@ -3,6 +3,11 @@
 Precedence on a POST (observed on better-auth): malformed JSON (400 ``BAD_REQUEST``) -> Origin check (403,
 only when a cookie is sent) -> body schema (400 ``VALIDATION_ERROR``) -> session (401) -> lookup (404).
 Nothing here touches the database: bad input is refused before any connection is taken.
+
+Bounds, so hostile input costs nothing: a body is at most 64 KiB (the app's limit), JSON nests at most
+``MAX_DEPTH`` levels (deeper is 400 ``BAD_REQUEST``; msgspec's own C decoder stops at ~1,000 with a
+RecursionError, which is caught too), and every walk over a decoded body is iterative, never recursive.
+Whole numbers that land in an ``integer`` column are at most ``MAX_INT`` (2,147,483,647).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ _decoder = msgspec.json.Decoder()
 # wildcards, spaces...) cannot name a key, and must never reach a NATS subject.
 KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 PREFIX_RE = re.compile(r"[a-zA-Z0-9_-]+")
+MAX_DEPTH = 32
+MAX_INT = 2**31 - 1  # PostgreSQL integer: remaining, refill*, rateLimit*; also limit/offset of list
 
 
 def parse_json(raw: bytes, content_type: str | None) -> Any:
@@ -33,17 +40,34 @@ def parse_json(raw: bytes, content_type: str | None) -> Any:
         body = _decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise ApiError(400, "BAD_REQUEST", "Invalid JSON in request body") from None
+    except RecursionError:
+        raise _too_deep() from None
     return body
 
 
+def _too_deep() -> ApiError:
+    return ApiError(400, "BAD_REQUEST", f"JSON in request body nests deeper than {MAX_DEPTH} levels")
+
+
 def has_nul(value: Any) -> bool:
-    """Whether any string (key or value) anywhere in a decoded JSON value holds U+0000."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(has_nul(k) or has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_nul(v) for v in value)
+    """Whether any string (key or value) anywhere in a decoded JSON value holds U+0000. Iterative, and raises
+    400 past ``MAX_DEPTH`` levels, so no body can make it recurse or run long."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise _too_deep()
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    if "\x00" in k:
+                        return True
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in item)
     return False
 
 

@@ -157,8 +157,11 @@ COMMON_POST_ERRORS = ("400 malformed JSON (BAD_REQUEST) or body schema (VALIDATI
                       "403 cookie sent without a trusted Origin (MISSING_OR_NULL_ORIGIN, INVALID_ORIGIN); org keys:"
                       " USER_NOT_MEMBER_OF_ORGANIZATION, INSUFFICIENT_API_KEY_PERMISSIONS",
                       "401 no valid session (UNAUTHORIZED), banned user (USER_BANNED)",
-                      "413 body over 64 KiB (PAYLOAD_TOO_LARGE)", "415 not JSON (UNSUPPORTED_MEDIA_TYPE)",
-                      "503 database unavailable (SERVICE_UNAVAILABLE)")
+                      "413 body over 64 KiB (PAYLOAD_TOO_LARGE), or the change would make an event over 256 KiB"
+                      " (EVENT_TOO_LARGE)", "415 not JSON (UNSUPPORTED_MEDIA_TYPE)",
+                      "431 request headers over 16 KiB (REQUEST_HEADER_FIELDS_TOO_LARGE)",
+                      "503 database unavailable, nothing was changed (SERVICE_UNAVAILABLE), or the connection failed"
+                      " after the change was sent and its outcome could not be found out (OUTCOME_UNKNOWN)")
 
 
 def document() -> dict[str, Any]:

@@ -21,12 +21,16 @@ import asyncio
 import collections
 import datetime as dt
 import random
+import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import msgspec
 import psycopg
 from psycopg import AsyncConnection
+from psycopg_pool import PoolTimeout
 
 from .domain import Command, KeyState, decide, evolve, fold
 from .events import Event, RecordedEvent, decode_data, encode_data
@@ -34,6 +38,8 @@ from .log import as_fold_input
 from .projections import active_keys
 
 _encoder = msgspec.json.Encoder()
+
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection[Any]]]
 
 # Insert the events (arrays in version order) and apply each to the projection, in one statement. The
 # projection function aborts the statement (KL409) unless the key's projection was exactly one version behind,
@@ -94,6 +100,16 @@ MAX_EVENT_BYTES = 256 * 1024
 
 # Events appended by this process, by type (for /metrics).
 APPENDED: collections.Counter[str] = collections.Counter()
+
+
+class OutcomeUnknown(Exception):
+    """The connection failed after the append was sent: it may have committed or not. ``execute`` finds out
+    on another connection when it can (``resolve``); this escapes only when it could not tell in time."""
+
+    def __init__(self, pending: list[RecordedEvent], backend_pid: int | None) -> None:
+        super().__init__("the database connection failed after the change was sent")
+        self.pending = pending
+        self.backend_pid = backend_pid
 
 
 class EventTooLarge(Exception):
@@ -211,17 +227,18 @@ def _conflict(exc: psycopg.Error) -> bool:
 
 
 async def _append_fast(conn: AsyncConnection[Any], pending: list[RecordedEvent]) -> list[RecordedEvent]:
+    params = _event_params(pending[0]) if len(pending) == 1 else _params(pending)  # EventTooLarge before I/O
+    backend = conn.info.backend_pid
     try:
-        if len(pending) == 1:
-            cur = await conn.execute(APPEND_ONE, _event_params(pending[0]))
-        else:
-            cur = await conn.execute(APPEND, _params(pending))
+        cur = await conn.execute(APPEND_ONE if len(pending) == 1 else APPEND, params)
         positions = [row[0] for row in await cur.fetchall()]
     except psycopg.Error as exc:
         if _conflict(exc):
             raise ConcurrencyConflict() from exc
         if exc.sqlstate == "KL409":
             raise ProjectionBehind() from exc
+        if conn.broken or conn.closed:  # no answer from the server: it may have committed
+            raise OutcomeUnknown(pending, backend) from exc
         raise
     return _with_positions(pending, positions)
 
@@ -230,6 +247,7 @@ async def _append_catching_up(conn: AsyncConnection[Any], pending: list[Recorded
     # Slow path, only after a projection rebuild or for keys whose earlier events were never projected
     # inline: append, then let the projection catch up from the log (our own events included) under its
     # per-key lock. Still one transaction, so the 200 still means "verify already agrees".
+    backend = conn.info.backend_pid
     try:
         async with conn.transaction():
             cur = await conn.execute(APPEND_ONLY, _params(pending))
@@ -238,8 +256,40 @@ async def _append_catching_up(conn: AsyncConnection[Any], pending: list[Recorded
     except psycopg.Error as exc:
         if _conflict(exc):
             raise ConcurrencyConflict() from exc
+        if conn.broken or conn.closed:
+            raise OutcomeUnknown(pending, backend) from exc
         raise
     return _with_positions(pending, positions)
+
+
+# Finding out what became of an append whose connection failed: the backend that ran it must be gone (a network
+# cut can leave it running, about to commit), then the events' ids say whether it committed, all or nothing.
+BACKEND_ALIVE = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s"
+COMMITTED = "SELECT position FROM events WHERE id = ANY(%s::uuid[]) ORDER BY version"
+RESOLVE_WITHIN_S = 3.0
+
+
+async def resolve(unknown: OutcomeUnknown, connect: Connect, *, within: float = RESOLVE_WITHIN_S) -> list[int] | None:
+    """The positions the events got if the append committed, ``[]`` if it certainly did not, ``None`` if that
+    could not be found out within ``within`` seconds (the database unreachable meanwhile)."""
+    deadline = time.monotonic() + within
+    ids = [r.id for r in unknown.pending]
+    while True:
+        try:
+            async with connect() as conn:
+                if unknown.backend_pid is not None:
+                    while await (await conn.execute(BACKEND_ALIVE, (unknown.backend_pid,))).fetchone():
+                        if time.monotonic() > deadline:
+                            return None
+                        await asyncio.sleep(0.01)  # terminated: wait until it has left
+                rows = await (await conn.execute(COMMITTED, (ids,))).fetchall()
+                return [r[0] for r in rows]
+        except psycopg.errors.InsufficientPrivilege:
+            return None  # may not end that backend (another role): cannot be sure
+        except (psycopg.OperationalError, PoolTimeout):
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.1)
 
 
 async def execute(
@@ -248,11 +298,18 @@ async def execute(
     key_id: str,
     metadata: dict[str, Any],
     loaded: list[RecordedEvent] | None = None,
+    *,
+    connect: Connect | None = None,
 ) -> tuple[KeyState | None, list[RecordedEvent]]:
     """Decide and append ``command`` for ``key_id``, retrying on concurrent appends.
 
     Returns the key's new state and the recorded events (empty when the command changed nothing).
     Domain errors (``KeyNotFound``...) propagate unchanged and nothing is written.
+
+    Truthful outcomes: when the connection fails after the append was sent, nobody knows whether it committed.
+    With ``connect`` (a way to get another connection), ``execute`` finds out (``resolve``): committed, it
+    returns as if nothing had failed; certainly not, it raises the connection's error ("nothing was changed");
+    cannot tell in time, it raises ``OutcomeUnknown``. Without ``connect`` it raises ``OutcomeUnknown`` at once.
     """
     stream = loaded
     for _ in range(MAX_ATTEMPTS):
@@ -269,6 +326,13 @@ async def execute(
             stream = None  # someone else won: re-read and decide again
             await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S))
             continue
+        except OutcomeUnknown as unknown:
+            positions = await resolve(unknown, connect) if connect is not None else None
+            if positions is None:
+                raise
+            if not positions:
+                raise unknown.__cause__ or unknown  # certainly not committed: nothing was changed
+            recorded = _with_positions(unknown.pending, positions)
         for r in recorded:
             state = evolve(state, r.event, key_id=key_id, version=r.version, at=r.recorded_at)
             APPENDED[r.type] += 1

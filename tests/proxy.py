@@ -12,11 +12,14 @@ import contextlib
 import threading
 from typing import Any
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from servers import free_port
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int | None = None) -> None:
+        """``target_port`` None: ``target_host`` is a Unix socket path."""
         self.target = (target_host, target_port)
         self.port = free_port()
         self.mode = "forward"  # forward | blackhole | cut
@@ -30,6 +33,15 @@ class TcpProxy:
         """A proxy in front of ``nats://host:port`` (or any scheme://host:port)."""
         host, _, port = url.split("://", 1)[1].rstrip("/").rpartition(":")
         return cls(host, int(port))
+
+    @classmethod
+    def to_postgres(cls, conninfo: str) -> tuple["TcpProxy", str]:
+        """A proxy in front of a PostgreSQL (TCP or Unix socket), and the conninfo that goes through it."""
+        params = conninfo_to_dict(conninfo)
+        host, port = params.get("host") or "/tmp", int(params.get("port") or 5432)
+        proxy = cls(f"{host}/.s.PGSQL.{port}") if host.startswith("/") else cls(host, port)
+        params.update(host="127.0.0.1", port=str(proxy.port))
+        return proxy, make_conninfo("", **params)
 
     def url(self, scheme: str = "nats") -> str:
         return f"{scheme}://127.0.0.1:{self.port}"
@@ -77,7 +89,10 @@ class TcpProxy:
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if self.target[1] is None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target[0])
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return

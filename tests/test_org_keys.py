@@ -62,13 +62,24 @@ def test_members_and_strangers_are_refused_with_better_auths_codes(service: Serv
         headers = org[who]
         for response in (
             create_org_key(service, headers, org["id"]),
-            service.get("api-key/get", headers, params={"id": key["id"], "configId": "org"}),
             service.get("api-key/list", headers, params={"configId": "org", "organizationId": org["id"]}),
-            service.post("api-key/update", headers, json={"keyId": key["id"], "configId": "org", "name": "x"}),
-            service.post("api-key/delete", headers, json={"keyId": key["id"], "configId": "org"}),
-            service.post("api-key/rotate", headers, json={"keyId": key["id"], "configId": "org"}),
         ):
             assert response.status_code == 403 and response.json()["code"] == code, (who, response.text)
+    # Naming a key: a member learns it is the organization's (403); a stranger gets exactly what an unknown
+    # id gets (404), so org key ids cannot be probed from outside.
+    unknown = "Zz" * 16
+    for key_id, who, status in ((key["id"], "member", 403), (key["id"], "stranger", 404), (unknown, "stranger", 404)):
+        headers = org[who]
+        for response in (
+            service.get("api-key/get", headers, params={"id": key_id, "configId": "org"}),
+            service.post("api-key/update", headers, json={"keyId": key_id, "configId": "org", "name": "x"}),
+            service.post("api-key/delete", headers, json={"keyId": key_id, "configId": "org"}),
+            service.post("api-key/rotate", headers, json={"keyId": key_id, "configId": "org"}),
+            service.get("api-key/history", headers, params={"id": key_id, "configId": "org"}),
+        ):
+            assert response.status_code == status, (who, key_id, response.text)
+            if status == 404:
+                assert response.json() == {"message": "API Key not found", "code": "KEY_NOT_FOUND"}
     assert count_events(service.database_url, key["id"]) == 1
     assert service.verify(key["key"])["valid"] is True
 

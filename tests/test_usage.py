@@ -240,7 +240,9 @@ def test_a_rate_limited_superseded_secret_shares_the_keys_window(server: Service
 def test_requested_permissions_are_checked_before_any_use_is_counted(server: Service) -> None:
     key = _key(server, remaining=1, permissions={"files": ["read"]})
     assert _verify(server, key["key"], permissions={"files": ["write"]})["error"]["code"] == "KEY_NOT_FOUND"
-    assert _verify(server, key["key"], permissions={"other": []})["valid"] is True  # no action asked: held
+    # An empty action list is refused (better-auth's authorize), and refusals count no use either.
+    assert _verify(server, key["key"], permissions={"other": []})["error"]["code"] == "KEY_NOT_FOUND"
+    assert _verify(server, key["key"], permissions={"files": ["read"]})["valid"] is True
     assert _verify(server, key["key"], permissions={"files": ["read"]})["error"]["code"] == "USAGE_EXCEEDED"
 
 

@@ -7,9 +7,11 @@ here, next to nothing else, and a test checks that every route is documented.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from .domain import MAX_EXPIRES_IN, MAX_GRACE_PERIOD, MIN_EXPIRES_IN
 
 
 class Error(msgspec.Struct):
@@ -45,33 +47,42 @@ class CreatedKey(KeyRecord, rename="camel"):
     key: str  # the plaintext key: returned by create only, never again
 
 
+ConfigId = Literal["default", "org"]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+Prefix = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern="^[a-zA-Z0-9_-]+$")]
+ExpiresIn = Annotated[int, msgspec.Meta(ge=MIN_EXPIRES_IN, le=MAX_EXPIRES_IN,
+                                        description="seconds from now; null: never")]
+GracePeriod = Annotated[int, msgspec.Meta(ge=0, le=MAX_GRACE_PERIOD,
+                                          description="seconds the previous secret keeps working (default 0)")]
+
+
 class CreateBody(msgspec.Struct, rename="camel", omit_defaults=True):
-    config_id: str | None = None  # "default" or "org"
+    config_id: ConfigId | None = None
     organization_id: str | None = None  # with configId "org"
-    name: str | None = None
-    prefix: str | None = None
-    expires_in: int | None = None
-    metadata: dict[str, Any] | None = None
+    name: Name | None = None
+    prefix: Prefix | None = None
+    expires_in: ExpiresIn | None = None
+    metadata: dict[str, Any] | None = None  # refused (METADATA_DISABLED) unless KEYLEDGER_ENABLE_METADATA=1
 
 
 class UpdateBody(msgspec.Struct, rename="camel", omit_defaults=True):
     key_id: str
-    config_id: str | None = None
-    name: str | None = None
+    config_id: ConfigId | None = None
+    name: Name | None = None
     enabled: bool | None = None
-    expires_in: int | None = None
+    expires_in: ExpiresIn | None = None
     metadata: dict[str, Any] | None = None
 
 
 class DeleteBody(msgspec.Struct, rename="camel", omit_defaults=True):
     key_id: str
-    config_id: str | None = None
+    config_id: ConfigId | None = None
 
 
 class RotateBody(msgspec.Struct, rename="camel", omit_defaults=True):
     key_id: str
-    config_id: str | None = None
-    grace_period_seconds: int | None = None  # 0 (default) to 604800: how long the previous secret keeps working
+    config_id: ConfigId | None = None
+    grace_period_seconds: GracePeriod | None = None
 
 
 class Success(msgspec.Struct):
@@ -149,8 +160,15 @@ def _errors(*codes: str) -> dict[str, Any]:
     return {status: _json(Error, text) for status, text in (c.split(" ", 1) for c in codes)}
 
 
-def _query(name: str, kind: str, required: bool = False, description: str = "") -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": required, "schema": {"type": kind}, "description": description}
+def _query(name: str, kind: str, required: bool = False, description: str = "", **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": {"type": kind, **schema},
+            "description": description}
+
+
+_PAGE = {"minimum": 0, "maximum": 2**31 - 1}
+_ORG_403 = "403 org keys: USER_NOT_MEMBER_OF_ORGANIZATION, INSUFFICIENT_API_KEY_PERMISSIONS"
+_DB_503 = "503 database unavailable (SERVICE_UNAVAILABLE)"
+_CONFIG_ID = _query("configId", "string", enum=["default", "org"])
 
 
 COMMON_POST_ERRORS = ("400 malformed JSON (BAD_REQUEST) or body schema (VALIDATION_ERROR)",
@@ -191,19 +209,21 @@ def document() -> dict[str, Any]:
             "404 not yours, unknown or revoked (KEY_NOT_FOUND)", "409 changed concurrently too often (CONFLICT)"),
         "/api/auth/api-key/get": {"get": {
             "summary": "One of your keys, without the key", "security": _COOKIE,
-            "parameters": [_query("id", "string", True)],
+            "parameters": [_query("id", "string", True), _CONFIG_ID],
             "responses": {"200": _json(KeyRecord, "the key"),
-                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)",
-                                    "404 not yours or unknown (KEY_NOT_FOUND)")},
+                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)", _ORG_403,
+                                    "404 not yours or unknown (KEY_NOT_FOUND)", _DB_503)},
         }},
         "/api/auth/api-key/list": {"get": {
             "summary": "Your keys", "security": _COOKIE,
-            "parameters": [_query("limit", "integer"), _query("offset", "integer"),
-                           _query("sortBy", "string", description="createdAt, updatedAt, name, expiresAt, enabled, id"),
-                           _query("sortDirection", "string", description="asc or desc"),
-                           _query("configId", "string"), _query("organizationId", "string")],
+            "parameters": [_query("limit", "integer", **_PAGE), _query("offset", "integer", **_PAGE),
+                           _query("sortBy", "string",
+                                  enum=["createdAt", "updatedAt", "name", "expiresAt", "enabled", "id"]),
+                           _query("sortDirection", "string", enum=["asc", "desc"]),
+                           _CONFIG_ID, _query("organizationId", "string", description='with configId "org"')],
             "responses": {"200": _json(ListAnswer, "keys"),
-                          **_errors("400 bad paging (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)")},
+                          **_errors("400 bad paging (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)", _ORG_403,
+                                    _DB_503)},
         }},
         "/api/auth/api-key/verify": {"post": {
             "summary": "Verify a key (for downstream services); HTTP 200 with valid=false for bad keys",
@@ -213,10 +233,10 @@ def document() -> dict[str, Any]:
         }},
         "/api/auth/api-key/history": {"get": {
             "summary": "One of your keys' lifecycle events, oldest first (revoked keys included)",
-            "security": _COOKIE, "parameters": [_query("id", "string", True)],
+            "security": _COOKIE, "parameters": [_query("id", "string", True), _CONFIG_ID],
             "responses": {"200": _json(History, "the events, as on NATS"),
-                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)",
-                                    "404 not yours or unknown (KEY_NOT_FOUND)")},
+                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)", _ORG_403,
+                                    "404 not yours or unknown (KEY_NOT_FOUND)", _DB_503)},
         }},
         "/health": {"get": {"summary": "Liveness: the database answers; whether NATS is connected",
                             "responses": {"200": _json(Health, "healthy"),

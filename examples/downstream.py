@@ -24,7 +24,7 @@ from litestar import Litestar, Request, get
 from prometheus_client import CollectorRegistry, generate_latest
 
 from keyledger.client import KeyCache, litestar_middleware
-from keyledger.config import Topology
+from keyledger.config import Topology, nats_connect_options
 
 
 def create_app(cache: KeyCache) -> Litestar:
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--staleness", type=float, default=1.0,
                         help="seconds a cached key may be served while invalidations cannot be proven")
     args = parser.parse_args(argv)
+    # --keyledger-url and --nats-url take comma-separated lists (failover); credentials and TLS for NATS come
+    # from NATS_CREDS_FILE, NATS_NKEY_SEED_FILE, NATS_TLS_* as for keyledger itself.
     cache = KeyCache(args.keyledger_url, args.nats_url or None, topology=Topology.from_env(),
-                     staleness=args.staleness)
+                     staleness=args.staleness, nats_options=nats_connect_options())
     uvicorn.run(create_app(cache), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

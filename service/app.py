@@ -609,6 +609,10 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return _json_error(413, "EVENT_TOO_LARGE", "The change would make an event larger than keyledger stores")
     if isinstance(exc, store.ConcurrencyConflict):
         return _json_error(409, "CONFLICT", "The key is being changed concurrently; try again")
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        log.warning("database is read-only (a standby, or a failover in progress)")
+        return _json_error(503, "SERVICE_UNAVAILABLE", "The database is read-only (a standby, or a failover in "
+                           "progress); nothing was changed")
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
         log.warning("database unavailable: %s", type(exc).__name__)
         return _json_error(503, "SERVICE_UNAVAILABLE", "The database is unavailable; nothing was changed")

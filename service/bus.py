@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -18,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .config import Topology
+from .config import StreamSettings, Topology, _redact, nats_servers
 
 log = logging.getLogger("keyledger.bus")
 
@@ -28,14 +29,22 @@ DUPLICATE_WINDOW_S = 600.0
 
 
 class Bus:
-    def __init__(self, url: str, topology: Topology) -> None:
+    """``url``: NATS_URL, one URL or a comma-separated list; ``options``: credentials and TLS
+    (``config.nats_connect_options``)."""
+
+    def __init__(self, url: str, topology: Topology, *, streams: StreamSettings | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.url = url
+        self.servers = nats_servers(url)
         self.topology = topology
+        self.streams = streams or StreamSettings()
+        self.options = options or {}
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.on_disconnect: Callable[[], None] | None = None  # called at every disconnect
+        self._warned_at = float("-inf")
 
     @property
     def connected(self) -> bool:
@@ -59,7 +68,7 @@ class Bus:
         while True:
             try:
                 nc = await nats.connect(
-                    self.url,
+                    servers=self.servers,
                     name="keyledger",
                     connect_timeout=2,
                     allow_reconnect=True,
@@ -68,24 +77,33 @@ class Bus:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
+                    **self.options,
                 )
                 self.nc, self.js = nc, nc.jetstream(timeout=2)
-                await ensure_streams(self.js, self.topology)
+                await ensure_streams(self.js, self.topology, self.streams)
                 self._ready.set()
-                log.info("connected to NATS at %s", self.url)
+                log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # server down or starting: keep trying, quietly
+            except Exception as exc:  # e.g. the streams could not be declared: keep trying, and say so
                 if self.nc is not None:
                     await _close(self.nc)
                     self.nc = None
-                log.debug("NATS not available yet (%s); retrying", exc)
+                await self._on_error(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS error: %s", exc)
+        # nats-py retries the servers by itself (also on the first connect, which then never returns): this
+        # callback is where a server that cannot be reached shows. Said at WARNING, at most every 30 s.
+        now = asyncio.get_running_loop().time()
+        if not self.connected and now - self._warned_at >= 30.0:
+            self._warned_at = now
+            log.warning("NATS not reachable at %s (%s: %s); retrying",
+                        ", ".join(_redact(u) for u in self.servers), type(exc).__name__, exc)
+        else:
+            log.debug("NATS error: %s", exc)
 
     async def _on_disconnect(self) -> None:
         if self.on_disconnect is not None:
@@ -104,33 +122,77 @@ class Bus:
             await _close(self.nc)
 
 
-async def ensure_streams(js: JetStreamContext, topology: Topology) -> None:
-    """Create the event and invalidation streams, or leave them as they are.
+def stream_configs(topology: Topology, streams: StreamSettings) -> list[StreamConfig]:
+    """The two streams as keyledger declares them."""
+    storage = StorageType.MEMORY if streams.storage == "memory" else StorageType.FILE
+    return [
+        # The events stream allows rollup headers: the freshness checkpoints keep only the newest one.
+        StreamConfig(name=topology.events_stream, subjects=[topology.events_subjects],
+                     retention=RetentionPolicy.LIMITS, storage=storage, num_replicas=streams.replicas,
+                     max_age=streams.events_max_age or None, duplicate_window=DUPLICATE_WINDOW_S,
+                     allow_rollup_hdrs=True),
+        StreamConfig(name=topology.invalidations_stream, subjects=[topology.invalidation_subject],
+                     retention=RetentionPolicy.LIMITS, storage=storage, num_replicas=streams.replicas,
+                     max_age=streams.invalidations_max_age, duplicate_window=DUPLICATE_WINDOW_S),
+    ]
 
-    One exception: the events stream must allow rollup headers, which the freshness checkpoints use so that the
-    stream keeps only the newest one. An existing stream without it gets it (JetStream allows that update).
+
+# What ``migrate --streams`` may change on an existing stream (JetStream refuses to change the storage type).
+UPDATABLE = ("num_replicas", "max_age", "allow_rollup_hdrs", "duplicate_window")
+COMPARED = (*UPDATABLE, "storage", "retention")
+
+
+def differences(want: StreamConfig, have: StreamConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (existing, wanted)} for the settings keyledger cares about."""
+    out = {}
+    for name in COMPARED:
+        wanted, existing = getattr(want, name), getattr(have, name)
+        if name == "max_age":
+            wanted, existing = wanted or 0.0, existing or 0.0
+        if name == "num_replicas":
+            wanted, existing = wanted or 1, existing or 1
+        if wanted != existing:
+            out[name] = (existing, wanted)
+    return out
+
+
+_reported: set[str] = set()
+
+
+async def ensure_streams(js: JetStreamContext, topology: Topology, streams: StreamSettings | None = None,
+                         *, update: bool = False) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Create the event and invalidation streams, or leave existing ones as they are.
+
+    An existing stream whose settings differ is reported once per process at WARNING, with the difference.
+    With ``update`` (``keyledger migrate --streams``), what JetStream allows to change is changed (replicas,
+    max age, rollup, duplicate window; not the storage type). One exception without ``update``: the events
+    stream gets rollup headers enabled if it lacks them, since the freshness checkpoints cannot work otherwise.
+    Returns {stream: {field: (before, after)}} for what was (or, without ``update``, would be) changed.
     """
-    for name, subjects, rollup in (
-        (topology.events_stream, [topology.events_subjects], True),
-        (topology.invalidations_stream, [topology.invalidation_subject], False),
-    ):
-        config = StreamConfig(
-            name=name,
-            subjects=subjects,
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            allow_rollup_hdrs=rollup,
-        )
+    changed: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for config in stream_configs(topology, streams or StreamSettings()):
         try:
             await js.add_stream(config)
-        except BadRequestError as exc:  # exists with another config: keep the operator's
-            log.info("stream %s exists (%s); leaving it unchanged", name, exc.description)
-            if rollup:
-                existing = (await js.stream_info(name)).config
-                if not existing.allow_rollup_hdrs:
-                    await js.update_stream(dataclasses.replace(existing, allow_rollup_hdrs=True))
-                    log.warning("stream %s: enabled rollup headers (freshness checkpoints need them)", name)
+            continue
+        except BadRequestError:
+            pass  # exists with another configuration
+        existing = (await js.stream_info(config.name)).config
+        diff = differences(config, existing)
+        if not diff:
+            continue
+        changed[config.name] = diff
+        apply = {k: v[1] for k, v in diff.items() if k in UPDATABLE and (update or k == "allow_rollup_hdrs")}
+        if apply:
+            await js.update_stream(dataclasses.replace(existing, **apply))
+            log.warning("stream %s: changed %s", config.name,
+                        ", ".join(f"{k} {diff[k][0]} -> {diff[k][1]}" for k in apply))
+        rest = {k: v for k, v in diff.items() if k not in apply}
+        if rest and (config.name not in _reported or update):
+            _reported.add(config.name)
+            log.warning("stream %s differs from keyledger's settings: %s%s", config.name,
+                        ", ".join(f"{k} is {v[0]}, configured {v[1]}" for k, v in rest.items()),
+                        "" if update else " (left as it is; `keyledger migrate --streams` updates it)")
+    return changed
 
 
 async def _close(nc: Client) -> None:

@@ -142,12 +142,37 @@ def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .schema import migrate
 
-    env = Environment(need_nats=False)
+    env = Environment(need_nats=args.streams)
     try:
         migrate(env.database_url, force=True)  # the explicit command always applies, recorded digest or not
         print("schema applied", file=sys.stderr)
+        if args.streams:
+            import asyncio
+
+            return asyncio.run(_migrate_streams(env.nats_url))
     finally:
         env.stop()
+    return 0
+
+
+async def _migrate_streams(nats_url: str) -> int:
+    """Create keyledger's JetStream streams or bring them to the configured settings, saying what changed."""
+    import nats
+
+    from .bus import ensure_streams
+    from .config import StreamSettings, Topology, nats_connect_options, nats_servers
+
+    nc = await nats.connect(servers=nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=2,
+                            **nats_connect_options())
+    try:
+        changed = await ensure_streams(nc.jetstream(timeout=10), Topology.from_env(),
+                                       StreamSettings.from_env(os.environ), update=True)
+    finally:
+        await nc.close()
+    for stream, diff in changed.items():
+        for name, (before, after) in diff.items():
+            print(f"stream {stream}: {name} {before} -> {after}", file=sys.stderr)
+    print("streams as configured" if not changed else "streams updated", file=sys.stderr)
     return 0
 
 
@@ -237,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply schema.sql (idempotent) and exit")
+    p.add_argument("--streams", action="store_true",
+                   help="also create or update the JetStream streams to KEYLEDGER_STREAM_* settings")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("dev-session", help="create a user + session and print a ready-to-use Cookie header")

@@ -48,13 +48,13 @@ import hashlib
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import httpx
 import msgspec
 
-from .config import Topology
+from .config import Topology, nats_servers
 from .freshness import Prober
 
 log = logging.getLogger("keyledger.client")
@@ -131,9 +131,13 @@ class KeyCache:
 
     Use it as ``async with KeyCache(...) as cache:`` or call ``await cache.start()`` / ``await cache.close()``.
 
-    :param base_url: keyledger's HTTP base, e.g. ``http://127.0.0.1:3000``.
-    :param nats_url: NATS for invalidations; ``None`` runs without them (every positive then lives at most
-        ``staleness`` seconds: a plain short-TTL cache).
+    :param base_url: keyledger's HTTP base, e.g. ``http://127.0.0.1:3000``, or several (a list, or comma-separated):
+        a verification that cannot reach one (or gets a 5xx) goes to the next, and the one that answered is
+        asked first next time.
+    :param nats_url: NATS for invalidations (one URL, a comma-separated list, or a list); ``None`` runs without
+        them (every positive then lives at most ``staleness`` seconds: a plain short-TTL cache).
+    :param nats_options: more ``nats.connect`` options, e.g. ``keyledger.config.nats_connect_options()`` for
+        credentials and TLS from the environment.
     :param topology: subject prefix and invalidations stream (``Topology.from_env()`` reads
         ``KEYLEDGER_SUBJECT_PREFIX`` / ``KEYLEDGER_INVALIDATIONS_STREAM``).
     :param staleness: how old (seconds) a positive may be when the cache cannot prove it heard every
@@ -151,8 +155,8 @@ class KeyCache:
 
     def __init__(
         self,
-        base_url: str,
-        nats_url: str | None = None,
+        base_url: str | Sequence[str],
+        nats_url: str | Sequence[str] | None = None,
         *,
         topology: Topology | None = None,
         staleness: float = 1.0,
@@ -165,9 +169,17 @@ class KeyCache:
         max_entries: int = 100_000,
         http_client: httpx.AsyncClient | None = None,
         on_invalidation: Callable[[Invalidation], None] | None = None,
+        nats_options: dict[str, Any] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.nats_url = nats_url
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [b.strip().rstrip("/") for u in bases for b in u.split(",") if b.strip()]
+        if not self.base_urls:
+            raise ValueError("KeyCache needs at least one keyledger base URL")
+        self.base_url = self.base_urls[0]
+        if isinstance(nats_url, str):
+            nats_url = nats_servers(nats_url) if nats_url else None
+        self.nats_url = list(nats_url) if nats_url else None
+        self.nats_options = nats_options or {}
         self.topology = topology or Topology()
         self.staleness = staleness
         self.negative_ttl = negative_ttl
@@ -189,7 +201,7 @@ class KeyCache:
 
         self._http = http_client
         self._own_http = http_client is None
-        self._verify_url = self.base_url + VERIFY_PATH
+        self._current = 0  # index of the keyledger base URL that answered last
         self._nc: Any = None
         self._js: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -260,6 +272,11 @@ class KeyCache:
     def caught_up(self) -> bool:
         """True while connected with no gap: every invalidation up to the last proof has been received."""
         return self.connected and not self._gap and self.trusted
+
+    @property
+    def active_base_url(self) -> str:
+        """The keyledger base URL that answered last (asked first next time)."""
+        return self.base_urls[self._current]
 
     @property
     def connected(self) -> bool:
@@ -333,13 +350,20 @@ class KeyCache:
         generation = self._generation
         sent = _monotonic()
         self.http_verifications += 1
-        try:
-            response = await self._http.post(
-                self._verify_url, content=_encoder.encode({"key": key}),
-                headers={"content-type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            log.warning("keyledger verify failed: %s", type(exc).__name__)
+        body = _encoder.encode({"key": key})
+        response = None
+        for attempt in range(len(self.base_urls)):  # fail over: the one that answered last first, then the rest
+            index = (self._current + attempt) % len(self.base_urls)
+            try:
+                response = await self._http.post(self.base_urls[index] + VERIFY_PATH, content=body,
+                                                 headers={"content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                log.warning("keyledger verify at %s failed: %s", self.base_urls[index], type(exc).__name__)
+                continue
+            if response.status_code < 500:
+                self._current = index
+                break
+        if response is None:
             return self._unavailable(digest)
         if response.status_code != 200:
             if 400 <= response.status_code < 500 and response.status_code != 429:
@@ -459,7 +483,7 @@ class KeyCache:
         while self._nc is None:
             try:
                 self._nc = await nats.connect(
-                    self.nats_url,
+                    servers=self.nats_url,
                     name="keyledger-cache",
                     connect_timeout=2,
                     allow_reconnect=True,
@@ -470,6 +494,7 @@ class KeyCache:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                     error_cb=self._on_error,
+                    **self.nats_options,
                 )
             except asyncio.CancelledError:
                 raise

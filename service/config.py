@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import ssl
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 # TCP keepalives on every Postgres connection: the relay's and the background leader's advisory locks live as
@@ -13,6 +17,68 @@ PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 
 
 class ConfigError(Exception):
     pass
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_servers(value: str) -> list[str]:
+    """``NATS_URL``: one URL or a comma-separated list (a cluster's seed servers; nats-py tries each and learns
+    the rest from the cluster). A URL that cannot be parsed is a ConfigError, never a silent retry loop.
+    user:password@ or token@ in a URL are passed on to nats-py as is."""
+    servers = [part.strip() for part in value.split(",") if part.strip()]
+    if not servers:
+        raise ConfigError("NATS_URL is empty")
+    for url in servers:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"NATS_URL: cannot parse {_redact(url)!r} ({exc})") from None
+        if parts.scheme not in NATS_SCHEMES or not parts.hostname:
+            raise ConfigError(f"NATS_URL: {_redact(url)!r} is not a NATS URL (scheme://host[:port], scheme one of "
+                              f"{', '.join(NATS_SCHEMES)})")
+        del port
+    return servers
+
+
+def _redact(url: str) -> str:
+    """A URL with its credentials hidden, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        return urllib.parse.urlunsplit((parts.scheme, f"***@{host}" + (f":{parts.port}" if parts.port else ""),
+                                        parts.path, parts.query, parts.fragment))
+    return url
+
+
+def nats_connect_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """nats-py ``connect`` options from the environment: credentials and TLS.
+
+    ``NATS_CREDS_FILE`` (a .creds file: JWT + nkey seed), ``NATS_NKEY_SEED_FILE`` (an nkey seed),
+    ``NATS_TLS_CA_FILE`` (trust this CA; with it, TLS is used), ``NATS_TLS_CERT_FILE`` + ``NATS_TLS_KEY_FILE``
+    (a client certificate, for servers that verify clients). A file that does not exist is a ConfigError.
+    """
+    env = os.environ if env is None else env
+    options: dict[str, Any] = {}
+    for name, option in (("NATS_CREDS_FILE", "user_credentials"), ("NATS_NKEY_SEED_FILE", "nkeys_seed")):
+        path = env.get(name)
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file {path!r}")
+            options[option] = path
+    ca, cert, key = env.get("NATS_TLS_CA_FILE"), env.get("NATS_TLS_CERT_FILE"), env.get("NATS_TLS_KEY_FILE")
+    if bool(cert) != bool(key):
+        raise ConfigError("NATS_TLS_CERT_FILE and NATS_TLS_KEY_FILE go together")
+    if ca or cert:
+        for name, path in (("NATS_TLS_CA_FILE", ca), ("NATS_TLS_CERT_FILE", cert), ("NATS_TLS_KEY_FILE", key)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file {path!r}")
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+        if cert:
+            context.load_cert_chain(cert, key)
+        options["tls"] = context
+    return options
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -98,6 +164,7 @@ class Settings:
     last_request_flush_s: float = 1.0  # how often lastRequest of keys without limits is written (usage.py)
     run_relay: bool = True
     run_projections: bool = True
+    streams: "StreamSettings" = field(default_factory=lambda: StreamSettings())
 
     @classmethod
     def from_env(cls, *, database_url: str | None = None, nats_url: str | None = None,
@@ -110,6 +177,8 @@ class Settings:
         nats = nats_url or env.get("NATS_URL")
         if not db or not nats:
             raise ConfigError("DATABASE_URL and NATS_URL must both be set (or neither, for the embedded mode)")
+        nats_servers(nats)  # a URL that cannot be parsed stops the start here
+        nats_connect_options(env)  # so does a credentials or TLS file that is not there
         return cls(
             database_url=db,
             nats_url=nats,
@@ -124,4 +193,43 @@ class Settings:
                                            "KEYLEDGER_LAST_REQUEST_FLUSH_S"),
             run_relay=env.get("KEYLEDGER_RUN_RELAY", "1") != "0",
             run_projections=env.get("KEYLEDGER_RUN_PROJECTIONS", "1") != "0",
+            streams=StreamSettings.from_env(env),
         )
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How keyledger declares its JetStream streams (bus.py). An existing stream is never changed silently: a
+    difference is reported once at WARNING, and ``keyledger migrate --streams`` applies what JetStream allows.
+
+    * ``replicas`` (``KEYLEDGER_STREAM_REPLICAS``, 1): 3 on a cluster, so one node can go.
+    * ``invalidations_max_age`` (``KEYLEDGER_INVALIDATIONS_MAX_AGE``, 86400 s): a cache replays missed
+      invalidations only across a short disconnect (``KeyCache.max_replay``) and flushes itself otherwise, so
+      older ones are never read; a day covers any outage a cache would replay through, at ~350 B each.
+    * ``events_max_age`` (``KEYLEDGER_EVENTS_MAX_AGE``, 0 = keep forever): PostgreSQL is the source of truth; a
+      consumer that needs events older than the stream keeps reads them from the log (``keyledger audit
+      export --since``, ``history``) and then follows the stream from there.
+    * ``storage`` (``KEYLEDGER_STREAM_STORAGE``, file): ``memory`` only for throw-away setups.
+    """
+
+    replicas: int = 1
+    invalidations_max_age: float = 86_400.0
+    events_max_age: float = 0.0
+    storage: str = "file"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "StreamSettings":
+        try:
+            replicas = int(env.get("KEYLEDGER_STREAM_REPLICAS", cls.replicas))
+            inv_age = float(env.get("KEYLEDGER_INVALIDATIONS_MAX_AGE", cls.invalidations_max_age))
+            ev_age = float(env.get("KEYLEDGER_EVENTS_MAX_AGE", cls.events_max_age))
+        except ValueError as exc:
+            raise ConfigError(f"stream settings: {exc}") from None
+        storage = env.get("KEYLEDGER_STREAM_STORAGE", cls.storage).lower()
+        if not 1 <= replicas <= 5:
+            raise ConfigError("KEYLEDGER_STREAM_REPLICAS must be 1 to 5")
+        if inv_age <= 0 or ev_age < 0:
+            raise ConfigError("KEYLEDGER_INVALIDATIONS_MAX_AGE must be > 0 and KEYLEDGER_EVENTS_MAX_AGE >= 0")
+        if storage not in ("file", "memory"):
+            raise ConfigError("KEYLEDGER_STREAM_STORAGE must be file or memory")
+        return cls(replicas, inv_age, ev_age, storage)

@@ -210,7 +210,7 @@ class OutboxRelay:
             # NATS came back without its JetStream state (new volume, stream deleted): declare the
             # streams again, or every retry fails the same way until the process restarts.
             try:
-                await ensure_streams(js, topology)
+                await ensure_streams(js, topology, self.bus.streams)
             except Exception as exc:
                 log.warning("could not declare the streams: %s: %s", type(exc).__name__, exc)
         return False

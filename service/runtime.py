@@ -15,7 +15,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from .bus import Bus
-from .config import PG_KEEPALIVES, Settings
+from .config import PG_KEEPALIVES, Settings, nats_connect_options
 from .freshness import Prober
 from .leadership import Lease
 from .relay import OutboxRelay
@@ -89,7 +89,8 @@ class Runtime:
             reconnect_timeout=10.0,
             open=False,
         )
-        self.bus = Bus(settings.nats_url, settings.topology)
+        self.bus = Bus(settings.nats_url, settings.topology, streams=settings.streams,
+                       options=nats_connect_options())
         self.lease = Lease(settings.database_url)
         self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s,
                                  fence=self.lease.check, epoch=lambda: self.lease.epoch)

@@ -1,0 +1,274 @@
+"""Deployment shapes: several NATS URLs, TLS and credentials, stream settings, a read-only PostgreSQL, and a
+cache bound to several keyledger processes. Real nats-servers (one configured for TLS and a password, with
+certificates made by ``openssl`` in the test), real PostgreSQL, real ``keyledger serve`` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import psycopg
+import pytest
+from nats.js.api import StreamConfig
+
+from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
+from keyledger.client import KeyCache
+from keyledger.config import nats_connect_options
+from keyledger.embedded import find_nats_server
+
+
+def ready(service: Service) -> httpx.Response:
+    return httpx.get(f"{service.url}/ready", timeout=5)
+
+
+@contextlib.contextmanager
+def serving(database_url: str, nats_url: str, hint: str, tmp_path: Path,
+            extra_env: dict[str, str] | None = None, *, shared_nats: bool = True) -> Iterator[Service]:
+    """A ``keyledger serve``; its streams are deleted afterwards on a shared NATS (a private one just stops)."""
+    topology = unique_topology(hint)
+    svc = Service(database_url=database_url, nats_url=nats_url, topology=topology,
+                  log_path=tmp_path / f"{hint}.log", extra_env=dict(extra_env or {})).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        if shared_nats:
+            asyncio.run(delete_streams(nats_url.split(",")[-1].strip(), topology))
+
+
+# --------------------------------------------------------------------------------------------------------
+# NATS_URL: a list; a URL that cannot be parsed stops the start
+# --------------------------------------------------------------------------------------------------------
+def test_nats_url_takes_a_list_and_skips_a_server_that_is_down(db_factory: Any, nats_url: str,
+                                                               tmp_path: Path) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    with serving(db_factory.create("deploy_list"), f"{dead}, {nats_url}", "natslist", tmp_path) as svc:
+        wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 through the second URL")
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1:4222", "http://127.0.0.1:4222", "nats://127.0.0.1:99999",
+                                 "nats://127.0.0.1:4222,,nope"])
+def test_a_nats_url_that_cannot_be_parsed_is_a_startup_error(db_factory: Any, bad: str) -> None:
+    svc = Service(database_url=db_factory.create("deploy_bad"), nats_url=bad, topology=unique_topology("bad"))
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        svc.start(timeout=15)
+    assert "NATS_URL" in str(failed.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# TLS (a private CA, the server verifying client certificates) and a password in the URL
+# --------------------------------------------------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(where: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    where.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=keyledger test CA",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=where)
+    (where / "san.cnf").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=where)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=where)
+    return {n: where / f for n, f in (("ca", "ca.pem"), ("server_cert", "server.pem"), ("server_key", "server.key"),
+                                       ("client_cert", "client.pem"), ("client_key", "client.key"))}
+
+
+@contextlib.contextmanager
+def tls_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path]]]:
+    certs = make_certificates(tmp_path / "certs")
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{tmp_path / 'js'}" }}
+tls {{
+  cert_file: "{certs['server_cert']}"
+  key_file: "{certs['server_key']}"
+  ca_file: "{certs['ca']}"
+  verify: true
+}}
+authorization {{ user: keyledger, password: "s3cret-pw" }}
+""")
+    proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="the TLS nats-server")
+        yield f"tls://keyledger:s3cret-pw@127.0.0.1:{port}", certs
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def test_tls_with_client_certificates_and_a_password(db_factory: Any, tmp_path: Path) -> None:
+    with tls_nats(tmp_path) as (url, certs):
+        tls_env = {"NATS_TLS_CA_FILE": str(certs["ca"]), "NATS_TLS_CERT_FILE": str(certs["client_cert"]),
+                   "NATS_TLS_KEY_FILE": str(certs["client_key"])}
+        # Without the client certificate the server refuses: the service starts, but is not ready.
+        with serving(db_factory.create("deploy_notls"), url, "notls", tmp_path,
+                     extra_env={"NATS_TLS_CA_FILE": str(certs["ca"])}, shared_nats=False) as svc:
+            time.sleep(3.0)
+            assert ready(svc).status_code == 503
+            wait_until(lambda: "NATS not reachable" in svc.log_tail(200), timeout=10, what="a WARNING about NATS")
+            assert "s3cret-pw" not in svc.log_tail(400)  # credentials never in the log
+        with serving(db_factory.create("deploy_tls"), url, "tls", tmp_path, extra_env=tls_env,
+                     shared_nats=False) as svc:
+            wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 over TLS")
+            me = svc.session()
+            key = svc.create_key(me)
+
+            async def cache_over_tls() -> None:
+                options = nats_connect_options(tls_env)
+                async with KeyCache(svc.url, url, topology=svc.topology, nats_options=options) as cache:
+                    await wait_for(lambda: cache.trusted, 15, "a freshness proof over TLS")
+                    assert (await cache.verify(key["key"])).valid
+                    await asyncio.to_thread(svc.delete, me, key["id"])
+                    await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation over TLS")
+
+            asyncio.run(cache_over_tls())
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"NATS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "NATS_TLS_CA_FILE"),
+    ({"NATS_TLS_CERT_FILE": "/etc/hostname"}, "go together"),
+    ({"NATS_CREDS_FILE": "/nonexistent/x.creds"}, "NATS_CREDS_FILE"),
+])
+def test_missing_credential_files_are_a_startup_error(db_factory: Any, nats_url: str, env: dict[str, str],
+                                                      message: str) -> None:
+    svc = Service(database_url=db_factory.create("deploy_cred"), nats_url=nats_url,
+                  topology=unique_topology("cred"), extra_env=env)
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        svc.start(timeout=15)
+    assert message in str(failed.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stream settings: a different existing stream is reported once; migrate --streams updates it
+# --------------------------------------------------------------------------------------------------------
+def test_a_stream_with_other_settings_is_reported_and_migrate_updates_it(db_factory: Any, nats_url: str,
+                                                                         tmp_path: Path) -> None:
+    topology = unique_topology("streams")
+
+    async def precreate() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().add_stream(StreamConfig(name=topology.invalidations_stream,
+                                                         subjects=[topology.invalidation_subject], max_age=60.0))
+        finally:
+            await nc.close()
+
+    async def max_age() -> float:
+        nc = await nats.connect(nats_url)
+        try:
+            return (await nc.jetstream().stream_info(topology.invalidations_stream)).config.max_age
+        finally:
+            await nc.close()
+
+    asyncio.run(precreate())
+    database_url = db_factory.create("deploy_streams")
+    env = {"KEYLEDGER_INVALIDATIONS_MAX_AGE": "3600"}
+    svc = Service(database_url=database_url, nats_url=nats_url, topology=topology, log_path=tmp_path / "s.log",
+                  extra_env=env).start()
+    try:
+        wait_until(lambda: "differs from keyledger's settings" in svc.log_tail(200), timeout=10,
+                   what="the WARNING about the stream")
+        line = next(ln for ln in svc.log_tail(200).splitlines() if "differs from keyledger's settings" in ln)
+        assert "WARNING" in line and "max_age is 60.0, configured 3600.0" in line
+        assert svc.log_tail(400).count("differs from keyledger's settings") == 1  # once, not on every retry
+        assert asyncio.run(max_age()) == 60.0  # left as it is
+        done = subprocess.run([sys.executable, "-m", "keyledger.cli", "migrate", "--streams"], env=svc.env(),
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"stream {topology.invalidations_stream}: max_age 60.0 -> 3600.0" in done.stderr
+        assert asyncio.run(max_age()) == 3600.0
+        again = subprocess.run([sys.executable, "-m", "keyledger.cli", "migrate", "--streams"], env=svc.env(),
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "streams as configured" in again.stderr, again.stderr
+    finally:
+        svc.stop()
+        asyncio.run(delete_streams(nats_url, topology))
+
+
+# --------------------------------------------------------------------------------------------------------
+# PostgreSQL read-only (a standby, a failover in progress): 503 with the JSON error, never 500
+# --------------------------------------------------------------------------------------------------------
+def test_a_read_only_database_is_a_503_and_ready_says_why(db_factory: Any, nats_url: str, tmp_path: Path) -> None:
+    database_url = db_factory.create("deploy_ro")
+    with serving(database_url, nats_url, "readonly", tmp_path) as svc:
+        me = svc.session()
+        key = svc.create_key(me)
+        wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            dbname = conn.info.dbname
+
+            def reconnect_everyone(read_only: bool) -> None:
+                conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = '
+                             f'{"on" if read_only else "off"}')
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                             " AND pid <> pg_backend_pid()", (dbname,))
+
+            reconnect_everyone(True)
+            try:
+                def refused() -> httpx.Response | None:
+                    r = svc.delete(me, key["id"])
+                    return r if r.status_code == 503 and "read-only" in r.json().get("message", "") else None
+
+                answer = wait_until(refused, timeout=20, what="a read-only 503")
+                assert answer.json()["code"] == "SERVICE_UNAVAILABLE"
+                assert svc.verify(key["key"])["valid"] is True  # reads still answer
+                not_ready = wait_until(lambda: ready(svc) if ready(svc).status_code == 503 else None, timeout=10,
+                                       what="/ready 503")
+                assert any("read-only" in r for r in not_ready.json()["reasons"])
+            finally:
+                reconnect_everyone(False)
+            wait_until(lambda: svc.delete(me, key["id"]).status_code == 200, timeout=20, what="writes again")
+            wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 again")
+
+
+# --------------------------------------------------------------------------------------------------------
+# A cache bound to several keyledger processes fails over
+# --------------------------------------------------------------------------------------------------------
+def test_a_cache_fails_over_to_another_keyledger_process(db_factory: Any, nats_url: str, tmp_path: Path) -> None:
+    database_url = db_factory.create("deploy_failover")
+    topology = unique_topology("failover")
+    first = Service(database_url=database_url, nats_url=nats_url, topology=topology,
+                    log_path=tmp_path / "a.log").start()
+    second = Service(database_url=database_url, nats_url=nats_url, topology=topology,
+                     log_path=tmp_path / "b.log").start()
+    try:
+        me = first.session()
+        keys = [first.create_key(me) for _ in range(3)]
+
+        async def scenario() -> None:
+            async with KeyCache([first.url, second.url], nats_url, topology=topology) as cache:
+                assert (await cache.verify(keys[0]["key"])).valid
+                first.kill()
+                for key in keys[1:]:
+                    result = await cache.verify(key["key"])
+                    assert result.valid, result
+                assert cache.active_base_url == second.url
+
+        asyncio.run(scenario())
+    finally:
+        first.stop()
+        second.stop()
+        asyncio.run(delete_streams(nats_url, topology))

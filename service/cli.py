@@ -234,6 +234,52 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_cluster(args: argparse.Namespace) -> int:
+    """The deployment shape on loopback: a 3-node JetStream cluster (R3 streams), one PostgreSQL, and
+    ``--processes`` ``keyledger serve`` processes on consecutive ports, all sharing one secret. Ctrl-C stops it."""
+    import subprocess
+    import time
+
+    from .embedded import NatsCluster, start_postgres
+    from .schema import migrate
+
+    data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger-cluster")).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    pg = start_postgres(data / "postgres")
+    cluster = NatsCluster(data / "nats")
+    procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        migrate(pg.url)
+        env = {**os.environ, "DATABASE_URL": pg.url, "NATS_URL": cluster.url, "KEYLEDGER_STREAM_REPLICAS": "3",
+               "BETTER_AUTH_SECRET": os.environ.get("BETTER_AUTH_SECRET") or secrets.token_urlsafe(32)}
+        print(f"keyledger: PostgreSQL at {pg.url}", file=sys.stderr)
+        for i, node in enumerate(cluster.nodes, start=1):
+            print(f"keyledger: NATS node {i} at {node.url} (data in {node.store_dir})", file=sys.stderr)
+        for i in range(args.processes):
+            port = args.port + i
+            origins = f"http://127.0.0.1:{port},http://localhost:{port}"
+            procs.append(subprocess.Popen([sys.executable, "-m", "keyledger.cli", "serve", "--host", "127.0.0.1",
+                                           "--port", str(port)], env={**env, "TRUSTED_ORIGINS": origins}))
+            time.sleep(0.5)
+        print(f"keyledger: NATS_URL={cluster.url}", file=sys.stderr, flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return 1  # a process ended by itself
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.stop()
+        pg.stop()
+
+
 def _describe(e: Any) -> str:
     import msgspec
 
@@ -269,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("dev-session", help="create a user + session and print a ready-to-use Cookie header")
     p.add_argument("--email", required=True)
     p.set_defaults(func=cmd_dev_session)
+
+    p = sub.add_parser("dev-cluster", help="a local 3-node NATS cluster, PostgreSQL and several service processes")
+    p.add_argument("--processes", type=int, default=2, help="keyledger serve processes (default 2)")
+    p.add_argument("--port", type=int, default=3000, help="the first process's port; the next ones follow")
+    p.set_defaults(func=cmd_dev_cluster)
 
     p = sub.add_parser("history", help="a key's events in order")
     p.add_argument("key_id")

@@ -58,6 +58,7 @@ __all__ = [
     "EmbeddedServerError",
     "find_nats_server",
     "start_nats",
+    "NatsCluster",
     "start_postgres",
 ]
 
@@ -656,16 +657,17 @@ class EmbeddedNats(_Server):
     START_TIMEOUT: Final = 10.0
     STOP_TIMEOUT: Final = 10.0
 
-    def __init__(self, store_dir: Path, port: int, binary: str) -> None:
+    def __init__(self, store_dir: Path, port: int, binary: str, extra_args: tuple[str, ...] = ()) -> None:
         """Internal: use :func:`start_nats`.  Does not start anything."""
         self.store_dir: Final = store_dir
         self.port: Final = port
         self.binary: Final = binary
+        self.extra_args: Final = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
         self._atexit_registered = False
 
     @classmethod
-    def start(cls, store_dir: Path, port: int | None = None) -> EmbeddedNats:
+    def start(cls, store_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> EmbeddedNats:
         """Start ``nats-server`` with JetStream storing in ``store_dir`` (created if missing).
 
         With ``port=None`` a free port is picked; since another process may grab it
@@ -678,7 +680,7 @@ class EmbeddedNats(_Server):
         attempts = 1 if port is not None else 3
         last_error: EmbeddedServerError | None = None
         for _ in range(attempts):
-            server = cls(store_dir, port if port is not None else _free_port(cls.HOST), binary)
+            server = cls(store_dir, port if port is not None else _free_port(cls.HOST), binary, extra_args)
             try:
                 server._spawn()
                 return server
@@ -740,6 +742,7 @@ class EmbeddedNats(_Server):
         args = [
             self.binary, "-a", self.HOST, "-p", str(self.port), "-js",
             "-sd", str(self.store_dir), "-l", str(self.log_path), "-P", str(self.store_dir / _NATS_PID_NAME),
+            *self.extra_args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             log_offset = log.tell()
@@ -801,3 +804,34 @@ class EmbeddedNats(_Server):
 def start_nats(store_dir: Path, port: int | None = None) -> EmbeddedNats:
     """Start an :class:`EmbeddedNats`; see :meth:`EmbeddedNats.start`."""
     return EmbeddedNats.start(store_dir, port)
+
+
+class NatsCluster:
+    """``size`` nats-servers on loopback forming one JetStream cluster (routes between all of them), for the
+    local cluster (``keyledger dev-cluster``) and its tests. Each node keeps its own store under ``root``."""
+
+    def __init__(self, root: Path, size: int = 3, name: str = "keyledger") -> None:
+        routes = [_free_port(EmbeddedNats.HOST) for _ in range(size)]
+        route_urls = ",".join(f"nats://{EmbeddedNats.HOST}:{p}" for p in routes)
+        self.nodes: list[EmbeddedNats] = []
+        self.by_name: dict[str, EmbeddedNats] = {}  # server_name -> node (JetStream reports leaders by name)
+        try:
+            for i, route in enumerate(routes):
+                server_name = f"{name}-{i + 1}"
+                args = ("--server_name", server_name, "--cluster_name", name,
+                        "--cluster", f"nats://{EmbeddedNats.HOST}:{route}", "--routes", route_urls)
+                node = EmbeddedNats.start(Path(root) / f"node{i + 1}", extra_args=args)
+                self.nodes.append(node)
+                self.by_name[server_name] = node
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        """All nodes, comma-separated: what NATS_URL takes."""
+        return ",".join(node.url for node in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

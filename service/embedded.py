@@ -716,7 +716,8 @@ class EmbeddedNats(_Server):
         self._spawn()
 
     def stop(self) -> None:
-        """Graceful stop: SIGTERM, then SIGKILL if still alive after ``STOP_TIMEOUT``.  Idempotent."""
+        """Graceful stop: SIGTERM, then SIGKILL if still alive after ``STOP_TIMEOUT``.  Idempotent.
+        The pid file goes with the server, so the next start finds nothing stale."""
         self._unregister_atexit()
         proc = self._proc
         if proc is None or proc.poll() is not None:
@@ -727,6 +728,7 @@ class EmbeddedNats(_Server):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        (self.store_dir / _NATS_PID_NAME).unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Crash the server with SIGKILL (no flush, no goodbye to clients) and reap it."""

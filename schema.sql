@@ -505,3 +505,34 @@ BEGIN
         RAISE EXCEPTION 'leadership epoch % is over', p_epoch USING ERRCODE = 'KL410';
     END IF;
 END $$;
+
+-- ---------------------------------------------------------------------------------------------------------
+-- Revocation receipts (projections/receipts.py): when did a revocation take effect in every cache?
+-- Caches report the log position through which they have applied invalidations (no keys, no hashes: positions
+-- only). For each revocation-like event (revoked, disabled, expired, rotated without grace), one row per cache
+-- that was live when it was projected; effective_at is keyledger's (the database's) clock when the first receipt
+-- covering the position arrived. Bounded: rows per revocation x live caches, pruned after the retention period.
+-- ---------------------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS receipt_caches (
+    cache_id     text PRIMARY KEY,
+    service      text,
+    position     bigint      NOT NULL,  -- the highest position it has confirmed
+    last_seen_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    position                bigint PRIMARY KEY,  -- the event's position in the log
+    key_id                  text        NOT NULL,
+    type                    text        NOT NULL,
+    revoked_at              timestamptz NOT NULL,  -- the event's recorded_at
+    effective_everywhere_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS revocations_key_idx ON revocations (key_id, position);
+CREATE INDEX IF NOT EXISTS revocations_pending_idx ON revocations (position) WHERE effective_everywhere_at IS NULL;
+CREATE TABLE IF NOT EXISTS revocation_receipts (
+    position     bigint NOT NULL REFERENCES revocations (position) ON DELETE CASCADE,
+    cache_id     text   NOT NULL,
+    effective_at timestamptz,
+    PRIMARY KEY (position, cache_id)
+);
+CREATE INDEX IF NOT EXISTS revocation_receipts_pending_idx ON revocation_receipts (cache_id, position)
+    WHERE effective_at IS NULL;

@@ -71,13 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4250"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3100)
+    parser.add_argument("--cache-id", default=None, help="this cache's name in keyledger's revocation receipts")
+    parser.add_argument("--service", default="downstream-example", help="the service name in receipts")
     parser.add_argument("--staleness", type=float, default=1.0,
                         help="seconds a cached key may be served while invalidations cannot be proven")
     args = parser.parse_args(argv)
     # --keyledger-url and --nats-url take comma-separated lists (failover); credentials and TLS for NATS come
     # from NATS_CREDS_FILE, NATS_NKEY_SEED_FILE, NATS_TLS_* as for keyledger itself.
     cache = KeyCache(args.keyledger_url, args.nats_url or None, topology=Topology.from_env(),
-                     staleness=args.staleness, nats_options=nats_connect_options())
+                     staleness=args.staleness, nats_options=nats_connect_options(), cache_id=args.cache_id,
+                     service=args.service)
     uvicorn.run(create_app(cache), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -28,6 +28,7 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from . import inputs, openapi, records, store
+from .projections import receipts
 from .auth import check_origin, session_token
 from .config import Settings
 from .domain import (
@@ -550,14 +551,43 @@ async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
     config_id = _config_id(params)
     async with _rt(request).pool.connection() as conn:
         session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
-        created = stream[0].event if stream and isinstance(stream[0].event, ApiKeyCreated) else None
-        if created is None or created.config_id != config_id:
-            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
-        if config_id == "org":  # the organization's owners and admins, like every other org-key endpoint
-            await _may_manage(conn, session.user_id, created.reference_id, key_addressed=True)
-        elif created.reference_id != session.user_id:
-            raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
-    return {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}
+        await _owner_of_history(conn, session, stream, config_id)
+        receipt = await receipts.read(conn, key_id)
+    answer: dict[str, Any] = {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}
+    if receipt is not None:  # beside the revocation: when it took effect everywhere (api-key/revocation)
+        answer["revocation"] = {k: receipt[k] for k in ("position", "type", "revokedAt", "effectiveEverywhereAt")}
+        answer["revocation"]["caches"] = len(receipt["caches"])
+    return answer
+
+
+async def _owner_of_history(conn: Any, session: store.Session, stream: list[Any], config_id: str) -> None:
+    """Ownership from the LOG (the ApiKeyCreated event's referenceId), so revoked keys stay readable by their
+    owner; anyone else, and an unknown id, get 404 KEY_NOT_FOUND."""
+    created = stream[0].event if stream and isinstance(stream[0].event, ApiKeyCreated) else None
+    if created is None or created.config_id != config_id:
+        raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+    if config_id == "org":  # the organization's owners and admins, like every other org-key endpoint
+        await _may_manage(conn, session.user_id, created.reference_id, key_addressed=True)
+    elif created.reference_id != session.user_id:
+        raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+
+
+@get("/api-key/revocation", summary="When a revoked key stopped working in every cache (owner only)")
+async def key_revocation(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The receipt of the key's latest revocation-like event (revoked, disabled, expired, rotated without grace):
+    per cache, when keyledger heard it had applied the invalidation, and ``effectiveEverywhereAt`` once every
+    cache live at that moment confirmed (projections/receipts.py). Who may ask: as for history; a key with no
+    such event is 404 ``NOT_REVOKED``."""
+    params = dict(request.query_params)
+    key_id = inputs.string_field(params, "id", required=True, where="query")
+    config_id = _config_id(params)
+    async with _rt(request).pool.connection() as conn:
+        session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
+        await _owner_of_history(conn, session, stream, config_id)
+        answer = await receipts.read(conn, key_id)
+    if answer is None:
+        raise ApiError(404, "NOT_REVOKED", "This key has not been revoked, disabled or expired")
+    return answer
 
 
 @get("/health", summary="Liveness: the database answers", include_in_schema=True)
@@ -665,4 +695,5 @@ def create_app_from_env() -> Litestar:
     return create_app(Settings.from_env())
 
 
-API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, rotate_key, verify_key, key_history]
+API_ROUTES = [create_key, get_key, list_keys, update_key, delete_key, rotate_key, verify_key, key_history,
+              key_revocation]

@@ -173,13 +173,15 @@ def cmd_dev_session(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .projections.receipts import read as read_receipt
+
     env = Environment(need_nats=False)
     try:
-        async def read() -> list[Any]:
+        async def read() -> tuple[list[Any], dict[str, Any] | None]:
             async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
-                return await read_stream(conn, args.key_id)
+                return await read_stream(conn, args.key_id), await read_receipt(conn, args.key_id)
 
-        events = asyncio.run(read())
+        events, receipt = asyncio.run(read())
     finally:
         env.stop()
     if not events:
@@ -195,6 +197,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         detail = _describe(e)
         at = e.recorded_at.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
         print(f"v{e.version:<3} {at}  {kind(e.type):<9} by {who} from {where}  #{e.position}{detail}")
+        if receipt is not None and receipt["position"] == e.position:
+            confirmed = sum(c["state"] == "confirmed" for c in receipt["caches"])
+            print(f"     effective everywhere: {receipt['effectiveEverywhereAt'] or 'pending'} "
+                  f"({confirmed} of {len(receipt['caches'])} caches confirmed; `keyledger receipts` for each)")
     return 0
 
 
@@ -242,6 +248,36 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
                 proc.kill()
         cluster.stop()
         pg.stop()
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    """A key's revocation receipt: when it took effect in each cache, and everywhere."""
+    import asyncio
+
+    from .projections.receipts import read
+
+    env = Environment(need_nats=False)
+
+    async def fetch() -> dict[str, Any] | None:
+        async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
+            return await read(conn, args.key_id)
+
+    try:
+        receipt = asyncio.run(fetch())
+    finally:
+        env.stop()
+    if receipt is None:
+        print(f"keyledger: key {args.key_id} has no revocation (or it is unknown)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(receipt))
+        return 0
+    everywhere = receipt["effectiveEverywhereAt"] or "pending"
+    print(f"{receipt['type']} at position {receipt['position']}, {receipt['revokedAt']}; everywhere: {everywhere}")
+    for cache in receipt["caches"]:
+        print(f"  {cache['state']:<9} {cache['cacheId']} ({cache['service'] or '-'})  "
+              f"effective {cache['effectiveAt'] or '-'}  last seen {cache['lastSeenAt'] or '-'}")
+    return 0
 
 
 def _describe(e: Any) -> str:
@@ -306,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2, help="keyledger serve processes (default 2)")
     p.add_argument("--port", type=int, default=3000, help="the first process's port; the next ones follow")
     p.set_defaults(func=cmd_dev_cluster)
+
+    p = sub.add_parser("receipts", help="when a key's revocation took effect in each cache, and everywhere")
+    p.add_argument("key_id")
+    p.add_argument("--json", action="store_true", help="the same JSON as GET /api/auth/api-key/revocation")
+    p.set_defaults(func=cmd_receipts)
 
     p = sub.add_parser("history", help="a key's events in order")
     p.add_argument("key_id")

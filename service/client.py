@@ -46,6 +46,8 @@ import collections
 import datetime as dt
 import hashlib
 import logging
+import os
+import socket
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -55,7 +57,7 @@ import httpx
 import msgspec
 
 from .config import Topology, nats_servers
-from .freshness import Prober
+from .freshness import Prober, Receipt, encode_receipt
 
 log = logging.getLogger("keyledger.client")
 
@@ -63,6 +65,9 @@ __all__ = ["Invalidation", "KeyAuthMiddleware", "KeyCache", "VerifyResult", "lit
 
 VERIFY_PATH = "/api/auth/api-key/verify"
 UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
+
+# Receipts (positions only): at once after an invalidation, else a heartbeat this often (liveness).
+RECEIPT_EVERY_S = 1.0
 
 _sha256 = hashlib.sha256
 _monotonic = time.monotonic
@@ -151,6 +156,8 @@ class KeyCache:
     :param max_replay: the largest gap replayed message by message; a larger one flushes everything.
     :param max_entries: a full cache drops expired entries, then everything (it is only a cache).
     :param on_invalidation: called (synchronously) after each invalidation was applied.
+    :param cache_id: this cache's stable name in keyledger's revocation receipts (default: host, pid and a
+        number); ``service``: the service it belongs to. ``receipts=False`` reports nothing.
     """
 
     def __init__(
@@ -170,6 +177,9 @@ class KeyCache:
         http_client: httpx.AsyncClient | None = None,
         on_invalidation: Callable[[Invalidation], None] | None = None,
         nats_options: dict[str, Any] | None = None,
+        cache_id: str | None = None,
+        service: str = "",
+        receipts: bool = True,
     ) -> None:
         bases = [base_url] if isinstance(base_url, str) else list(base_url)
         self.base_urls = [b.strip().rstrip("/") for u in bases for b in u.split(",") if b.strip()]
@@ -180,6 +190,12 @@ class KeyCache:
             nats_url = nats_servers(nats_url) if nats_url else None
         self.nats_url = list(nats_url) if nats_url else None
         self.nats_options = nats_options or {}
+        # Revocation receipts: who this cache is, for keyledger's "revoked everywhere" answer.
+        self.cache_id = cache_id or f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10_000:04d}"
+        self.service = service
+        self.receipts = receipts
+        self._receipt_sent = (float("-inf"), -1)  # (monotonic time, position) of the last receipt
+        self._applied_position: int | None = None  # position of the newest invalidation applied
         self.topology = topology or Topology()
         self.staleness = staleness
         self.negative_ttl = negative_ttl
@@ -464,6 +480,8 @@ class KeyCache:
             return
         self.invalidations_applied += 1
         self.last_invalidation = inv
+        if inv.position > (self._applied_position or -1):
+            self._applied_position = inv.position
         if self.on_invalidation is not None:
             try:
                 self.on_invalidation(inv)
@@ -528,6 +546,19 @@ class KeyCache:
     async def _on_checkpoint(self, msg: Any) -> None:
         # An echo counts only with no gap left to close (the probe's own session is checked by the prober).
         self._prober.on_checkpoint(msg.data, accept=not self._gap)
+        position, (sent_at, sent_position) = self._prober.seen_position, self._receipt_sent
+        now = _monotonic()
+        # A receipt at once when it confirms an invalidation applied since the last one (every revocation-like
+        # event has one), else a heartbeat every RECEIPT_EVERY_S: the cost follows the revocation rate.
+        confirms = self._applied_position is not None and sent_position < self._applied_position <= (position or -1)
+        if (self.receipts and position is not None and position > sent_position and self._nc is not None
+                and (confirms or now - sent_at >= RECEIPT_EVERY_S)):
+            self._receipt_sent = (now, position)
+            receipt = Receipt(cache_id=self.cache_id, service=self.service, position=position)
+            try:
+                await self._nc.publish(self.topology.receipts_subject, encode_receipt(receipt))
+            except Exception:  # a lost receipt is replaced by the next one
+                pass
 
     async def _on_disconnect(self) -> None:
         self._epoch += 1

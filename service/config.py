@@ -131,6 +131,15 @@ class Topology:
     def checkpoint_subject(self) -> str:
         return f"{self.prefix}.cache.checkpoint"
 
+    # Revocation receipts (projections/receipts.py): caches report positions; keyledger announces completion.
+    @property
+    def receipts_subject(self) -> str:
+        return f"{self.prefix}.cache.receipts"
+
+    @property
+    def effective_subject(self) -> str:
+        return f"{self.prefix}.revocation.effective"
+
     def consumer(self, name: str) -> str:
         return f"{self.consumer_prefix}-{name}"
 

@@ -36,7 +36,8 @@ import uuid
 
 import msgspec
 
-__all__ = ["Checkpoint", "Probe", "Prober", "decode_checkpoint", "encode_checkpoint", "merge_probes"]
+__all__ = ["Checkpoint", "Probe", "Prober", "Receipt", "decode_checkpoint", "decode_receipt", "encode_checkpoint",
+           "encode_receipt", "merge_probes"]
 
 
 class Probe(msgspec.Struct, frozen=True):
@@ -56,7 +57,17 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     created_at: dt.datetime | None = None  # wall clock of the relay that made it, informational only
 
 
+class Receipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a cache reports on ``<prefix>.cache.receipts``: it has applied the invalidations of every event up to
+    ``position`` (positions only: no key ids, no hashes)."""
+
+    cache_id: str
+    service: str = ""
+    position: int
+
+
 _encoder = msgspec.json.Encoder()
+_receipt_decoder = msgspec.json.Decoder(Receipt)
 _probe_decoder = msgspec.json.Decoder(Probe)
 _checkpoint_decoder = msgspec.json.Decoder(Checkpoint)
 
@@ -67,6 +78,14 @@ def encode_probe(probe: Probe) -> bytes:
 
 def decode_probe(payload: bytes) -> Probe:
     return _probe_decoder.decode(payload)
+
+
+def encode_receipt(receipt: Receipt) -> bytes:
+    return _encoder.encode(receipt)
+
+
+def decode_receipt(payload: bytes) -> Receipt:
+    return _receipt_decoder.decode(payload)
 
 
 def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
@@ -101,6 +120,9 @@ class Prober:
         self.session = 0
         self.proven_at = float("-inf")  # monotonic send time of the newest echoed probe
         self.proven_position: int | None = None  # the log position the newest proof covered
+        # The highest checkpoint position received with no gap open, echo or not: every invalidation of an event
+        # up to it has arrived here (what a revocation receipt reports).
+        self.seen_position: int | None = None
         self.checkpoints = 0
         self._n = 0
         self._sent: dict[int, tuple[float, int]] = {}  # n -> (monotonic send time, session)
@@ -123,6 +145,8 @@ class Prober:
         except msgspec.DecodeError:
             return False
         self.checkpoints += 1
+        if accept and checkpoint.position > (self.seen_position or -1):
+            self.seen_position = checkpoint.position
         n = checkpoint.probes.get(self.id)
         sent = self._sent.get(n) if n is not None else None
         if sent is None or not accept or sent[1] != self.session:

@@ -48,7 +48,7 @@ SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean,
 KNOWN_ROUTES = frozenset({
     "/api/auth/api-key/create", "/api/auth/api-key/get", "/api/auth/api-key/list", "/api/auth/api-key/update",
     "/api/auth/api-key/delete", "/api/auth/api-key/rotate", "/api/auth/api-key/verify",
-    "/api/auth/api-key/history", "/health", "/ready", "/metrics", "/openapi.json",
+    "/api/auth/api-key/history", "/api/auth/api-key/revocation", "/health", "/ready", "/metrics", "/openapi.json",
 })
 
 

@@ -125,6 +125,23 @@ class History(msgspec.Struct):
     events: list[Envelope]
 
 
+class CacheReceipt(msgspec.Struct, rename="camel"):
+    cache_id: str
+    service: str
+    effective_at: str | None  # when keyledger heard this cache had applied the revocation
+    last_seen_at: str | None
+    state: Literal["confirmed", "pending", "gone"]
+
+
+class Revocation(msgspec.Struct, rename="camel"):
+    key_id: str
+    position: int
+    type: str  # ApiKeyRevoked, ApiKeyDisabled, ApiKeyExpired or ApiKeyRotated (without grace)
+    revoked_at: str
+    effective_everywhere_at: str | None  # null while a live cache has not confirmed
+    caches: list[CacheReceipt]
+
+
 class Health(msgspec.Struct):
     ok: bool
     nats: bool
@@ -144,7 +161,7 @@ class NotReady(msgspec.Struct):
 
 
 _STRUCTS = [Error, KeyRecord, CreatedKey, CreateBody, UpdateBody, DeleteBody, RotateBody, Success, ListAnswer, VerifyBody,
-            VerifyAnswer, Envelope, History, Health, Ready, NotReady]
+            VerifyAnswer, Envelope, History, Health, Ready, NotReady, CacheReceipt, Revocation]
 _COOKIE = [{"betterAuthSession": []}]
 
 
@@ -237,6 +254,15 @@ def document() -> dict[str, Any]:
             "responses": {"200": _json(History, "the events, as on NATS"),
                           **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)", _ORG_403,
                                     "404 not yours or unknown (KEY_NOT_FOUND)", _DB_503)},
+        }},
+        "/api/auth/api-key/revocation": {"get": {
+            "summary": "When one of your keys' latest revocation (or disable, expiry, rotation without grace) took "
+                       "effect in every cache",
+            "security": _COOKIE, "parameters": [_query("id", "string", True), _CONFIG_ID],
+            "responses": {"200": _json(Revocation, "the receipt"),
+                          **_errors("400 missing id (VALIDATION_ERROR)", "401 no session (UNAUTHORIZED)", _ORG_403,
+                                    "404 not yours or unknown (KEY_NOT_FOUND), or never revoked (NOT_REVOKED)",
+                                    _DB_503)},
         }},
         "/health": {"get": {"summary": "Liveness: the database answers; whether NATS is connected",
                             "responses": {"200": _json(Health, "healthy"),

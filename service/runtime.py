@@ -139,6 +139,7 @@ class Runtime:
     async def _lead(self) -> None:
         from .audit import AuditSealer
         from .projections.invalidations import InvalidationProjection
+        from .projections.receipts import ReceiptsProjection
         from .projections.subscriber import ActiveKeysSubscriber
         from .sweeper import ExpirySweeper
 
@@ -157,6 +158,8 @@ class Runtime:
             workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
             self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch)
             workers.append(asyncio.create_task(self.invalidations.run(), name="projection-invalidations"))
+            receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch)
+            workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
             sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge, fence=fence)
             workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
         workers.append(asyncio.create_task(self._listen(self._wake_subject, lambda _: self.relay.nudge()),

@@ -1,0 +1,252 @@
+"""Revocation receipts: when did a revocation take effect in every cache that holds keys?
+
+Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` the log position through which it has applied
+invalidations (it learns that from the freshness checkpoints, freshness.py): at once after it applied an
+invalidation, else as a heartbeat every second. Positions only: no key ids, no hashes.
+
+This projection (in the background leader) keeps three tables (schema.sql):
+
+* ``receipt_caches``: every cache heard of, its confirmed position and when it was last heard (a cache silent
+  for ``GONE_AFTER_S`` is *gone*: listed, but it no longer blocks "everywhere");
+* ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
+  event stream (its own durable consumer, consumer.py);
+* ``revocation_receipts``: per revocation, one row per cache that was live when the revocation was projected,
+  with ``effective_at`` = the moment keyledger received the first receipt covering the position.
+
+Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt. When the last
+live cache confirms (or the last pending one is declared gone), ``effective_everywhere_at`` is set and
+``<prefix>.revocation.effective`` announces it. A receipt can arrive before the revocation's event is projected
+(it raced through the invalidation path): the projection remembers each cache's recent receipts and dates
+such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
+
+Storage: one ``revocations`` row per revocation-like event and one receipt row per live cache for each, kept
+``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import psycopg
+from nats.js.api import AckPolicy
+
+from ..bus import Bus
+from ..config import PG_KEEPALIVES
+from ..events import decode_envelope
+from ..freshness import decode_receipt
+from .consumer import consume, run_forever
+
+log = logging.getLogger("keyledger.projections.receipts")
+
+NAME = "receipts"
+GONE_AFTER_S = 10.0
+RETENTION_DAYS = 30
+REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
+
+RECORD = """
+INSERT INTO revocations (position, key_id, type, revoked_at) VALUES (%s, %s, %s, %s)
+ON CONFLICT DO NOTHING RETURNING position
+"""
+LIVE_CACHES = """
+SELECT cache_id FROM receipt_caches WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
+"""
+ADD_RECEIPTS = """
+INSERT INTO revocation_receipts (position, cache_id, effective_at)
+SELECT %s, c, e FROM unnest(%s::text[], %s::timestamptz[]) AS t(c, e)
+ON CONFLICT DO NOTHING
+"""
+# One statement per receipt: note the cache, confirm its pending receipts up to the position, say when.
+RECEIVE = """
+WITH seen AS (
+    INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
+    VALUES (%(cache)s, %(service)s, %(position)s, clock_timestamp())
+    ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
+        position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
+    RETURNING last_seen_at
+), confirmed AS (
+    UPDATE revocation_receipts SET effective_at = (SELECT last_seen_at FROM seen)
+    WHERE cache_id = %(cache)s AND effective_at IS NULL AND position <= %(position)s
+    RETURNING position
+)
+SELECT (SELECT last_seen_at FROM seen), (SELECT count(*) FROM confirmed)
+"""
+# Complete every pending revocation (up to a position, or all) that no live cache still blocks. The moment is the
+# last confirmation when every cache confirmed, else now (a pending cache was just declared gone).
+COMPLETE = """
+UPDATE revocations r
+SET effective_everywhere_at = CASE WHEN x.pending = 0 THEN coalesce(x.last, clock_timestamp())
+                                   ELSE clock_timestamp() END
+FROM (SELECT rv.position,
+             count(rr.cache_id) FILTER (WHERE rr.effective_at IS NULL) AS pending,
+             count(rr.cache_id) FILTER (WHERE rr.effective_at IS NULL
+                                        AND c.last_seen_at > clock_timestamp() - %(gone)s * interval '1 second')
+                 AS blocking,
+             max(rr.effective_at) AS last,
+             count(rr.cache_id) AS caches
+      FROM revocations rv
+      LEFT JOIN revocation_receipts rr ON rr.position = rv.position
+      LEFT JOIN receipt_caches c ON c.cache_id = rr.cache_id
+      WHERE rv.effective_everywhere_at IS NULL AND (%(upto)s::bigint IS NULL OR rv.position <= %(upto)s)
+      GROUP BY rv.position) x
+WHERE r.position = x.position AND x.blocking = 0
+RETURNING r.key_id, r.position, r.effective_everywhere_at, x.caches
+"""
+PRUNE = """
+WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
+DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
+"""
+# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event.
+LATEST = """
+SELECT position, type, revoked_at, effective_everywhere_at FROM revocations
+WHERE key_id = %s ORDER BY position DESC LIMIT 1
+"""
+CACHES_OF = """
+SELECT rr.cache_id, c.service, rr.effective_at, c.last_seen_at,
+       c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
+FROM revocation_receipts rr LEFT JOIN receipt_caches c USING (cache_id)
+WHERE rr.position = %s ORDER BY rr.cache_id
+"""
+
+_encoder = msgspec.json.Encoder()
+
+
+def _iso(at: dt.datetime | None) -> str | None:
+    return None if at is None else at.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
+async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any] | None:
+    """The receipt of a key's latest revocation-like event, or None if it has none."""
+    row = await (await conn.execute(LATEST, (key_id,))).fetchone()
+    if row is None:
+        return None
+    position, type_, revoked_at, everywhere = row
+    caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position))).fetchall()
+    return {
+        "keyId": key_id, "position": position, "type": type_, "revokedAt": _iso(revoked_at),
+        "effectiveEverywhereAt": _iso(everywhere),
+        "caches": [{"cacheId": cache_id, "service": service or "", "effectiveAt": _iso(effective),
+                    "lastSeenAt": _iso(seen),
+                    "state": "confirmed" if effective else ("gone" if silent else "pending")}
+                   for cache_id, service, effective, seen, silent in caches],
+    }
+
+
+class ReceiptsProjection:
+    name = NAME
+
+    def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
+                 epoch: int | None = None) -> None:
+        self.database_url = database_url
+        self.bus = bus
+        self.fence = fence
+        self.epoch = epoch
+        self.received = 0
+        self.completed = 0
+        # cache id -> its recent (position, database time) receipts, for revocations projected after them.
+        self._recent: dict[str, collections.deque[tuple[int, dt.datetime]]] = {}
+        self._lock = asyncio.Lock()  # one connection, shared by the three loops below
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def run(self) -> None:
+        await run_forever(f"{self.name} projection", self._run)
+
+    async def _run(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
+                                                         **PG_KEEPALIVES) as conn:
+            self._conn = conn
+            await asyncio.gather(
+                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
+                self._receive_forever(), self._sweep_forever())
+
+    async def _handle_events(self, msgs: list[Any]) -> None:
+        self.fence()
+        for msg in msgs:
+            if msg.subject == self.bus.topology.checkpoint_event_subject:
+                continue
+            try:
+                recorded = decode_envelope(msg.data)
+            except Exception:
+                continue  # a reduced or unknown envelope: not a revocation we can date (the log still has it)
+            if recorded.type not in REVOKING:
+                continue
+            if recorded.type == "ApiKeyRotated" and getattr(recorded.event, "grace_until", None) is not None:
+                continue  # the old secret keeps working for a while: not a revocation yet
+            await self._record(recorded.position, recorded.stream_id, recorded.type, recorded.recorded_at)
+        if msgs:
+            await msgs[-1].ack()  # AckAll: the batch, once recorded
+
+    async def _record(self, position: int, key_id: str, type_: str, at: dt.datetime) -> None:
+        async with self._lock:
+            assert self._conn is not None
+            if not await (await self._conn.execute(RECORD, (position, key_id, type_, at))).fetchone():
+                return  # recorded before (a redelivery)
+            live = [r[0] for r in await (await self._conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()]
+            effective = [next((t for p, t in self._recent.get(c, ()) if p >= position), None) for c in live]
+            await self._conn.execute(ADD_RECEIPTS, (position, live, effective))
+        await self._complete(position)
+
+    async def _receive_forever(self) -> None:
+        await self.bus.ready()
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
+
+        async def arrived(msg: Any) -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(msg.data)
+
+        sub = await self.bus.nc.subscribe(self.bus.topology.receipts_subject, cb=arrived)  # type: ignore[union-attr]
+        try:
+            while True:
+                payload = await queue.get()
+                try:
+                    receipt = decode_receipt(payload)
+                except msgspec.DecodeError:
+                    continue
+                self.fence()
+                async with self._lock:
+                    assert self._conn is not None
+                    at, confirmed = await (await self._conn.execute(RECEIVE, {
+                        "cache": receipt.cache_id[:200], "service": receipt.service[:200],
+                        "position": receipt.position})).fetchone()
+                recent = self._recent.setdefault(receipt.cache_id, collections.deque(maxlen=64))
+                if not recent or receipt.position > recent[-1][0]:
+                    recent.append((receipt.position, at))
+                self.received += 1
+                if confirmed:
+                    await self._complete(receipt.position)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _sweep_forever(self) -> None:
+        """Once a second: complete what caches that went silent no longer block; prune old rows hourly."""
+        pruned_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            self.fence()
+            await self._complete(None)
+            if loop.time() - pruned_at > 3600:
+                pruned_at = loop.time()
+                async with self._lock:
+                    assert self._conn is not None
+                    await self._conn.execute(PRUNE, {"days": RETENTION_DAYS})
+
+    async def _complete(self, upto: int | None) -> None:
+        async with self._lock:
+            assert self._conn is not None
+            done = await (await self._conn.execute(COMPLETE, {"gone": GONE_AFTER_S, "upto": upto})).fetchall()
+        for key_id, position, everywhere, caches in done:
+            self.completed += 1
+            message = {"keyId": key_id, "position": position, "effectiveEverywhereAt": _iso(everywhere),
+                       "caches": caches}
+            with contextlib.suppress(Exception):
+                await self.bus.nc.publish(self.bus.topology.effective_subject, _encoder.encode(message))  # type: ignore[union-attr]
+

@@ -1,0 +1,156 @@
+"""Revocation receipts: when did a revoked key stop working in every cache? Real caches (in this process, and
+one in a process of its own, the example downstream service, which the test can hang with SIGSTOP), a real
+``keyledger serve``, real NATS and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+
+from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
+from keyledger.client import KeyCache
+from keyledger.projections.receipts import GONE_AFTER_S
+
+
+def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
+    return svc.get("api-key/revocation", headers, params={"id": key_id})
+
+
+def at(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+@pytest.fixture
+def deployment(db_factory: Any, nats_url: str, tmp_path: Path) -> Iterator[Service]:
+    topology = unique_topology("receipts")
+    svc = Service(database_url=db_factory.create("receipts"), nats_url=nats_url, topology=topology,
+                  log_path=tmp_path / "k.log").start()
+    wait_until(lambda: httpx.get(f"{svc.url}/ready", timeout=5).status_code == 200, timeout=20, what="ready")
+    yield svc
+    svc.stop()
+    asyncio.run(delete_streams(nats_url, topology))
+
+
+@pytest.fixture
+def process_cache(deployment: Service, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "KEYLEDGER_SUBJECT_PREFIX": deployment.topology.prefix,
+           "KEYLEDGER_INVALIDATIONS_STREAM": deployment.topology.invalidations_stream}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "downstream.py"), "--keyledger-url", deployment.url, "--nats-url",
+         deployment.nats_url, "--port", str(free_port()), "--cache-id", "proc-cache", "--service", "reports"],
+        env=env, cwd=ROOT, stdout=open(tmp_path / "downstream.log", "wb"), stderr=subprocess.STDOUT)
+    yield proc
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.terminate()
+    proc.wait(10)
+
+
+def live_caches(svc: Service) -> set[str]:
+    import psycopg
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT cache_id FROM receipt_caches"
+                                           " WHERE last_seen_at > clock_timestamp() - interval '5 seconds'")}
+
+
+def test_every_cache_confirms_and_the_revocation_completes_everywhere(
+        deployment: Service, process_cache: subprocess.Popen[bytes]) -> None:
+    svc = deployment
+    me = svc.session()
+    announced: list[bytes] = []
+
+    async def scenario() -> dict[str, Any]:
+        nc = await nats.connect(svc.nats_url)
+
+        async def heard(msg: Any) -> None:
+            announced.append(msg.data)
+
+        await nc.subscribe(svc.topology.effective_subject, cb=heard)
+        caches = [KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id=f"mem-{i}", service="api")
+                  for i in range(3)]
+        try:
+            for cache in caches:
+                await cache.start()
+            await wait_for(lambda: {"mem-0", "mem-1", "mem-2", "proc-cache"} <= live_caches(svc), 20,
+                           "every cache reporting")
+            key = await asyncio.to_thread(svc.create_key, me)
+            for cache in caches:
+                assert (await cache.verify(key["key"])).valid
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            for cache in caches:
+                await wait_for(lambda c=cache: c.verify_cached(key["key"]) is None, 5, "eviction")
+            deadline = time.monotonic() + 10
+            while True:
+                answer = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
+                if answer["effectiveEverywhereAt"]:
+                    return answer
+                assert time.monotonic() < deadline, answer
+                await asyncio.sleep(0.05)
+        finally:
+            for cache in caches:
+                await cache.close()
+            await nc.close()
+
+    answer = asyncio.run(scenario())
+    assert answer["type"] == "ApiKeyRevoked"
+    states = {c["cacheId"]: c for c in answer["caches"]}
+    assert {"mem-0", "mem-1", "mem-2", "proc-cache"} <= set(states)
+    assert states["proc-cache"]["service"] == "reports" and states["mem-0"]["service"] == "api"
+    revoked = at(answer["revokedAt"])
+    for cache in states.values():
+        assert cache["state"] == "confirmed"
+        assert revoked <= at(cache["effectiveAt"]) <= at(answer["effectiveEverywhereAt"])
+    wait_until(lambda: any(answer["keyId"].encode() in m for m in announced), timeout=5,
+               what="the revocation.effective announcement")
+    history = svc.get("api-key/history", me, params={"id": answer["keyId"]}).json()
+    assert history["revocation"]["effectiveEverywhereAt"] == answer["effectiveEverywhereAt"]
+
+
+def test_a_hung_cache_blocks_everywhere_until_it_is_gone(deployment: Service,
+                                                         process_cache: subprocess.Popen[bytes]) -> None:
+    svc = deployment
+    me = svc.session()
+    wait_until(lambda: "proc-cache" in live_caches(svc), timeout=20, what="the process cache reporting")
+    os.kill(process_cache.pid, signal.SIGSTOP)
+    key = svc.create_key(me)
+    assert svc.delete(me, key["id"]).status_code == 200
+    time.sleep(1.0)  # the live caches have had every chance to confirm: the hung one cannot
+    pending = receipt(svc, me, key["id"]).json()
+    assert pending["effectiveEverywhereAt"] is None
+    assert {c["cacheId"]: c["state"] for c in pending["caches"]}["proc-cache"] == "pending"
+    answer = wait_until(lambda: (r := receipt(svc, me, key["id"]).json())["effectiveEverywhereAt"] and r,
+                        timeout=GONE_AFTER_S + 10, what="completion once the hung cache is gone")
+    assert {c["cacheId"]: c["state"] for c in answer["caches"]}["proc-cache"] == "gone"
+
+
+def test_a_cache_that_joins_later_is_not_listed_and_strangers_get_404(deployment: Service) -> None:
+    svc = deployment
+    me, stranger = svc.session(), svc.session()
+    key = svc.create_key(me)
+    assert svc.delete(me, key["id"]).status_code == 200
+    wait_until(lambda: receipt(svc, me, key["id"]).json().get("effectiveEverywhereAt"), timeout=10,
+               what="completion")
+
+    async def late() -> None:
+        async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="late") as cache:
+            await wait_for(lambda: cache.trusted, 15, "the late cache trusted")
+            await wait_for(lambda: "late" in live_caches(svc), 10, "the late cache reporting")
+
+    asyncio.run(late())
+    assert "late" not in {c["cacheId"] for c in receipt(svc, me, key["id"]).json()["caches"]}
+    refused = receipt(svc, stranger, key["id"])
+    assert refused.status_code == 404 and refused.json()["code"] == "KEY_NOT_FOUND"
+    never = svc.create_key(me)
+    not_revoked = receipt(svc, me, never["id"])
+    assert not_revoked.status_code == 404 and not_revoked.json()["code"] == "NOT_REVOKED"

@@ -746,29 +746,8 @@ def cmd_head(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import PROJECTIONS, replay
-
-    if args.projection not in PROJECTIONS:
-        print(f"keyledger: unknown projection {args.projection!r} (known: {', '.join(PROJECTIONS)})",
-              file=sys.stderr)
-        return 2
-    env = _environment()
-    try:
-        report = replay(env.database_url, args.projection, progress=not args.quiet)
-    finally:
-        env.stop()
-    print(report.summary(), file=sys.stderr)
-    return 0
-
-
 def add_audit_commands(subparsers: Any) -> None:
-    """Register ``replay`` and ``audit {as-of,export,verify,head}`` on keyledger's top-level subparsers."""
-    p = subparsers.add_parser("replay", help="rebuild a projection from the event log (built aside, then swapped)")
-    p.add_argument("--projection", default="active_api_keys")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_replay)
-
+    """Register ``audit {as-of,export,verify,head}`` on keyledger's top-level subparsers."""
     audit = subparsers.add_parser("audit", help="tamper-evident chain, exports and point-in-time queries")
     sub = audit.add_subparsers(dest="audit_command", required=True)
 

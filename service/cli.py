@@ -20,7 +20,10 @@ import psycopg
 
 from . import auth
 from .config import ConfigError, Settings
+from .audit import add_audit_commands
 from .environment import Environment
+from .importer import add_import_command
+from .replay import PROJECTIONS, replay
 from .events import encode_envelope, kind
 from .store import read_stream
 
@@ -250,6 +253,20 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
         pg.stop()
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    if args.projection not in PROJECTIONS:
+        print(f"keyledger: unknown projection {args.projection!r} (known: {', '.join(PROJECTIONS)})",
+              file=sys.stderr)
+        return 2
+    env = Environment(need_nats=False)
+    try:
+        report = replay(env.database_url, args.projection, progress=not args.quiet)
+    finally:
+        env.stop()
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
 def cmd_receipts(args: argparse.Namespace) -> int:
     """A key's revocation receipt: when it took effect in each cache, and everywhere."""
     import asyncio
@@ -353,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON envelope per line")
     p.set_defaults(func=cmd_history)
 
-    from .audit import add_audit_commands
-    from .importer import add_import_command
+    p = sub.add_parser("replay", help="rebuild a projection from the event log (built aside, then swapped)")
+    p.add_argument("--projection", default="active_api_keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
 
     add_audit_commands(sub)
     add_import_command(sub)

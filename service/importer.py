@@ -58,6 +58,7 @@ from psycopg.types.string import StrBinaryDumper
 
 from .config import ConfigError
 from .environment import Environment
+from .schema import migrate
 from .events import ApiKeyImported, encode_data
 from .errors import ApiError
 from .inputs import KEY_ID_RE, MAX_DEPTH, has_nul
@@ -628,7 +629,6 @@ def run_import(source_url: str, target_url: str, *, dry_run: bool = False, batch
 # The command
 # ----------------------------------------------------------------------------------------------------------
 def cmd_import_better_auth(args: argparse.Namespace) -> int:
-    from .runtime import migrate
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")

@@ -7,23 +7,25 @@ import contextlib
 import logging
 import select
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from .audit import AuditSealer
 from .bus import Bus
 from .config import PG_KEEPALIVES, Settings, nats_connect_options
 from .freshness import Prober
 from .leadership import Lease
+from .projections.invalidations import InvalidationProjection
+from .projections.receipts import ReceiptsProjection
+from .projections.subscriber import ActiveKeysSubscriber
 from .relay import OutboxRelay
+from .sweeper import ExpirySweeper
 from .usage import LastRequests
 from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
-
-if TYPE_CHECKING:
-    from .projections.invalidations import InvalidationProjection
 
 log = logging.getLogger("keyledger")
 
@@ -137,12 +139,6 @@ class Runtime:
         return time.monotonic() - last < LEADER_PROGRESS_WINDOW_S
 
     async def _lead(self) -> None:
-        from .audit import AuditSealer
-        from .projections.invalidations import InvalidationProjection
-        from .projections.receipts import ReceiptsProjection
-        from .projections.subscriber import ActiveKeysSubscriber
-        from .sweeper import ExpirySweeper
-
         self._term_started = time.monotonic()
         fence = self.lease.check
         workers: list[asyncio.Task[Any]] = []

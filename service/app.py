@@ -546,12 +546,9 @@ async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ``active_api_keys``: a revoked key is gone from the projection but its history is exactly what an owner
     wants to see. Anyone else, an unknown id and an implausible id get 404 ``KEY_NOT_FOUND``, like ``get``.
     """
-    params = dict(request.query_params)
-    key_id = inputs.string_field(params, "id", required=True, where="query")
-    config_id = _config_id(params)
+    params, key_id, config_id = _owned_key_query(request)
     async with _rt(request).pool.connection() as conn:
-        session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
-        await _owner_of_history(conn, session, stream, config_id)
+        stream = await _owned_stream(request, conn, params, key_id, config_id)
         receipt = await receipts.read(conn, key_id)
     answer: dict[str, Any] = {"events": [msgspec.to_builtins(to_envelope(e)) for e in stream]}
     if receipt is not None:  # beside the revocation: when it took effect everywhere (api-key/revocation)
@@ -560,9 +557,17 @@ async def key_history(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return answer
 
 
-async def _owner_of_history(conn: Any, session: store.Session, stream: list[Any], config_id: str) -> None:
-    """Ownership from the LOG (the ApiKeyCreated event's referenceId), so revoked keys stay readable by their
-    owner; anyone else, and an unknown id, get 404 KEY_NOT_FOUND."""
+def _owned_key_query(request: Request[Any, Any, Any]) -> tuple[dict[str, Any], str, str]:
+    """``?id=`` and ``configId`` of the owner-only reads (history, revocation), checked before any connection."""
+    params = dict(request.query_params)
+    return params, inputs.string_field(params, "id", required=True, where="query"), _config_id(params)
+
+
+async def _owned_stream(request: Request[Any, Any, Any], conn: Any, params: dict[str, Any], key_id: str,
+                        config_id: str) -> list[Any]:
+    """The key's events, for its owner only. Ownership from the LOG (the ApiKeyCreated event's referenceId),
+    so revoked keys stay readable by their owner; anyone else, and an unknown id, get 404 KEY_NOT_FOUND."""
+    session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
     created = stream[0].event if stream and isinstance(stream[0].event, ApiKeyCreated) else None
     if created is None or created.config_id != config_id:
         raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
@@ -570,6 +575,7 @@ async def _owner_of_history(conn: Any, session: store.Session, stream: list[Any]
         await _may_manage(conn, session.user_id, created.reference_id, key_addressed=True)
     elif created.reference_id != session.user_id:
         raise ApiError(404, "KEY_NOT_FOUND", "API Key not found")
+    return stream
 
 
 @get("/api-key/revocation", summary="When a revoked key stopped working in every cache (owner only)")
@@ -578,12 +584,9 @@ async def key_revocation(request: Request[Any, Any, Any]) -> dict[str, Any]:
     per cache, when keyledger heard it had applied the invalidation, and ``effectiveEverywhereAt`` once every
     cache live at that moment confirmed (projections/receipts.py). Who may ask: as for history; a key with no
     such event is 404 ``NOT_REVOKED``."""
-    params = dict(request.query_params)
-    key_id = inputs.string_field(params, "id", required=True, where="query")
-    config_id = _config_id(params)
+    params, key_id, config_id = _owned_key_query(request)
     async with _rt(request).pool.connection() as conn:
-        session, stream = await _caller_and_key(request, conn, params, key_id, where="query")
-        await _owner_of_history(conn, session, stream, config_id)
+        await _owned_stream(request, conn, params, key_id, config_id)
         answer = await receipts.read(conn, key_id)
     if answer is None:
         raise ApiError(404, "NOT_REVOKED", "This key has not been revoked, disabled or expired")

@@ -241,18 +241,22 @@ class InvalidationProjection:
         js = await self.bus.ready()
         topology = self.bus.topology
         durable = term_consumer(topology.consumer(NAME), self.epoch)
+        looks = 0
         while True:
             if self._held is None:
                 self._held_changed.clear()
                 await self._held_changed.wait()
+                looks = 0
                 continue
             seq, checkpoint = self._held
             info = await js.consumer_info(topology.events_stream, durable, timeout=self.publish_timeout)
             self.pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
             if (floor or 0) < seq - 1:  # an earlier event's invalidation is not acknowledged yet (or our acks
-                await asyncio.sleep(0.01)  # of it are still on their way to the server): look again soon
+                looks += 1  # of it are still on their way to the server): look again soon, less often if stuck
+                await asyncio.sleep(min(0.005 * looks, 0.1))
                 continue
+            looks = 0
             self.fence()
             await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]
             self.forwarded += 1

@@ -135,6 +135,7 @@ class OutboxRelay:
         pending: tuple[horizon.PendingHorizon, dict[str, int]] | None = None
         checkpoint_due = 0.0
         begun = float("-inf")
+        settling = 0  # looks at the pending horizon so far (a long transaction below it: back off)
         while True:
             now = loop.time()
             if self.vacuum and now >= vacuum_at:
@@ -147,7 +148,7 @@ class OutboxRelay:
             if pending is None and now >= checkpoint_due:
                 # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
                 probes, self._probes = self._probes, {}
-                pending, begun = (await horizon.begin(conn), probes), now
+                pending, begun, settling = (await horizon.begin(conn), probes), now, 0
             self._wake.clear()
             cur = await conn.execute(NEXT_BATCH, (self.batch_size,))
             rows = await cur.fetchall()
@@ -172,7 +173,8 @@ class OutboxRelay:
                     pending = None
                     continue
                 if not rows:  # a writer below the horizon is still running, or its row just became visible
-                    await asyncio.sleep(0.002 if oldest is None else 0)
+                    settling += 1
+                    await asyncio.sleep(0 if oldest is not None else min(0.002 * settling, 0.05))
                     continue
             if rows:
                 continue

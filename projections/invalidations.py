@@ -40,8 +40,9 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
-from ..bus import Bus
+from ..bus import Bus, ensure_streams
 from ..events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
 from ..freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
 from .consumer import consume, run_forever, term_consumer
@@ -218,7 +219,22 @@ class InvalidationProjection:
             error = next(r for r in results if isinstance(r, BaseException))
             log.warning("%d invalidation publish(es) not acknowledged (%s); events will be redelivered",
                         failures, type(error).__name__)
+            # The invalidations stream may be gone (deleted, a wiped server): then a publish times out, or finds
+            # no stream. Declare it again, or every retry fails the same way. Caches notice (their cursor no longer
+            # fits the stream) and flush.
+            if isinstance(error, NoStreamResponseError) or not await self._stream_exists(js):
+                with contextlib.suppress(Exception):
+                    await ensure_streams(js, topology, self.bus.streams)
         return failures
+
+    async def _stream_exists(self, js: Any) -> bool:
+        try:
+            await js.stream_info(self.bus.topology.invalidations_stream)
+            return True
+        except NotFoundError:
+            return False
+        except Exception:
+            return True  # cannot tell (NATS struggling): leave it be
 
     # --------------------------------------------------------------------------------------------------
     # Checkpoints

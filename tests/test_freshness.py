@@ -459,3 +459,40 @@ def test_an_echo_counts_only_for_its_own_probe_in_its_own_session() -> None:
     assert not prober.on_checkpoint(encode_checkpoint(Checkpoint(position=9, probes={prober.id: 2})))
     assert prober.proven_position == 5
     assert not prober.on_checkpoint(b"not json")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The invalidations stream deleted under a running service: declared again, caches flush and recover
+# --------------------------------------------------------------------------------------------------------
+def test_a_deleted_invalidations_stream_is_declared_again(db_factory: Any, nats_url: str, tmp_path: Path) -> None:
+    with services(db_factory, "recreate", [nats_url], tmp_path) as (svc,):
+        async def scenario() -> None:
+            async with KeyCache(svc.url, nats_url, topology=svc.topology, staleness=STALENESS) as cache:
+                await wait_for(lambda: cache.trusted, 15, "a first freshness proof")
+                me, key = await cached_key(svc, cache)
+                nc = await nats.connect(nats_url)
+                try:
+                    await nc.jetstream().delete_stream(svc.topology.invalidations_stream)
+                finally:
+                    await nc.close()
+                assert (await in_thread(svc.delete, me, key["id"])).status_code == 200
+                await refused_within(cache, key["key"], time.monotonic(), REFUSED_WITHIN)
+
+                async def stream_back() -> bool:
+                    nc = await nats.connect(nats_url)
+                    try:
+                        await nc.jetstream().stream_info(svc.topology.invalidations_stream)
+                        return True
+                    except Exception:
+                        return False
+                    finally:
+                        await nc.close()
+
+                deadline = time.monotonic() + 20
+                while not await stream_back():
+                    assert time.monotonic() < deadline, "the invalidations stream was not declared again"
+                    await asyncio.sleep(0.2)
+                await wait_for(lambda: cache.trusted, 20, "trust once the stream is back")
+                assert not (await cache.verify(key["key"])).valid
+
+        asyncio.run(scenario())

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""keyledger receipts benchmark: delete's 200 -> "revoked everywhere", with N caches reporting.
+
+    python bench/receipts_bench.py [--caches 10] [--revokes 300]
+    DATABASE_URL=... NATS_URL=... python bench/receipts_bench.py    # external servers (see bench/run.py)
+
+One ``keyledger serve`` (bench/run.py's Service, on a fresh database and unique stream names), ``--caches``
+``KeyCache`` instances in this process, each with its own ``cache_id`` and holding every key. Revocations are sent
+one at a time; for each, the time from reading delete's 200 to receiving ``<prefix>.revocation.effective`` for
+that key (a core-NATS subscription in this process) is taken on this process's ``time.perf_counter``, and the
+answer of ``GET /api/auth/api-key/revocation`` is checked (every cache confirmed). Prints p50, p99 and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import ORIGIN, Servers, Service  # noqa: E402  (bench/run.py: servers, service, session)
+
+from keyledger.client import KeyCache  # noqa: E402
+from keyledger.config import Topology  # noqa: E402
+
+
+async def measure(service: Service, servers: Servers, caches_n: int, revokes: int) -> list[float]:
+    topology = Topology(prefix=servers.prefix, events_stream=servers.events_stream,
+                        invalidations_stream=servers.inv_stream)
+    cookie = service.dev_session()
+    headers = {"cookie": cookie, "origin": ORIGIN, "content-type": "application/json"}
+    arrived: dict[str, float] = {}
+    nc = await nats.connect(servers.nats_url)
+
+    async def effective(msg: object) -> None:
+        arrived.setdefault(json.loads(msg.data)["keyId"], time.perf_counter())  # type: ignore[attr-defined]
+
+    await nc.subscribe(topology.effective_subject, cb=effective)
+    caches = [KeyCache(service.base, servers.nats_url, topology=topology, cache_id=f"bench-{i}", service="bench")
+              for i in range(caches_n)]
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=service.base, timeout=10) as http:
+        for cache in caches:
+            await cache.start()
+        deadline = time.monotonic() + 30
+        while not all(c.trusted for c in caches):
+            if time.monotonic() > deadline:
+                raise RuntimeError("caches never trusted")
+            await asyncio.sleep(0.05)
+        keys = []
+        for _ in range(revokes):
+            r = await http.post("/api/auth/api-key/create", headers=headers, json={})
+            keys.append(r.json())
+        for key in keys:
+            for cache in caches:
+                assert (await cache.verify(key["key"])).valid
+        await asyncio.sleep(2.0)  # every cache has reported since (heartbeats): all are live
+        for key in keys:
+            r = await http.post("/api/auth/api-key/delete", headers=headers, json={"keyId": key["id"]})
+            answered = time.perf_counter()
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 10
+            while key["id"] not in arrived:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no revocation.effective for {key['id']}")
+                await asyncio.sleep(0.0005)
+            latencies.append(arrived[key["id"]] - answered)
+        check = await http.get("/api/auth/api-key/revocation", params={"id": keys[-1]["id"]}, headers=headers)
+        states = [c["state"] for c in check.json()["caches"]]
+        if len(states) < caches_n or set(states) != {"confirmed"}:
+            raise RuntimeError(f"last revocation not confirmed by every cache: {states}")
+        for cache in caches:
+            await cache.close()
+    await nc.close()
+    return latencies
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--caches", type=int, default=10)
+    ap.add_argument("--revokes", type=int, default=300)
+    args = ap.parse_args()
+    servers = Servers()
+    workdir = Path(servers._tmp if getattr(servers, "_tmp", None) else "/tmp")
+    service = Service(servers, workdir / f"receipts-bench-{servers.rand}.log")
+    try:
+        service.wait_ready(lambda r: r.status_code == 200)
+        lat = asyncio.run(measure(service, servers, args.caches, args.revokes))
+    finally:
+        service.stop()
+        servers.stop()
+    lat_ms = sorted(x * 1000 for x in lat)
+    p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
+    print(f"delete's 200 -> revocation.effective with {args.caches} caches, {len(lat_ms)} sequential revocations: "
+          f"p50 {statistics.median(lat_ms):.2f} ms, p99 {p99:.2f} ms, max {lat_ms[-1]:.2f} ms "
+          f"(aim: p99 <= 10 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

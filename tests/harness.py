@@ -47,8 +47,9 @@ def unique_topology(hint: str = "t") -> Topology:
     )
 
 
-async def wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> Any:
-    """``wait_until`` for async tests: checks after every event-loop turn, with a bounded timeout."""
+async def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    """``wait_until`` for async tests: checks after every event-loop turn, with a bounded timeout (a deadline
+    for a condition, generous so that a busy machine passes: it only matters when the condition never comes)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -59,8 +60,9 @@ async def wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition"
         await asyncio.sleep(0.001)
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds (a deadline,
+    not a duration the test expects: generous, so a busy machine passes)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -106,7 +108,7 @@ class Service:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 20.0) -> "Service":
+    def start(self, timeout: float = 60.0) -> "Service":
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"keyledger-test-{self.port}.log"
         log = open(self.log_path, "ab")
@@ -202,9 +204,9 @@ async def stream_messages(nats_url: str, stream: str) -> list[Any]:
     """Every message in a JetStream stream, in stream order (raw messages with .subject/.data/.headers)."""
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
     try:
-        js = nc.jetstream(timeout=2)
+        js = nc.jetstream(timeout=5)
         info = await js.stream_info(stream)
         out = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):

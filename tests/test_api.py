@@ -6,7 +6,9 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import psycopg
@@ -137,7 +139,12 @@ def test_no_valid_session_is_401(service: Service, alice: dict[str, str], cookie
     if cookie == "forged":
         headers["cookie"] = token_cookie[:-6] + "AAAA%3D"
     elif cookie == "unsigned":
-        headers["cookie"] = token_cookie.split(".")[0]
+        # The session's real token, as the cookie value, without its ".<signature>": a live session that
+        # only lacks the HMAC. (The cookie *name* also contains dots, so split on the value's last dot.)
+        name, _, value = token_cookie.partition("=")
+        token = unquote(value).rpartition(".")[0]
+        assert token and name == "better-auth.session_token"
+        headers["cookie"] = f"{name}={token}"
     elif cookie == "expired":
         headers = {k: v for k, v in service.session(expires_in="-1 minute").items() if k != "x-test-user-id"}
     elif cookie == "unknown":
@@ -320,7 +327,7 @@ def test_history_cli(service: Service, alice: dict[str, str]) -> None:
                                        capture_output=True, text=True, timeout=30)
     text = run(key["id"])
     assert text.returncode == 0, text.stderr
-    lines = text.stdout.strip().splitlines()
+    lines = [line for line in text.stdout.strip().splitlines() if line[:1] == "v" and line[1:2].isdigit()]
     assert [line.split()[2] for line in lines] == ["created", "disabled", "revoked"]
     assert alice["x-test-user-id"] in lines[2] and key["key"] not in text.stdout
 
@@ -374,3 +381,138 @@ def test_history_endpoint_is_owner_only_and_outlives_revocation(service: Service
         other = service.get("api-key/history", who, params={"id": key_id})
         assert other.status_code == 404 and other.json()["code"] == "KEY_NOT_FOUND"
     assert service.get("api-key/history", {}, params={"id": key["id"]}).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------------
+# README promises: 409 after 40 lost retries, metadata, name length, banExpires, ApiKeyUpdated's fields
+# ---------------------------------------------------------------------------------------------------------
+def test_a_request_that_loses_forty_times_is_409_conflict_and_changes_nothing(service: Service,
+                                                                             alice: dict[str, str],
+                                                                             db: Any) -> None:
+    """Deterministic contention: a trigger on this one key makes every append meet a real concurrent writer.
+    Before each insert of the key's next version it inserts that very version itself (in the same
+    transaction), so the request's own row hits the ``(stream_id, version)`` unique index, exactly as when
+    another writer won; the whole transaction (both rows) rolls back, the request re-reads, re-decides and
+    loses again. A sequence (not transactional) counts the attempts."""
+    key = service.create_key(alice, name="contended forever")
+    tag = uuid.uuid4().hex[:8]
+    seq, fn, trigger = f"kl_test_attempts_{tag}", f"kl_test_collide_{tag}", f"kl_test_collide_{tag}"
+    db.execute(f"CREATE SEQUENCE {seq}")
+    db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.stream_id = '{key["id"]}' AND pg_trigger_depth() = 1 THEN
+                PERFORM nextval('{seq}');
+                INSERT INTO events (id, stream_id, version, type, data, metadata, recorded_at)
+                VALUES (gen_random_uuid(), NEW.stream_id, NEW.version, NEW.type, NEW.data, NEW.metadata,
+                        NEW.recorded_at);
+            END IF;
+            RETURN NEW;
+        END $$""")
+    db.execute(f"CREATE TRIGGER {trigger} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {fn}()")
+    try:
+        response = service.delete(alice, key["id"])
+        assert response.status_code == 409, response.text
+        assert response.json() == {"message": "The key is being changed concurrently; try again", "code": "CONFLICT"}
+        attempts = db.execute(f"SELECT last_value, is_called FROM {seq}").fetchone()
+        assert attempts == (40, True)  # 40 attempts, each lost, then the answer
+        assert count_events(service.database_url, key["id"]) == 1  # changed nothing
+        assert service.verify(key["key"])["valid"] is True
+    finally:
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger} ON events")
+        db.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+        db.execute(f"DROP SEQUENCE IF EXISTS {seq}")
+    # Without the competition the same request goes through: it was the contention, not the key.
+    assert service.delete(alice, key["id"]).status_code == 200
+    assert count_events(service.database_url, key["id"]) == 2
+
+
+def test_metadata_is_refused_unless_enabled(service: Service, alice: dict[str, str]) -> None:
+    """better-auth's default (``enableMetadata: false``): metadata on create or update is 400
+    ``METADATA_DISABLED`` and writes nothing; ``null`` (no metadata) is fine. (Enabled: test_lifecycle.py.)"""
+    before = count_events(service.database_url)
+    refused = service.post("api-key/create", alice, json={"name": "m", "metadata": {"plan": "pro"}})
+    assert refused.status_code == 400 and refused.json() == {"message": "Metadata is disabled.",
+                                                            "code": "METADATA_DISABLED"}
+    assert count_events(service.database_url) == before
+    assert service.get("api-key/list", alice).json()["total"] == 0  # alice is a fresh user in every test
+
+    key = service.create_key(alice, name="plain", metadata=None)
+    assert key["metadata"] is None
+    updated = service.post("api-key/update", alice, json={"keyId": key["id"], "metadata": {"plan": "pro"}})
+    assert updated.status_code == 400 and updated.json()["code"] == "METADATA_DISABLED"
+    assert count_events(service.database_url, key["id"]) == 1
+    assert service.get("api-key/get", alice, params={"id": key["id"]}).json()["metadata"] is None
+
+
+@pytest.mark.parametrize("name,ok", [("", False), ("a", True), ("n" * 32, True), ("n" * 33, False),
+                                     ("é" * 32, True), ("é" * 33, False)])
+def test_a_name_is_1_to_32_characters_on_create_and_update(service: Service, alice: dict[str, str], name: str,
+                                                           ok: bool) -> None:
+    created = service.post("api-key/create", alice, json={"name": name})
+    key = service.create_key(alice, name="before")
+    updated = service.post("api-key/update", alice, json={"keyId": key["id"], "name": name})
+    if ok:
+        assert created.status_code == 200 and created.json()["name"] == name, created.text
+        assert updated.status_code == 200 and updated.json()["name"] == name, updated.text
+        assert count_events(service.database_url, key["id"]) == 2
+        return
+    invalid = {"message": "The name length is either too large or too small.", "code": "INVALID_NAME_LENGTH"}
+    assert created.status_code == 400 and created.json() == invalid
+    assert updated.status_code == 400 and updated.json() == invalid
+    assert count_events(service.database_url, key["id"]) == 1
+    assert service.get("api-key/get", alice, params={"id": key["id"]}).json()["name"] == "before"
+
+
+def test_a_ban_holds_until_ban_expires(service: Service) -> None:
+    """The admin plugin's ``banExpires``: a banned user is refused (401 ``USER_BANNED``) while it is in the
+    future or unset, and is a normal user again once it has passed."""
+    user = service.session()
+    key = service.create_key(user, name="banned later")
+
+    def ban(expires: str | None) -> None:
+        with psycopg.connect(service.database_url, autocommit=True) as conn:
+            conn.execute('UPDATE "user" SET banned = true, "banExpires" = ' + (expires or "NULL") + " WHERE id = %s",
+                         (user["x-test-user-id"],))
+
+    for expires in (None, "now() + interval '1 hour'"):
+        ban(expires)
+        for response in (service.post("api-key/create", user, json={}),
+                         service.post("api-key/update", user, json={"keyId": key["id"], "name": "x"}),
+                         service.delete(user, key["id"])):
+            assert response.status_code == 401 and response.json()["code"] == "USER_BANNED", (expires, response.text)
+    assert count_events(service.database_url, key["id"]) == 1
+    ban("now() - interval '1 second'")  # the ban is over
+    assert service.post("api-key/update", user, json={"keyId": key["id"], "name": "x"}).status_code == 200
+    assert service.delete(user, key["id"]).status_code == 200
+
+
+def test_an_update_records_only_the_fields_it_changed(service: Service, alice: dict[str, str], db: Any) -> None:
+    key = service.create_key(alice, name="same", expiresIn=3 * 86_400)
+
+    def last_event(expected_version: int) -> tuple[str, dict[str, Any]]:
+        rows = db.execute("SELECT type, data, version FROM events WHERE stream_id = %s ORDER BY version",
+                          (key["id"],)).fetchall()
+        assert rows[-1][2] == expected_version, rows
+        return rows[-1][0], rows[-1][1]
+
+    # name unchanged, enabled unchanged, expiry set again (expiresIn restarts the clock: always a change)
+    response = service.post("api-key/update", alice, json={"keyId": key["id"], "name": "same", "enabled": True,
+                                                           "expiresIn": 2 * 86_400})
+    assert response.status_code == 200, response.text
+    kind, data = last_event(2)
+    assert kind == "ApiKeyUpdated" and set(data) == {"keyHash", "expiresAt"}
+    assert data["expiresAt"].startswith(response.json()["expiresAt"][:19])
+
+    response = service.post("api-key/update", alice, json={"keyId": key["id"], "name": "renamed", "enabled": True})
+    assert response.status_code == 200, response.text
+    assert last_event(3) == ("ApiKeyUpdated", {"keyHash": hash_key(key["key"]), "name": "renamed"})
+
+    # expiry removed: null is a real value, carried as such
+    response = service.post("api-key/update", alice, json={"keyId": key["id"], "expiresIn": None})
+    assert response.status_code == 200 and response.json()["expiresAt"] is None, response.text
+    assert last_event(4) == ("ApiKeyUpdated", {"keyHash": hash_key(key["key"]), "expiresAt": None})
+
+    # nothing changed at all: no event
+    assert service.post("api-key/update", alice, json={"keyId": key["id"], "name": "renamed"}).status_code == 200
+    last_event(4)

@@ -9,7 +9,10 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import ROOT, unique_topology
+from harness import ROOT, unique_topology, wait_until
 from keyledger import audit, store
 from keyledger.domain import CreateKey, DomainError, RevokeKey, RotateKey, UpdateKey, fold
 from keyledger.events import ApiKeyImported, decode_data
@@ -98,14 +101,23 @@ def superuser(url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+def keyledger_command() -> list[str]:
+    """The installed ``keyledger`` entry point (the console script beside this interpreter), as a user runs it;
+    ``python -m keyledger.cli`` (the same ``main``) where the script is not installed."""
+    script = Path(sys.executable).with_name("keyledger")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "keyledger.cli"]
+
+
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the audit commands as the wired CLI will (add_audit_commands), in a subprocess."""
-    code = ("import argparse, sys; from keyledger import audit; p = argparse.ArgumentParser(prog='keyledger'); "
-            "audit.add_audit_commands(p.add_subparsers(dest='command', required=True)); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    """Run ``keyledger <args>`` in a subprocess against ``url`` (audit and replay need no NATS)."""
     env = {"DATABASE_URL": url, "NATS_URL": "nats://unused:4222", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run([*keyledger_command(), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+
+
+def cli_bytes(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {"DATABASE_URL": url, "NATS_URL": "nats://unused:4222", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([*keyledger_command(), *args], capture_output=True, env=env, cwd=ROOT, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,3 +599,162 @@ def test_export_lines_equal_the_envelope_encoder(fresh_db: str) -> None:
                 == dt.datetime.fromisoformat(envelope.pop("occurredAt")))
         assert exported == envelope
     assert mine == [x for x in lines if json.loads(x)["keyId"] == keys[1]] and len(mine) == 2
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: export and replay as a user runs them
+# ---------------------------------------------------------------------------------------------------------
+def test_audit_export_from_the_command_line(fresh_db: str) -> None:
+    keys = some_events(fresh_db, 3)
+    seal(fresh_db)
+    result = cli_bytes(fresh_db, "audit", "export")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines(keepends=True)
+    assert lines == export_lines(fresh_db) and len(lines) == 7
+    assert audit.verify_export(lines) == (7, None)
+    assert all(key.encode() not in result.stderr for key in keys)
+
+    one = cli_bytes(fresh_db, "audit", "export", "--key", keys[1])
+    assert one.returncode == 0 and [json.loads(x)["keyId"] for x in one.stdout.splitlines()] == [keys[1]] * 2
+    window = cli_bytes(fresh_db, "audit", "export", "--since", "2026-03-01T12:01:00",  # no zone: UTC
+                       "--until", "2026-03-01T13:02:00+01:00")  # exclusive
+    assert window.returncode == 0
+    assert [json.loads(x)["keyId"] for x in window.stdout.splitlines()] == [keys[1], keys[1]]
+    for bad in (["--since", "yesterday"], ["--until", "2026-13-45"]):
+        refused = cli(fresh_db, "audit", "export", *bad)
+        assert refused.returncode == 2 and refused.stdout == "", bad
+        assert len(refused.stderr.strip().splitlines()) >= 1 and "Traceback" not in refused.stderr
+
+
+def test_replay_from_the_command_line(fresh_db: str) -> None:
+    some_events(fresh_db, 3)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        before = conn.execute("SELECT * FROM active_api_keys ORDER BY id").fetchall()
+        assert len(before) == 2  # three keys, one revoked
+        conn.execute("DELETE FROM active_api_keys")
+    result = cli(fresh_db, "replay", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("replay active_api_keys:") and "2 rows" in result.stderr
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM active_api_keys ORDER BY id").fetchall() == before
+    unknown = cli(fresh_db, "replay", "--projection", "nope")
+    assert unknown.returncode == 2 and "unknown projection 'nope'" in unknown.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One sealer, whoever competes for it
+# ---------------------------------------------------------------------------------------------------------
+def test_only_one_sealer_holds_the_lock_and_a_racing_second_cannot_fork_the_chain(fresh_db: str) -> None:
+    some_events(fresh_db, 4)  # 9 events
+    with psycopg.connect(fresh_db, autocommit=True) as a, psycopg.connect(fresh_db, autocommit=True) as b:
+        assert audit.try_lead(a) is True
+        assert audit.try_lead(b) is False  # the lock is taken: b is not the sealer
+        # `audit verify --seal` seals only when it gets the lock: with a holding it, it seals nothing.
+        busy = cli(fresh_db, "audit", "verify", "--seal")
+        assert busy.returncode == 0 and "9 not sealed yet" in busy.stdout, busy.stdout + busy.stderr
+        assert audit.seal(a) == 9
+        a.close()  # the sealer goes away; its lock goes once its backend has ended (asynchronously)
+        wait_until(lambda: audit.try_lead(b), timeout=30, interval=0.01, what="the lock free for the next sealer")
+
+    # A deposed sealer that still runs (it passed its lock check before losing it) racing the new one over the
+    # same positions: both read and hash them, then both write; the chain's primary key lets one batch in.
+    some_events(fresh_db, 2)  # 5 more events
+    blocker = psycopg.connect(fresh_db)
+    blocker.execute("LOCK TABLE event_chain IN SHARE MODE")  # both writes wait here, their chains computed
+    outcomes: dict[str, Any] = {}
+
+    def sealer(name: str) -> None:
+        try:
+            with psycopg.connect(fresh_db, autocommit=True) as conn:
+                outcomes[name] = audit.seal(conn, max_wait=10)
+        except Exception as exc:  # noqa: BLE001 - the loser's error is the point
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=sealer, args=(n,)) for n in ("one", "two")]
+    try:
+        for t in threads:
+            t.start()
+        with psycopg.connect(fresh_db, autocommit=True) as watch:
+            wait_until(lambda: watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                             "AND query LIKE 'COPY event_chain%%'").fetchone()[0] == 2,
+                       timeout=30, what="both sealers writing the same positions")
+    finally:
+        blocker.rollback()
+        blocker.close()
+        for t in threads:
+            t.join(30)
+    assert sorted(type(v).__name__ for v in outcomes.values()) == ["UniqueViolation", "int"], outcomes
+    assert [v for v in outcomes.values() if isinstance(v, int)] == [5]
+    verdict = verify(fresh_db)
+    assert verdict.ok and verdict.checked == 14 and verdict.unsealed == 0, verdict.summary()
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT position) FROM event_chain").fetchone() == (14, 14)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verify and export read one snapshot while writes (and sealing) go on
+# ---------------------------------------------------------------------------------------------------------
+def test_verify_and_export_read_one_snapshot_while_the_log_grows_and_is_sealed(
+        fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both read on two connections in one exported snapshot. In any one snapshot the sealed events are a prefix
+    of the log in position order (the sealer chains in order, up to a horizon nothing can still commit below),
+    so an export must show hashes, then only nulls; reading its chunks at different moments would show a
+    null-hash line before a sealed one as the sealer moves. Meanwhile events keep being appended."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import audit_bench
+
+    # Many small chunks (each read by one of the two connections, at its own moment) instead of five large
+    # ones, so the sealer's head crosses chunk boundaries while an export runs.
+    monkeypatch.setattr(audit, "EXPORT_CHUNK_POSITIONS", 400)
+    audit_bench.seed(fresh_db, 40_000)  # all unsealed
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    appended = [0]
+
+    def writer() -> None:
+        try:
+            while not stop.is_set():
+                some_events(fresh_db, 1)
+                appended[0] += 3
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def sealer() -> None:
+        try:
+            with psycopg.connect(fresh_db, autocommit=True) as conn:
+                while not stop.is_set():
+                    audit.seal(conn, batch=500, max_wait=1.0)  # small batches: the head moves all the time
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=sealer)]
+    for t in threads:
+        t.start()
+    exports, verdicts = 0, []
+    try:
+        deadline = time.monotonic() + 120
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            # Start reading once the sealer is under way, so the first exports run while it moves.
+            wait_until(lambda: audit.head(conn) is not None or errors, timeout=60, interval=0.001,
+                       what="the sealer to start")
+            while exports < 6 or appended[0] < 6:
+                assert time.monotonic() < deadline and not errors, errors
+                lines = list(audit.export(conn, jobs=2))
+                positions = [json.loads(x)["position"] for x in lines]
+                assert positions == sorted(set(positions))
+                sealed = [not x.endswith(b',"prevHash":null,"hash":null}\n') for x in lines]
+                prefix = sealed.index(False) if False in sealed else len(sealed)
+                assert not any(sealed[prefix:]), f"a sealed line after an unsealed one at {positions[prefix]}"
+                assert audit.verify_export(lines[:prefix]) == (prefix, None)
+                verdicts.append(audit.verify(conn, jobs=2))
+                exports += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert all(v.ok for v in verdicts), [v.summary() for v in verdicts if not v.ok]
+    assert len({(v.checked, v.unsealed) for v in verdicts}) > 1  # they saw the log and the chain move
+    final = verify(fresh_db)
+    assert final.ok and final.checked + final.unsealed == 40_000 + appended[0]

@@ -21,27 +21,55 @@ import httpx
 import nats
 import pytest
 
-from harness import Service, free_port, unique_topology, wait_for
-from keyledger.bus import Bus
-from keyledger.client import KeyCache, VerifyResult
+from harness import Service, create_key_in_the_past, free_port, unique_topology, wait_for
+from keyledger.bus import Bus, ensure_streams
+from keyledger.client import KeyCache
 from keyledger.embedded import EmbeddedNats
 from keyledger.projections.invalidations import InvalidationProjection
 from keyledger.records import hash_key
 
-STALENESS = 0.5
-SLACK = 0.4  # scheduling allowance on top of the staleness bound (sync period + loop latency)
+STALENESS = 1.0  # the default; the bounds below are exact, so no scheduling slack is added to it
+WAIT = 30.0  # deadline of every wait for a condition: generous, it only matters when something is broken
+
+
+async def last_served(cache: KeyCache, key: str, timeout: float = WAIT) -> float | None:
+    """Poll ``verify_cached(key)`` at every turn of the event loop until it returns None; return the monotonic
+    time read just *before* the last call that served the entry (None if it never did). The cache decides with
+    ``time.monotonic()`` too, so "served at t" means its own clock read at least t: comparing that with a
+    deadline needs no allowance for scheduling."""
+    last = None
+    deadline = time.monotonic() + timeout
+    while True:
+        before = time.monotonic()
+        if cache.verify_cached(key) is None:
+            return last
+        last = before
+        assert time.monotonic() < deadline, "the entry never stopped being served"
+        await asyncio.sleep(0.001)
 
 
 
 
 class TcpRelay:
-    """Forwards a local port to ``target_port``; ``cut()`` drops every connection and refuses new ones."""
+    """Forwards a local port to ``target_port``; ``cut()`` drops every connection and refuses new ones.
+
+    ``hold()`` keeps every answer (upstream to client) back until ``release()``; ``held`` counts the bytes
+    waiting, so a test can see that the upstream has answered while the client has not received it yet."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._released = asyncio.Event()
+        self._released.set()
+        self.held = 0
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
 
     async def start(self) -> "TcpRelay":
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -63,9 +91,13 @@ class TcpRelay:
             return
         self._writers |= {writer, up_writer}
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, answers: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if answers and not self._released.is_set():
+                        self.held += len(data)
+                        await self._released.wait()
+                        self.held -= len(data)
                     dst.write(data)
                     await dst.drain()
             except Exception:
@@ -73,7 +105,7 @@ class TcpRelay:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
 
 
 class Private:
@@ -135,41 +167,49 @@ def test_cut_link_bounded_staleness_then_replay_of_missed_invalidations(private:
                          staleness=STALENESS)
         try:
             await cache.start()
-            await wait_for(lambda: cache.caught_up, 5, "cache synced")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
             for k in (k_revoked, k_kept, k_other):
                 assert (await cache.verify(k)).valid
             assert all(cache.verify_cached(k) for k in (k_revoked, k_kept, k_other))
 
             await relay.cut()
-            cut_at = time.monotonic()
-            await wait_for(lambda: not cache.connected, 2, "cache noticed the cut")
+            cut_at = time.monotonic()  # no echo of a probe can arrive after this: every proof predates it
+            watching = [asyncio.create_task(last_served(cache, k)) for k in (k_revoked, k_kept)]
+            await wait_for(lambda: not cache.connected, WAIT, "cache noticed the cut")
             # Two revocations while the cache cannot hear: both invalidations reach the stream.
             await _revoke(p, id_revoked)
             await _revoke(p, id_other)
-            await wait_for(lambda: {id_revoked, id_other} <= {s["keyId"] for s in seen}, 3, "invalidations published")
+            await wait_for(lambda: {id_revoked, id_other} <= {s["keyId"] for s in seen}, WAIT,
+                           "invalidations published")
 
-            # Bounded staleness: the revoked key stops being served from the cache within the bound...
-            await wait_for(lambda: cache.verify_cached(k_revoked) is None and cache.verify_cached(k_kept) is None,
-                           STALENESS + SLACK, "stale entries untrusted")
-            assert time.monotonic() - cut_at <= STALENESS + SLACK
+            # Bounded staleness: the entries verified before the cut (the revoked key's included) are served at
+            # most `staleness` after the last proof, which predates the cut, however long anything else took.
+            for served in await asyncio.gather(*watching):
+                assert served is not None and served - cut_at < STALENESS, served - cut_at if served else None
             assert not cache.trusted
-            # ...and is re-verified over HTTP, where it is revoked.
+            # ...and the revoked key is re-verified over HTTP, where it is revoked.
             result = await cache.verify(k_revoked)
             assert not result.valid and result.code == "INVALID_API_KEY"
-            # An unrevoked key is re-verified too, and its fresh answer is served for at most the bound.
+            # An unrevoked key is re-verified too, and its fresh answer is served for `staleness` after that.
+            # (The entry counts from when its request was sent: after `asked`, before `answered`.)
             calls = cache.http_verifications
+            asked = time.monotonic()
             assert (await cache.verify(k_kept)).valid and cache.http_verifications == calls + 1
-            assert cache.verify_cached(k_kept) is not None
+            answered = time.monotonic()
+            fresh = cache.verify_cached(k_kept)
+            assert fresh is not None or time.monotonic() - asked > STALENESS
+            served = await last_served(cache, k_kept)
+            assert served is None or served - answered <= STALENESS
 
             # Reconnect: the cache replays what it missed before it trusts itself again.
             flushes = cache.flushes
             await relay.start()
-            await wait_for(lambda: cache.caught_up, 5, "cache caught up")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache caught up")
             assert cache.replayed >= 2 and cache.flushes == flushes
             # k_other was never re-verified during the cut: only the replay can have evicted it.
             assert cache.verify_cached(k_other) is None
             assert not (await cache.verify(k_other)).valid
-            # k_kept survived (replay, not flush) and is served from the cache again, indefinitely.
+            # k_kept survived (replay, not flush): once trusted again, it is served from the cache again.
             assert cache.verify_cached(k_kept) is not None and cache.verify_cached(k_kept).valid
         finally:
             await cache.close()
@@ -195,16 +235,16 @@ def test_cannot_prove_what_was_missed_so_flushes(private: Private) -> None:
                          staleness=STALENESS)
         try:
             await cache.start()
-            await wait_for(lambda: cache.caught_up, 5, "cache synced")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
             assert (await cache.verify(k_revoked)).valid and (await cache.verify(k_kept)).valid
             await relay.cut()
-            await wait_for(lambda: not cache.connected, 2, "cache noticed the cut")
+            await wait_for(lambda: not cache.connected, WAIT, "cache noticed the cut")
             await _revoke(p, id_revoked)
-            await wait_for(lambda: id_revoked in {s["keyId"] for s in seen}, 3, "invalidation published")
+            await wait_for(lambda: id_revoked in {s["keyId"] for s in seen}, WAIT, "invalidation published")
             await watcher.jetstream().purge_stream(p.service.topology.invalidations_stream)
             flushes = cache.flushes
             await relay.start()
-            await wait_for(lambda: cache.caught_up, 5, "cache resynced")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache resynced")
             assert cache.flushes == flushes + 1
             assert cache.verify_cached(k_revoked) is None and cache.verify_cached(k_kept) is None
             assert not (await cache.verify(k_revoked)).valid and (await cache.verify(k_kept)).valid
@@ -228,22 +268,23 @@ def test_nats_server_stopped_during_a_revocation(private: Private) -> None:
         cache = KeyCache(p.service.url, p.nats.url, topology=p.service.topology, staleness=STALENESS)
         try:
             await cache.start()
-            await wait_for(lambda: cache.caught_up, 5, "cache synced")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
             assert (await cache.verify(k_revoked)).valid and (await cache.verify(k_kept)).valid
 
             p.nats.stop()
-            stopped_at = time.monotonic()
+            stopped_at = time.monotonic()  # the server is gone: no echo after this, every proof predates it
+            watching = asyncio.create_task(last_served(cache, k_revoked))
             await _revoke(p, id_revoked)  # keyledger keeps revoking without NATS (the event waits in its outbox)
-            await wait_for(lambda: cache.verify_cached(k_revoked) is None, STALENESS + SLACK, "stale entry untrusted")
-            assert time.monotonic() - stopped_at <= STALENESS + SLACK
+            served = await watching
+            assert served is not None and served - stopped_at < STALENESS, served - stopped_at if served else None
             assert not (await cache.verify(k_revoked)).valid
             assert (await cache.verify(k_kept)).valid  # re-verified over HTTP: keyledger itself is fine
 
             p.nats.restart()
-            await wait_for(lambda: cache.caught_up, 10, "cache reconnected and caught up")
+            await wait_for(lambda: cache.caught_up, WAIT, "cache reconnected and caught up")
             # The revocation's invalidation arrives once the outbox relay has published the event.
             await wait_for(lambda: cache.last_invalidation is not None
-                           and cache.last_invalidation.key_id == id_revoked, 10, "invalidation after restart")
+                           and cache.last_invalidation.key_id == id_revoked, WAIT, "invalidation after restart")
             assert cache.last_invalidation.key_hash == hash_key(k_revoked)
             assert cache.verify_cached(k_revoked) is None
             assert not (await cache.verify(k_revoked)).valid and (await cache.verify(k_kept)).valid
@@ -271,10 +312,10 @@ def test_keyledger_unreachable_fails_closed_unless_configured_open(private: Priv
                 assert (await cache.verify(key)).valid
             await relay.cut()
             # Without an invalidation feed an entry is trusted only `staleness` after its verification.
-            await wait_for(lambda: closed.verify_cached(key) is None, 1, "entry untrusted")
+            await wait_for(lambda: closed.verify_cached(key) is None, WAIT, "entry untrusted")
             result = await closed.verify(key)
             assert not result.valid and result.code == "KEYLEDGER_UNAVAILABLE"
-            await wait_for(lambda: opened.verify_cached(key) is None, 1, "entry untrusted")
+            await wait_for(lambda: opened.verify_cached(key) is None, WAIT, "entry untrusted")
             assert (await opened.verify(key)).valid  # fail_open: the stale (never evicted) positive
             assert not (await opened.verify(unknown)).valid  # but never an unknown key
             opened.invalidate(key_hash=hash_key(key))
@@ -286,49 +327,192 @@ def test_keyledger_unreachable_fails_closed_unless_configured_open(private: Priv
     asyncio.run(scenario())
 
 
-def test_negative_answers_are_cached_briefly_and_expiry_is_honoured(private: Private) -> None:
+def test_negative_answers_are_cached_briefly(private: Private) -> None:
     p = private
-    key, key_id = p.key()
 
     async def scenario() -> None:
         async with KeyCache(p.service.url, None, staleness=30, negative_ttl=0.3) as cache:
             bogus = "B" * 64
+            asked = time.monotonic()
             assert not (await cache.verify(bogus)).valid
+            answered = time.monotonic()  # the entry's life started between `asked` and this
             calls = cache.http_verifications
-            assert not (await cache.verify(bogus)).valid and cache.http_verifications == calls
-            await wait_for(lambda: cache.verify_cached(bogus) is None, 1, "negative expired")
-
-            # A positive is never served past the key's expiresAt (keyledger's minimum expiresIn is a day,
-            # so the record is stored with an expiresAt just ahead, as the HTTP answer would carry it).
-            result = await cache.verify(key)
-            soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.3)
-            expiring = VerifyResult(True, None, {**result.key, "expiresAt": soon.isoformat().replace("+00:00", "Z")})
-            digest = __import__("hashlib").sha256(key.encode()).digest()
-            cache._store(digest, expiring, time.monotonic())
-            assert cache.verify_cached(key) is expiring
-            await wait_for(lambda: cache.verify_cached(key) is None, 1, "expired positive dropped")
-            past = VerifyResult(True, None, {**result.key, "expiresAt": "2000-01-01T00:00:00.000Z"})
-            cache._store(digest, past, time.monotonic())
-            assert cache.verify_cached(key) is None
-
-            # A verification in flight while its key is evicted is answered but not cached.
-            generation = cache._generation
-            cache.invalidate(key_id=key_id)
-            assert cache._evicted_since(generation, digest, key_id)
-            assert not cache._evicted_since(generation, b"other", "other-id")
+            again = await cache.verify(bogus)
+            assert not again.valid and again.code == "INVALID_API_KEY"
+            assert cache.http_verifications == calls or time.monotonic() - asked > 0.3  # served from memory
+            served = await last_served(cache, bogus)
+            assert served is None or served - answered < 0.3  # for negative_ttl at most
+            assert not (await cache.verify(bogus)).valid and cache.http_verifications == calls + 1  # asked again
 
     asyncio.run(scenario())
 
 
-def test_cached_verify_hot_path_throughput(private: Private) -> None:
+def test_a_cached_positive_is_never_served_past_the_keys_expiry(private: Private) -> None:
+    """A key whose ``expiresAt`` is a few seconds ahead (made through the real write path: expiresIn's minimum
+    is a day), cached while valid with staleness and max_age far longer: the entry ends at ``expiresAt``."""
+    p = private
+    owner = p.service.session()["x-test-user-id"]
+    lead_s = 6.0
+    _, key = asyncio.run(create_key_in_the_past(p.service.database_url, owner, days_ago=1 - lead_s / 86_400,
+                                                expires_in=86_400))
+
+    async def scenario() -> None:
+        async with KeyCache(p.service.url, None, staleness=3600, max_age=3600) as cache:
+            result = await cache.verify(key)
+            if not result.valid:  # only if this machine took longer than lead_s to get here
+                assert result.code == "KEY_EXPIRED"
+                pytest.skip("the key expired before it could be cached")
+            # (expiresAt is printed to the millisecond, cut: the real deadline is within 1 ms after it)
+            deadline = dt.datetime.fromisoformat(result.key["expiresAt"].replace("Z", "+00:00")).timestamp()
+            while True:
+                before = time.time()
+                if cache.verify_cached(key) is None:
+                    break
+                assert before < deadline + 0.001, f"served {before - deadline:.3f}s after expiresAt"
+                assert time.time() < deadline + WAIT
+                await asyncio.sleep(0.005)
+            assert cache.hits > 0  # it was cached and served while valid
+            answer = await cache.verify(key)  # asked again: keyledger says it expired
+            assert not answer.valid and answer.code == "KEY_EXPIRED"
+
+    asyncio.run(scenario())
+
+
+def test_a_verification_in_flight_while_its_key_is_evicted_is_answered_but_not_cached(private: Private) -> None:
+    """The answer to a verification sent before an invalidation may be the pre-revocation one: it is returned to
+    its caller but never stored, so it cannot outlive the eviction. The proxy holds keyledger's answer back
+    until the invalidation has been applied."""
+    p = private
+    key, key_id = p.key()
+
+    async def scenario() -> None:
+        gate = await TcpRelay(p.service.port).start()
+        cache = KeyCache(f"http://127.0.0.1:{gate.port}", None, staleness=3600)
+        try:
+            await cache.start()
+            gate.hold()
+            verifying = asyncio.create_task(cache.verify(key))
+            await wait_for(lambda: gate.held > 0, WAIT, "keyledger's answer, held back by the proxy")
+            cache.invalidate(key_id=key_id)  # what an invalidation message does, while the answer is in flight
+            gate.release()
+            answer = await asyncio.wait_for(verifying, WAIT)
+            assert answer.valid and answer.key_id == key_id  # answered...
+            assert cache.verify_cached(key) is None  # ...but not cached
+            calls = cache.http_verifications
+            assert (await cache.verify(key)).valid and cache.http_verifications == calls + 1
+            # A verification that no eviction overtook is cached as usual.
+            assert cache.verify_cached(key) is not None
+        finally:
+            await cache.close()
+            await gate.cut()
+
+    asyncio.run(scenario())
+
+
+def test_max_age_bounds_an_entry_even_while_the_cache_is_trusted(private: Private) -> None:
+    p = private
+    key, _ = p.key()
+    max_age = 1.5
+
+    async def scenario() -> None:
+        async with KeyCache(p.service.url, p.nats.url, topology=p.service.topology, staleness=30,
+                            max_age=max_age) as cache:
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
+            assert (await cache.verify(key)).valid
+            answered = time.monotonic()  # the entry's life started before this (when its request was sent)
+            served = await last_served(cache, key)
+            assert served is not None and served - answered < max_age
+            assert cache.trusted  # the proof is fresh: only max_age can have ended the entry
+            calls = cache.http_verifications
+            assert (await cache.verify(key)).valid and cache.http_verifications == calls + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_recreated_invalidations_stream_flushes_the_cache(private: Private) -> None:
+    """While the cache was cut off, the invalidations stream was deleted and created again: its sequence numbers
+    start over, so the cache cannot tell what it missed and flushes everything."""
+    p = private
+    (k1, _), (k2, _) = p.key(), p.key()
+
+    async def scenario() -> None:
+        relay = await TcpRelay(p.nats.port).start()
+        admin = await nats.connect(p.nats.url)
+        cache = KeyCache(p.service.url, f"nats://127.0.0.1:{relay.port}", topology=p.service.topology,
+                         staleness=STALENESS)
+        try:
+            await cache.start()
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
+            assert (await cache.verify(k1)).valid and (await cache.verify(k2)).valid
+            await relay.cut()
+            await wait_for(lambda: not cache.connected, WAIT, "cache noticed the cut")
+            js = admin.jetstream(timeout=5)
+            await js.delete_stream(p.service.topology.invalidations_stream)
+            await ensure_streams(js, p.service.topology)
+            flushes, replayed = cache.flushes, cache.replayed
+            await relay.start()
+            await wait_for(lambda: cache.caught_up, WAIT, "cache resynced")
+            assert cache.flushes == flushes + 1 and cache.replayed == replayed
+            assert cache.verify_cached(k1) is None and cache.verify_cached(k2) is None
+            calls = cache.http_verifications
+            assert (await cache.verify(k1)).valid and cache.http_verifications == calls + 1
+        finally:
+            await cache.close()
+            await relay.cut()
+            await admin.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_gap_larger_than_max_replay_flushes_instead_of_replaying(private: Private) -> None:
+    p = private
+    (k_kept, _), (k_a, id_a), (k_b, id_b) = p.key(), p.key(), p.key()
+
+    async def scenario() -> None:
+        relay = await TcpRelay(p.nats.port).start()
+        seen: list[dict[str, Any]] = []
+        watcher = await nats.connect(p.nats.url)
+        await watcher.subscribe(p.service.topology.invalidation_subject, cb=functools.partial(_collect, seen))
+        cache = KeyCache(p.service.url, f"nats://127.0.0.1:{relay.port}", topology=p.service.topology,
+                         staleness=STALENESS, max_replay=1)
+        try:
+            await cache.start()
+            await wait_for(lambda: cache.caught_up, WAIT, "cache synced")
+            for k in (k_kept, k_a, k_b):
+                assert (await cache.verify(k)).valid
+            await relay.cut()
+            await wait_for(lambda: not cache.connected, WAIT, "cache noticed the cut")
+            await _revoke(p, id_a)
+            await _revoke(p, id_b)  # two invalidations missed: more than max_replay
+            await wait_for(lambda: {id_a, id_b} <= {s["keyId"] for s in seen}, WAIT, "invalidations published")
+            flushes, replayed = cache.flushes, cache.replayed
+            await relay.start()
+            await wait_for(lambda: cache.caught_up, WAIT, "cache resynced")
+            assert cache.flushes == flushes + 1 and cache.replayed == replayed  # flushed, nothing replayed
+            assert all(cache.verify_cached(k) is None for k in (k_kept, k_a, k_b))  # the kept one too
+            assert not (await cache.verify(k_a)).valid and not (await cache.verify(k_b)).valid
+            assert (await cache.verify(k_kept)).valid
+        finally:
+            await cache.close()
+            await watcher.close()
+            await relay.cut()
+
+    asyncio.run(scenario())
+
+
+def test_cached_verify_hot_path_is_served_from_memory(private: Private) -> None:
+    """Once cached (and provably fresh), ``verify_cached`` and ``await verify`` answer from memory: no HTTP
+    request, every call a hit. The rate is printed; the floor asserted is 50 times below the README's target
+    (500,000/s), only to catch an accidental round trip per call, never a slow or busy machine."""
     p = private
     key, _ = p.key()
 
     async def scenario() -> tuple[float, float]:
         async with KeyCache(p.service.url, None, staleness=3600) as cache:
             assert (await cache.verify(key)).valid
+            calls, hits = cache.http_verifications, cache.hits
             verify_cached = cache.verify_cached
-            n = 200_000
+            n = 50_000
             start = time.perf_counter()
             for _ in range(n):
                 verify_cached(key)
@@ -337,8 +521,9 @@ def test_cached_verify_hot_path_throughput(private: Private) -> None:
             for _ in range(n):
                 await cache.verify(key)
             async_rate = n / (time.perf_counter() - start)
+            assert cache.http_verifications == calls and cache.hits == hits + 2 * n
             return sync_rate, async_rate
 
     sync_rate, async_rate = asyncio.run(scenario())
     print(f"cached verify: verify_cached {sync_rate:,.0f}/s, await verify {async_rate:,.0f}/s")
-    assert sync_rate > 100_000  # a floor for slow CI machines; see the report for the measured figure
+    assert sync_rate > 10_000 and async_rate > 10_000

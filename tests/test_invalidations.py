@@ -23,7 +23,7 @@ import httpx
 import nats
 import pytest
 
-from harness import Service, free_port, stream_messages, unique_topology, wait_for
+from harness import Service, create_key_in_the_past, free_port, stream_messages, unique_topology, wait_for
 from keyledger.bus import Bus, ensure_streams
 from keyledger.config import Topology
 from keyledger.events import (
@@ -76,10 +76,34 @@ def test_which_events_invalidate_and_with_what_reason() -> None:
 
 
 def test_invalidation_is_a_pure_function_of_the_event_and_matches_the_envelope_time() -> None:
-    event = recorded(ApiKeyRevoked(key_hash=hash_key("y" * 64)), position=7)
-    assert invalidation_for(event) == invalidation_for(event)
+    """What the invalidation says is derived from the event alone, field by field from its envelope: the same
+    event recorded again (another event id, actor, request) gives the same message, and nothing of the actor
+    leaks into it; a different position or key gives a different one."""
+    key_hash = hash_key("y" * 64)
+    event = recorded(ApiKeyRevoked(key_hash=key_hash), key_id="r" * 32, position=7)
     envelope = json.loads(encode_envelope(event))
-    assert invalidation_for(event)["occurredAt"] == envelope["occurredAt"]
+    expected = {"keyId": envelope["keyId"], "keyHash": envelope["data"]["keyHash"], "reason": "revoked",
+                "position": envelope["position"], "occurredAt": envelope["occurredAt"]}
+    assert invalidation_for(event) == expected
+    assert expected == {"keyId": "r" * 32, "keyHash": key_hash, "reason": "revoked", "position": 7,
+                        "occurredAt": "2025-01-02T03:04:05.678901Z"}
+
+    # The same event under another id, actor and time of publication: the same invalidation.
+    again = RecordedEvent(id=str(uuid.uuid4()), stream_id=event.stream_id, version=event.version,
+                          position=event.position, recorded_at=event.recorded_at,
+                          metadata={"userId": "someone else", "ipAddress": "10.0.0.9", "requestId": "r-2"},
+                          event=ApiKeyRevoked(key_hash=key_hash))
+    assert invalidation_for(again) == expected
+    assert "someone else" not in json.dumps(invalidation_for(again))
+    # Another position or another key: another invalidation.
+    assert invalidation_for(recorded(ApiKeyRevoked(key_hash=key_hash), key_id="r" * 32, position=8)) != expected
+    assert invalidation_for(recorded(ApiKeyRevoked(key_hash=key_hash), key_id="s" * 32, position=7)) != expected
+    # The time is the event's own, in the envelope's format, whatever the instant's microseconds.
+    for micro in (0, 1, 999_999):
+        at = T0.replace(microsecond=micro)
+        timed = RecordedEvent(id=event.id, stream_id=event.stream_id, version=1, position=7, recorded_at=at,
+                              metadata={}, event=ApiKeyRevoked(key_hash=key_hash))
+        assert invalidation_for(timed)["occurredAt"] == json.loads(encode_envelope(timed))["occurredAt"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -132,7 +156,7 @@ def test_projection_restart_duplicates_and_disorder_never_miss_or_corrupt(nats_u
 
             projection = InvalidationProjection(bus)
             task = asyncio.create_task(projection.run())
-            await wait_for(lambda: projection.published + projection.ignored >= 7, 5, "first batch handled")
+            await wait_for(lambda: projection.published + projection.ignored >= 7, 30, "first batch handled")
             # A crash between the invalidation's PubAck and the event's ack: the next instance publishes the
             # same invalidation again. Simulate exactly that: cancel, then replay the event under a new id.
             task.cancel()
@@ -148,7 +172,7 @@ def test_projection_restart_duplicates_and_disorder_never_miss_or_corrupt(nats_u
 
             restarted = InvalidationProjection(bus)
             task = asyncio.create_task(restarted.run())
-            await wait_for(lambda: restarted.published + restarted.ignored >= 4, 5, "second batch handled")
+            await wait_for(lambda: restarted.published + restarted.ignored >= 4, 30, "second batch handled")
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -198,12 +222,16 @@ def test_a_lone_event_is_invalidated_within_milliseconds(nats_url: str) -> None:
                 e = recorded(ApiKeyRevoked(key_hash=hash_key(new_key(None))), key_id=new_key_id(), position=position)
                 sent = time.monotonic()
                 await _publish_events(js, topology, [e])
-                await wait_for(lambda: position in seen, 2, f"invalidation {position}")
+                # Alone in the stream: a projection that waited for a batch to fill would never send it.
+                await wait_for(lambda: position in seen, 30, f"invalidation {position}")
                 latencies.append(seen[position] - sent)
             latencies.sort()
             print(f"event publish -> invalidation received: median {latencies[10]*1000:.2f} ms, "
                   f"max {latencies[-1]*1000:.2f} ms")
-            assert latencies[10] < 0.05, latencies  # generous for CI; typically ~1 ms
+            # Typically ~1 ms (README: p99 <= 5 ms on a quiet machine). The bound is 100 times that, so a busy
+            # machine passes; it still fails a projection that waits on a timer for more messages (nats-py's
+            # fetch waits up to 5 s by default).
+            assert latencies[10] < 0.5, latencies
         finally:
             await sub.unsubscribe()
             task.cancel()
@@ -220,7 +248,7 @@ async def _note(seen: dict[int, float], msg: Any) -> None:
 
 async def _settle(js: Any, topology: Topology) -> None:
     """Wait until the projection's durable consumer exists (it then receives new events at once)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         try:
             await js.consumer_info(topology.events_stream, topology.consumer("invalidations"))
@@ -269,9 +297,9 @@ class Downstream:
 
     async def __aenter__(self) -> "Downstream":
         self.task = asyncio.create_task(self.server.serve())
-        await wait_for(lambda: self.server.started or self.task.done(), 10, "downstream started")
+        await wait_for(lambda: self.server.started or self.task.done(), 30, "downstream started")
         assert self.server.started
-        await wait_for(lambda: self.cache.caught_up, 5, "cache synced with NATS")
+        await wait_for(lambda: self.cache.caught_up, 30, "cache synced with NATS")
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -318,8 +346,8 @@ def test_downstream_answers_401_once_the_invalidation_arrives(service: Service, 
                                         json={"keyId": key_id, "enabled": False})
                 assert r.status_code == 200, r.text
                 answered = time.monotonic()
-                await wait_for(lambda: key_id in ds.applied_at, 2, "invalidation applied by the cache")
-                await wait_for(lambda: any(key_id.encode() in m for m in observed), 2, "invalidation on NATS")
+                await wait_for(lambda: key_id in ds.applied_at, 15, "invalidation applied by the cache")
+                await wait_for(lambda: any(key_id.encode() in m for m in observed), 15, "invalidation on NATS")
                 print(f"{action}: 200 -> cache eviction {(ds.applied_at[key_id] - answered) * 1000:.2f} ms")
 
                 r = await http.get(f"{ds.url}/api/data", headers=bearer)
@@ -337,7 +365,7 @@ def test_downstream_answers_401_once_the_invalidation_arrives(service: Service, 
                     r = await http.post(f"{service.url}/api/auth/api-key/update", headers=headers,
                                         json={"keyId": key_id, "enabled": True})
                     assert r.status_code == 200
-                    await wait_for(lambda: len(ds.applied) > before, 2, "enable invalidation applied")
+                    await wait_for(lambda: len(ds.applied) > before, 15, "enable invalidation applied")
                     r = await http.get(f"{ds.url}/api/data", headers=bearer)
                     assert r.status_code == 200
             _check_no_plaintext(observed, key)
@@ -392,7 +420,7 @@ def test_example_downstream_runs_from_its_command_line(service: Service) -> None
                     except httpx.HTTPError:
                         return False
 
-                deadline = time.monotonic() + 15
+                deadline = time.monotonic() + 60
                 while not await healthy():
                     assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                     assert time.monotonic() < deadline, "example did not start"
@@ -401,12 +429,13 @@ def test_example_downstream_runs_from_its_command_line(service: Service) -> None
                 assert r.status_code == 200 and r.json() == {"ok": True, "keyId": key_id}
                 r = await http.post(f"{service.url}/api/auth/api-key/delete", headers=headers, json={"keyId": key_id})
                 assert r.status_code == 200
-                await wait_for(lambda: any(key_id.encode() in m for m in observed), 2, "invalidation on NATS")
+                await wait_for(lambda: any(key_id.encode() in m for m in observed), 15, "invalidation on NATS")
                 # The example's cache got the same message at the same moment on its own connection; allow it
                 # a bounded moment to process it (another process: nothing in-process to wait on).
-                deadline = time.monotonic() + 2
+                deadline = time.monotonic() + 15
                 while (r := await http.get(f"{url}/api/data", params={"api_key": key})).status_code != 401:
                     assert r.status_code == 200 and time.monotonic() < deadline, r.text
+                    await asyncio.sleep(0.01)
                 assert r.json() == {"error": "Unauthorized"}
         finally:
             await nc.close()
@@ -416,3 +445,47 @@ def test_example_downstream_runs_from_its_command_line(service: Service) -> None
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_middleware_answers_401_for_an_expired_key(service: Service) -> None:
+    """An expired key is 401 ``{"error": "Unauthorized"}`` like any invalid one, and a key cached while valid is
+    never served past its ``expiresAt``: every 200 was answered before the deadline, and 401 comes after it.
+    (Keys are made with deadlines in the past or seconds ahead through the real write path: expiresIn's minimum
+    is a day.)"""
+    owner = service.session()["x-test-user-id"]
+    _, expired = asyncio.run(create_key_in_the_past(service.database_url, owner, days_ago=2, expires_in=86_400))
+    lead_s = 8.0
+    _, expiring = asyncio.run(create_key_in_the_past(service.database_url, owner,
+                                                     days_ago=1 - lead_s / 86_400, expires_in=86_400))
+    expires_at = service.verify(expiring)["key"]["expiresAt"]
+    deadline = dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp()
+
+    async def scenario() -> None:
+        async with Downstream(service) as ds, httpx.AsyncClient() as http:
+            r = await http.get(f"{ds.url}/api/data", headers={"authorization": f"Bearer {expired}"})
+            assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
+
+            bearer = {"authorization": f"Bearer {expiring}"}
+            served_before: list[float] = []
+            while True:
+                started = time.time()
+                r = await http.get(f"{ds.url}/api/data", headers=bearer)
+                finished = time.time()
+                if r.status_code == 200:
+                    served_before.append(started)
+                    # (expiresAt is printed to the millisecond, cut: the real deadline is within 1 ms after it)
+                    assert started < deadline + 0.001, f"served {started - deadline:.3f}s after expiresAt"
+                else:
+                    assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}, r.text
+                    # Only a request that began at or after the deadline may be refused for it... or one that
+                    # the server checked after it.
+                    assert finished >= deadline, "refused before expiresAt"
+                    break
+                assert time.time() < deadline + 30, "still 200 long after expiresAt"
+                await asyncio.sleep(0.02)
+            assert served_before, "the key was never seen valid (the machine took over 8 s for one request?)"
+            assert ds.cache.hits > 0  # it was served from the cache, not only asked over HTTP each time
+            for _ in range(3):
+                assert (await http.get(f"{ds.url}/api/data", headers=bearer)).status_code == 401
+
+    asyncio.run(scenario())

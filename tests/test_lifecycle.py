@@ -23,7 +23,7 @@ TOKEN = "s3rv1ce-token-for-tests-only-0123456789"
 def server(db_factory: DatabaseFactory, nats_url: str) -> Iterator[Service]:
     topology = unique_topology("lifecycle")
     svc = Service(database_url=db_factory.create("lifecycle"), nats_url=nats_url, topology=topology,
-                  extra_env={"KEYLEDGER_SERVICE_TOKEN": TOKEN}).start()
+                  extra_env={"KEYLEDGER_SERVICE_TOKEN": TOKEN, "KEYLEDGER_ENABLE_METADATA": "1"}).start()
     yield svc
     svc.stop()
     asyncio.run(delete_streams(nats_url, topology))
@@ -124,8 +124,8 @@ async def _create_expired(url: str, owner: str) -> tuple[str, str]:
 def test_two_sweepers_at_once_record_one_expiry(db_factory: DatabaseFactory) -> None:
     url = db_factory.create("sweepers")  # no service here: only our two sweepers write
 
-    async def scenario() -> list[int]:
-        keys = [await _create_expired(url, "owner") for _ in range(30)]
+    async def scenario() -> tuple[list[str], list[int]]:
+        keys = [(await _create_expired(url, "owner"))[0] for _ in range(30)]
         connections = [await psycopg.AsyncConnection.connect(url, autocommit=True) for _ in range(2)]
         try:
             counts = await asyncio.gather(*(sweeper.sweep_once(c) for c in connections))
@@ -134,15 +134,14 @@ def test_two_sweepers_at_once_record_one_expiry(db_factory: DatabaseFactory) -> 
             for c in connections:
                 await c.close()
         assert again == 0
-        assert len(keys) == 30
-        return counts
+        return keys, counts
 
-    counts = asyncio.run(scenario())
-    assert sum(counts) == 30
+    keys, counts = asyncio.run(scenario())
+    assert sum(counts) == 30  # the two sweepers' reports add up to one expiry per key...
     with psycopg.connect(url, autocommit=True) as conn:
-        per_key = conn.execute("SELECT stream_id, count(*) FROM events WHERE type = 'ApiKeyExpired' "
-                               "GROUP BY stream_id").fetchall()
-        assert len(per_key) == 30 and {n for _, n in per_key} == {1}
+        per_key = dict(conn.execute("SELECT stream_id, count(*) FROM events WHERE type = 'ApiKeyExpired' "
+                                    "GROUP BY stream_id").fetchall())
+        assert per_key == {key_id: 1 for key_id in keys}  # ...and the log agrees: each key exactly once
         assert conn.execute("SELECT count(*) FROM active_api_keys WHERE NOT expired").fetchone() == (0,)
 
 
@@ -150,7 +149,7 @@ def test_the_running_service_records_expiry_and_caches_hear_of_it(server: Servic
     owner = server.session()["x-test-user-id"]
     key_id, key = asyncio.run(_create_expired(server.database_url, owner))
     assert server.verify(key)["error"]["code"] == "KEY_EXPIRED"  # verify needs no event
-    wait_until(lambda: count_events(server.database_url, key_id, "ApiKeyExpired") == 1, timeout=10,
+    wait_until(lambda: count_events(server.database_url, key_id, "ApiKeyExpired") == 1, timeout=30,
                what="the service's sweeper to record the expiry")
 
     def published() -> bool:
@@ -160,7 +159,7 @@ def test_the_running_service_records_expiry_and_caches_hear_of_it(server: Servic
                 and any(json.loads(m.data)["keyId"] == key_id and json.loads(m.data)["reason"] == "expired"
                         for m in invalidations))
 
-    wait_until(published, timeout=10, what="ApiKeyExpired on NATS and its invalidation")
+    wait_until(published, timeout=30, what="ApiKeyExpired on NATS and its invalidation")
     assert count_events(server.database_url, key_id, "ApiKeyExpired") == 1
 
 
@@ -198,15 +197,30 @@ def test_usage_limit_counts_down_and_concurrent_verifies_never_overspend(server:
     assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
 
 
+def _age_usage(server: Service, key_id: str, **ago: float) -> None:
+    """Move a key's usage clock back, as if that much time had passed: ``last_refill_at`` and/or
+    ``last_request`` (api_key_usage, the counters' row) set to now minus the given seconds. Verify compares them
+    with its own clock, so a refill or a new rate-limit window is due without waiting for it, and nothing in
+    the test depends on how fast the machine is."""
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        for column, seconds in ago.items():
+            updated = conn.execute(f"UPDATE api_key_usage SET {column} = now() - make_interval(secs => %s) "
+                                   "WHERE key_id = %s", (seconds, key_id)).rowcount
+            assert updated == 1
+
+
 def test_an_exhausted_key_is_refilled_after_its_interval(server: Service) -> None:
-    key = _limited_key(server, remaining=1, refillAmount=2, refillInterval=1000)
+    # An hour's interval: no refill can fall due while the test runs, however slow the machine.
+    key = _limited_key(server, remaining=1, refillAmount=2, refillInterval=3_600_000)
     assert server.verify(key["key"])["valid"] is True
     assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
-    refilled = wait_until(lambda: server.verify(key["key"])["valid"], timeout=5, interval=0.1,
-                          what="the refill one interval later")
-    assert refilled is True
-    assert server.verify(key["key"])["valid"] is True  # the second use of the refill of 2
+    _age_usage(server, key["id"], last_refill_at=3_590)  # ten seconds short of the interval
     assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"
+    _age_usage(server, key["id"], last_refill_at=3_601)  # the interval has passed
+    refilled = server.verify(key["key"])
+    assert refilled["valid"] is True and refilled["key"]["remaining"] == 1  # refilled to 2, this use took one
+    assert server.verify(key["key"])["valid"] is True  # the second use of the refill of 2
+    assert server.verify(key["key"])["error"]["code"] == "USAGE_EXCEEDED"  # the next refill is an hour away
     assert count_events(server.database_url, key["id"]) == 1  # counters are not events
 
 
@@ -217,3 +231,94 @@ def test_rate_limit_answers_rate_limited_with_try_again_in(server: Service) -> N
     assert limited["valid"] is False and limited["error"]["code"] == "RATE_LIMITED"
     assert 0 < limited["error"]["details"]["tryAgainIn"] <= 60_000
     assert server.verify(key["key"])["error"]["code"] == "RATE_LIMITED"
+
+
+def test_the_rate_limit_window_is_counted_from_the_last_request(server: Service) -> None:
+    """``rateLimitMax`` requests per ``rateLimitTimeWindow`` ms, the window counted from the last counted
+    request: inside it the next one is RATE_LIMITED with ``tryAgainIn`` = what is left of it; once a whole
+    window has passed since the last request, the count starts again. The clock is moved by ageing the key's
+    counter row, so nothing depends on the machine's speed."""
+    key = _limited_key(server, rateLimitEnabled=True, rateLimitMax=2, rateLimitTimeWindow=60_000)
+    answers = [server.verify(key["key"]) for _ in range(2)]
+    assert [a["key"]["requestCount"] for a in answers] == [1, 2]
+    assert server.verify(key["key"])["error"]["code"] == "RATE_LIMITED"
+
+    _age_usage(server, key["id"], last_request=50)  # 10 s of the window left
+    limited = server.verify(key["key"])
+    assert limited["error"]["code"] == "RATE_LIMITED"
+    assert 0 < limited["error"]["details"]["tryAgainIn"] <= 10_000
+    # A refused request does not count, nor move the window: still about 10 s to wait.
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        count, since = conn.execute("SELECT request_count, extract(epoch FROM now() - last_request) "
+                                    "FROM api_key_usage WHERE key_id = %s", (key["id"],)).fetchone()
+    assert count == 2 and since >= 50
+
+    _age_usage(server, key["id"], last_request=61)  # a whole window since the last request
+    again = server.verify(key["key"])
+    assert again["valid"] is True and again["key"]["requestCount"] == 1  # a new window
+    assert server.verify(key["key"])["valid"] is True
+    assert server.verify(key["key"])["error"]["code"] == "RATE_LIMITED"
+
+
+def test_server_callers_get_read_history_and_rotate_for_the_user_they_name(server: Service) -> None:
+    user = server.session()
+    user_id = user["x-test-user-id"]
+    key = server.create_key(user, name="owned")
+    stranger = server.session()["x-test-user-id"]
+
+    got = server.get("api-key/get", BEARER, params={"id": key["id"], "userId": user_id})
+    assert got.status_code == 200 and got.json()["id"] == key["id"] and "key" not in got.json()
+    rotated = server.post("api-key/rotate", BEARER, json={"keyId": key["id"], "userId": user_id})
+    assert rotated.status_code == 200, rotated.text
+    new_secret = rotated.json()["key"]
+    assert rotated.json()["referenceId"] == user_id and server.verify(new_secret)["valid"] is True
+    history = server.get("api-key/history", BEARER, params={"id": key["id"], "userId": user_id})
+    assert history.status_code == 200, history.text
+    events = history.json()["events"]
+    assert [e["type"] for e in events] == ["ApiKeyCreated", "ApiKeyRotated"]
+    assert events[0]["actor"]["via"] == "session"
+    assert events[1]["actor"] == {**events[1]["actor"], "userId": user_id, "via": "server", "sessionId": None}
+
+    # Acting for someone else, the key does not exist; without userId the request is malformed; a wrong token
+    # is 401. None of it writes anything.
+    not_found = {"message": "API Key not found", "code": "KEY_NOT_FOUND"}
+    for response in (server.get("api-key/get", BEARER, params={"id": key["id"], "userId": stranger}),
+                     server.get("api-key/history", BEARER, params={"id": key["id"], "userId": stranger}),
+                     server.post("api-key/rotate", BEARER, json={"keyId": key["id"], "userId": stranger})):
+        assert response.status_code == 404 and response.json() == not_found, response.text
+    for response in (server.get("api-key/get", BEARER, params={"id": key["id"]}),
+                     server.get("api-key/history", BEARER, params={"id": key["id"]}),
+                     server.post("api-key/rotate", BEARER, json={"keyId": key["id"]})):
+        assert response.status_code == 400 and response.json()["code"] == "VALIDATION_ERROR", response.text
+    wrong = {"authorization": "Bearer not-the-token"}
+    for response in (server.get("api-key/get", wrong, params={"id": key["id"], "userId": user_id}),
+                     server.get("api-key/history", wrong, params={"id": key["id"], "userId": user_id}),
+                     server.post("api-key/rotate", wrong, json={"keyId": key["id"], "userId": user_id})):
+        assert response.status_code == 401, response.text
+    assert count_events(server.database_url, key["id"]) == 2
+    assert server.verify(new_secret)["valid"] is True
+
+
+def test_metadata_is_accepted_when_enabled(server: Service) -> None:
+    """``KEYLEDGER_ENABLE_METADATA=1`` (this module's service): metadata is stored on create, changed by
+    update (an ApiKeyUpdated with only that field), returned by get and verify; it must be an object."""
+    user = server.session()
+    created = server.post("api-key/create", user, json={"name": "meta", "metadata": {"plan": "pro", "seats": 3}})
+    assert created.status_code == 200, created.text
+    key = created.json()
+    assert key["metadata"] == {"plan": "pro", "seats": 3}
+    assert server.verify(key["key"])["key"]["metadata"] == {"plan": "pro", "seats": 3}
+
+    updated = server.post("api-key/update", user, json={"keyId": key["id"], "metadata": {"plan": "team"}})
+    assert updated.status_code == 200 and updated.json()["metadata"] == {"plan": "team"}, updated.text
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        kind, data = conn.execute("SELECT type, data FROM events WHERE stream_id = %s AND version = 2",
+                                  (key["id"],)).fetchone()
+    assert kind == "ApiKeyUpdated" and set(data) == {"keyHash", "metadata"} and data["metadata"] == {"plan": "team"}
+    assert server.get("api-key/get", user, params={"id": key["id"]}).json()["metadata"] == {"plan": "team"}
+    assert server.verify(key["key"])["key"]["metadata"] == {"plan": "team"}
+
+    for bad in ("text", [1, 2], 5):
+        refused = server.post("api-key/update", user, json={"keyId": key["id"], "metadata": bad})
+        assert refused.status_code == 400 and refused.json()["code"] == "INVALID_METADATA_TYPE", bad
+    assert count_events(server.database_url, key["id"]) == 2

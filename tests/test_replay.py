@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
 from typing import Any
 
+import nats
 import psycopg
 import pytest
 
-from harness import Service
-from keyledger import replay
+from harness import Service, term_consumer_info, wait_until
+from keyledger import records, replay, store
+from keyledger.domain import CreateKey
 from keyledger.horizon import final_horizon
 from keyledger.domain import fold
 from keyledger.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyExpired, ApiKeyRevoked,
@@ -45,18 +48,49 @@ def projection_matches_log(url: str) -> None:
     assert tracked == {k: e[-1][0] for k, e in streams.items()}
 
 
+def subscriber_settled(service: Service) -> None:
+    """Wait until every event is published and the NATS subscriber projection has consumed all of them, so
+    it cannot rebuild rows behind the test's back afterwards (it only acts on messages it receives)."""
+
+    async def settled() -> bool:
+        nc = await nats.connect(service.nats_url, connect_timeout=2, max_reconnect_attempts=1)
+        try:
+            js = nc.jetstream(timeout=5)
+            info = await term_consumer_info(js, service.topology, "active-api-keys")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    def outbox_empty() -> bool:
+        with psycopg.connect(service.database_url, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+
+    wait_until(outbox_empty, timeout=30, what="the outbox drained")
+    wait_until(lambda: asyncio.run(settled()), timeout=30, interval=0.1, what="the subscriber to catch up")
+
+
 def test_replay_after_the_projection_was_wiped_makes_every_answer_right_again(service: Service) -> None:
     me = service.session()
     keys = [service.create_key(me, name=f"k{i}") for i in range(6)]
     service.post("api-key/update", me, json={"keyId": keys[1]["id"], "enabled": False})
     service.delete(me, keys[2]["id"])
+    subscriber_settled(service)
+    projection_matches_log(service.database_url)
     with psycopg.connect(service.database_url, autocommit=True) as conn:
+        # What the projection held (this test's five unrevoked keys, and whatever earlier tests left).
+        rows_before = conn.execute("SELECT count(*) FROM active_api_keys").fetchone()[0]
         conn.execute("DELETE FROM active_api_keys")
         conn.execute("DELETE FROM projection_tracking")
     assert service.verify(keys[0]["key"])["valid"] is False  # broken, as expected
 
     report = replay.replay(service.database_url, progress=False)
-    assert report.rows == 5 and report.keys >= 6
+    assert report.rows == rows_before and report.keys >= 6
+    with psycopg.connect(service.database_url, autocommit=True) as conn:
+        mine = {r[0] for r in conn.execute("SELECT id FROM active_api_keys WHERE reference_id = %s",
+                                           (me["x-test-user-id"],))}
+    assert mine == {k["id"] for i, k in enumerate(keys) if i != 2}
 
     assert service.verify(keys[0]["key"])["valid"] is True
     assert service.verify(keys[1]["key"])["error"]["code"] == "KEY_DISABLED"
@@ -115,18 +149,22 @@ def test_replay_while_serving_never_gives_a_wrong_answer(service: Service) -> No
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)
-        replays, deadline = 0, time.monotonic() + 30
-        while replays < 4 or (cycles[0] < 40 and time.monotonic() < deadline):
+        wait_until(lambda: cycles[0] > 0 or errors, timeout=30, what="the traffic to be under way")
+        # At least 4 replays, and at least 40 traffic cycles overlapping them (however slow the machine).
+        replays, deadline = 0, time.monotonic() + 120
+        while replays < 4 or cycles[0] < 40:
+            assert time.monotonic() < deadline, f"only {cycles[0]} cycles in 120 s"
             log_lines.append(replay.replay(service.database_url, progress=False).summary())
             replays += 1
+        # and traffic after the last swap too
+        after_last = cycles[0]
+        wait_until(lambda: cycles[0] >= after_last + 2 or errors, timeout=30, what="traffic after the last replay")
     finally:
-        time.sleep(0.3)
         done.set()
         for t in threads:
             t.join(30)
     assert not errors, errors[:5]
-    assert cycles[0] > 10
+    assert replays >= 4 and cycles[0] >= 40
     projection_matches_log(service.database_url)
 
 
@@ -140,6 +178,47 @@ def test_replay_leaves_other_tables_alone(service: Service) -> None:
         assert conn.execute("SELECT requests FROM usage_counters").fetchone() == (42,)
         assert conn.execute("SELECT version FROM projection_tracking WHERE projection = 'other_projection'"
                             ).fetchone() == (7,)
+
+
+def test_replay_leaves_the_usage_counters_alone(service: Service) -> None:
+    """``api_key_usage`` holds what verify counted (remaining uses, the rate-limit window, lastRequest). It is
+    not a projection of the log: a replay must neither reset nor lose it, and verify keeps counting from where it
+    was (the count restarts only when an event sets ``remaining`` again, and a replay sets nothing)."""
+    owner = service.session()["x-test-user-id"]
+
+    async def create(**limits: Any) -> tuple[str, str]:
+        key, key_id = records.new_key(None), records.new_key_id()
+        async with await psycopg.AsyncConnection.connect(service.database_url, autocommit=True) as conn:
+            await store.execute(conn, CreateKey(actor_id=owner, now=dt.datetime.now(dt.timezone.utc), key_id=key_id,
+                                                key_hash=records.hash_key(key), start=key[:6], **limits),
+                                key_id, {"userId": owner})
+        return key_id, key
+
+    limited_id, limited = asyncio.run(create(remaining=5, rate_limit_enabled=True, rate_limit_max=100,
+                                             rate_limit_time_window=3_600_000))
+    plain_id, plain = asyncio.run(create())
+    assert [service.verify(limited)["key"]["remaining"] for _ in range(3)] == [4, 3, 2]
+    assert service.verify(plain)["valid"] is True
+
+    def usage() -> dict[str, tuple[Any, ...]]:
+        with psycopg.connect(service.database_url, autocommit=True) as conn:
+            return {r[0]: tuple(r[1:]) for r in conn.execute(
+                "SELECT key_id, remaining, remaining_from, last_refill_at, request_count, last_request "
+                "FROM api_key_usage WHERE key_id IN (%s, %s)", (limited_id, plain_id))}
+
+    # The plain key's lastRequest is written by the next flush (within KEYLEDGER_LAST_REQUEST_FLUSH_S).
+    before = wait_until(lambda: (u := usage()) and len(u) == 2 and u[plain_id][4] is not None and u, timeout=30,
+                        what="both counter rows written")
+    assert before[limited_id][0] == 2 and before[limited_id][3] == 3
+
+    with psycopg.connect(service.database_url, autocommit=True) as conn:  # the projection wiped, then rebuilt
+        conn.execute("DELETE FROM active_api_keys WHERE id IN (%s, %s)", (limited_id, plain_id))
+    replay.replay(service.database_url, progress=False)
+    assert usage() == before
+    # Verify counts on from where it was: 2 left before the replay, 1 after this use.
+    answer = service.verify(limited)
+    assert answer["valid"] is True and answer["key"]["remaining"] == 1 and answer["key"]["requestCount"] == 4
+    assert service.verify(plain)["valid"] is True
 
 
 def test_unknown_projection_is_refused() -> None:

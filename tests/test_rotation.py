@@ -1,7 +1,8 @@
 """Issue 5, rotation: ``POST /api/auth/api-key/rotate`` with grace periods, at the source and in client caches.
 
-Real PostgreSQL, NATS and a real ``keyledger serve``; the grace periods are short (1-2 s) so the tests can see a
-superseded secret work and then stop, and the sweeper (started by the service) record its retirement.
+Real PostgreSQL, NATS and a real ``keyledger serve``; the grace periods that must end during a test are a few
+seconds, so the tests can see a superseded secret work and then stop, and the sweeper (started by the service)
+record its retirement; every wait for that is a condition with a deadline.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ from keyledger.domain import GracePeriodOutOfRange, RotateKey
 from servers import DatabaseFactory
 
 
+TOKEN = "rotation-service-token-for-tests-0123456789"
+BEARER = {"authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def server(db_factory: DatabaseFactory, nats_url: str) -> Iterator[Service]:
     topology = unique_topology("rotation")
-    svc = Service(database_url=db_factory.create("rotation"), nats_url=nats_url, topology=topology).start()
+    svc = Service(database_url=db_factory.create("rotation"), nats_url=nats_url, topology=topology,
+                  extra_env={"KEYLEDGER_SERVICE_TOKEN": TOKEN}).start()
     yield svc
     svc.stop()
     asyncio.run(delete_streams(nats_url, topology))
@@ -74,14 +80,14 @@ def test_rotate_issues_a_new_secret_and_without_grace_the_old_one_stops_at_once(
                 and any(i["reason"] == "rotated" and i["keyHash"] == records.hash_key(old)
                         for i in _invalidations(server, created["id"])))
 
-    wait_until(published, timeout=10, what="ApiKeyRotated on NATS and the old secret's invalidation")
+    wait_until(published, timeout=30, what="ApiKeyRotated on NATS and the old secret's invalidation")
 
 
 def test_the_old_secret_works_during_its_grace_period_then_stops_and_is_retired_once(server: Service) -> None:
     user = server.session()
     created = server.create_key(user)
     old = created["key"]
-    rotated = _rotate(server, user, created["id"], gracePeriodSeconds=2).json()
+    rotated = _rotate(server, user, created["id"], gracePeriodSeconds=3).json()
     new = rotated["key"]
 
     answer = server.verify(old)
@@ -89,13 +95,21 @@ def test_the_old_secret_works_during_its_grace_period_then_stops_and_is_retired_
     assert answer["key"]["graceUntil"] is not None  # the deadline a cache caps its entry with
     assert server.verify(new)["valid"] is True and "graceUntil" not in server.verify(new)["key"]
 
-    wait_until(lambda: server.verify(old)["error"] is not None, timeout=6, what="the grace period to end")
+    grace_until = dt.datetime.fromisoformat(answer["key"]["graceUntil"].replace("Z", "+00:00")).timestamp()
+    while True:  # valid up to its deadline (graceUntil, to the millisecond)...
+        checked = time.time()
+        if not server.verify(old)["valid"]:
+            break
+        assert checked < grace_until, "the old secret outlived its grace period"
+        assert time.time() < grace_until + 30
+        time.sleep(0.02)
+    assert time.time() >= grace_until  # ...and refused only once it has passed
     assert server.verify(old)["error"]["code"] == "INVALID_API_KEY"
     assert server.verify(new)["valid"] is True
-    wait_until(lambda: count_events(server.database_url, created["id"], "ApiKeySecretRetired") == 1, timeout=10,
+    wait_until(lambda: count_events(server.database_url, created["id"], "ApiKeySecretRetired") == 1, timeout=30,
                what="the sweeper to record the retirement")
     wait_until(lambda: sum(i["reason"] == "rotated" for i in _invalidations(server, created["id"])) >= 2,
-               timeout=10, what="the retirement's invalidation")
+               timeout=30, what="the retirement's invalidation")
     with psycopg.connect(server.database_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM superseded_key_secrets WHERE key_id = %s",
                             (created["id"],)).fetchone() == (0,)
@@ -119,14 +133,62 @@ def test_each_superseded_secret_keeps_its_own_deadline_and_revoking_stops_them_a
     assert _rotate(server, user, created["id"]).status_code == 404  # a revoked key is gone
 
 
-def test_rotating_keeps_the_expiry_and_the_limits(server: Service) -> None:
+def test_rotating_keeps_the_expiry_the_owner_and_the_limits(server: Service) -> None:
     user = server.session()
-    created = server.create_key(user, expiresIn=3 * 86_400)
+    limits = {"remaining": 10, "refillAmount": 10, "refillInterval": 3_600_000, "rateLimitEnabled": True,
+              "rateLimitMax": 100, "rateLimitTimeWindow": 60_000, "permissions": {"sites": ["read"]}}
+    response = server.post("api-key/create", BEARER, json={"userId": user["x-test-user-id"], "name": "limited",
+                                                           "prefix": "lim_", "expiresIn": 3 * 86_400, **limits})
+    assert response.status_code == 200, response.text
+    created = response.json()
+    assert server.verify(created["key"])["key"]["remaining"] == 9
+
     rotated = _rotate(server, user, created["id"], gracePeriodSeconds=60).json()
-    assert rotated["expiresAt"] == created["expiresAt"] and rotated["enabled"] is True
+    kept = ("id", "referenceId", "configId", "prefix", "name", "expiresAt", "enabled", "refillAmount",
+            "refillInterval", "rateLimitEnabled", "rateLimitMax", "rateLimitTimeWindow", "permissions")
+    assert {f: rotated[f] for f in kept} == {f: created[f] for f in kept}
+    assert rotated["referenceId"] == user["x-test-user-id"] and rotated["key"].startswith("lim_")
+    got = server.get("api-key/get", user, params={"id": created["id"]}).json()
+    assert {f: got[f] for f in kept} == {f: created[f] for f in kept}
+
+    # The same count and the same window, whichever secret is used: the new one, or the old one in its grace.
+    new = server.verify(rotated["key"])["key"]
     old = server.verify(created["key"])["key"]
+    assert (new["remaining"], new["requestCount"]) == (8, 2) and (old["remaining"], old["requestCount"]) == (7, 3)
     # The superseded secret's grace never outlives the key: verify still enforces the key's own expiry.
-    assert old["expiresAt"] == created["expiresAt"]
+    assert old["expiresAt"] == created["expiresAt"] and old["graceUntil"] < created["expiresAt"]
+    assert server.verify(rotated["key"])["key"]["permissions"] == {"sites": ["read"]}
+
+
+def test_two_superseded_secrets_each_work_until_their_own_deadline(server: Service) -> None:
+    user = server.session()
+    created = server.create_key(user)
+    first = created["key"]
+    second = _rotate(server, user, created["id"], gracePeriodSeconds=3600).json()["key"]
+    third = _rotate(server, user, created["id"], gracePeriodSeconds=3).json()["key"]
+    # Both superseded secrets work, each with its own deadline; the current one has none.
+    a, b, c = server.verify(first), server.verify(second), server.verify(third)
+    assert a["valid"] and b["valid"] and c["valid"] and "graceUntil" not in c["key"]
+    assert a["key"]["id"] == b["key"]["id"] == c["key"]["id"] == created["id"]
+    assert a["key"]["start"] == b["key"]["start"] == c["key"]["start"] == third[:6]
+    first_until, second_until = (dt.datetime.fromisoformat(x["key"]["graceUntil"].replace("Z", "+00:00"))
+                                 for x in (a, b))
+    assert first_until - second_until > dt.timedelta(minutes=59)
+
+    # The second's (short) grace ends; the first keeps working until its own.
+    wait_until(lambda: not server.verify(second)["valid"], timeout=30, what="the second secret's grace to end")
+    assert dt.datetime.now(dt.timezone.utc) >= second_until
+    assert server.verify(second)["error"]["code"] == "INVALID_API_KEY"
+    assert server.verify(first)["valid"] is True and server.verify(third)["valid"] is True
+    wait_until(lambda: count_events(server.database_url, created["id"], "ApiKeySecretRetired") == 1, timeout=30,
+               what="the sweeper to retire the second secret")
+    with psycopg.connect(server.database_url, autocommit=True) as conn:
+        retired = conn.execute("SELECT data FROM events WHERE stream_id = %s AND type = 'ApiKeySecretRetired'",
+                               (created["id"],)).fetchone()[0]
+        left = conn.execute("SELECT key_hash FROM superseded_key_secrets WHERE key_id = %s",
+                            (created["id"],)).fetchall()
+    assert retired["keyHash"] == records.hash_key(second) and left == [(records.hash_key(first),)]
+    assert server.verify(first)["valid"] is True
 
 
 def test_rotate_refuses_bad_input_and_keys_it_may_not_touch_writing_nothing(server: Service) -> None:
@@ -195,29 +257,36 @@ def test_a_client_cache_drops_the_old_secret_when_its_grace_ends(server: Service
     async def scenario() -> None:
         async with KeyCache(server.url, server.nats_url, topology=server.topology, staleness=30,
                             max_age=300) as cache:
-            await wait_for(lambda: cache.trusted, 5, "the cache to prove it is caught up")
+            await wait_for(lambda: cache.trusted, 30, "the cache to prove it is caught up")
             # Without grace: the cached old secret is evicted by the rotation's invalidation.
             created = server.create_key(user)
             assert (await cache.verify(created["key"])).valid
             calls = cache.http_verifications
             assert (await cache.verify(created["key"])).valid and cache.http_verifications == calls  # cached
             await asyncio.to_thread(_rotate, server, user, created["id"])
-            await wait_for(lambda: cache.verify_cached(created["key"]) is None, 5, "the rotation's eviction")
+            await wait_for(lambda: cache.verify_cached(created["key"]) is None, 30, "the rotation's eviction")
             assert (await cache.verify(created["key"])).code == "INVALID_API_KEY"
 
             # With a grace period: cached and valid during it, invalid once it ended (the entry's life is capped
             # at graceUntil, and the sweeper's retirement evicts it everywhere).
             created = server.create_key(user)
-            await cache.verify(created["key"])
-            rotated = (await asyncio.to_thread(_rotate, server, user, created["id"], gracePeriodSeconds=1)).json()
-            await asyncio.sleep(0.3)
+            assert (await cache.verify(created["key"])).valid and cache.verify_cached(created["key"]) is not None
+            rotated = (await asyncio.to_thread(_rotate, server, user, created["id"], gracePeriodSeconds=4)).json()
+            # The rotation's invalidation evicts the cached old secret (the cache must learn its graceUntil).
+            await wait_for(lambda: cache.verify_cached(created["key"]) is None, 30, "the rotation's eviction")
             old = await cache.verify(created["key"])
             assert old.valid and old.key["graceUntil"] is not None
             assert (await cache.verify(rotated["key"])).valid
+            # (graceUntil is to the millisecond, cut: the real deadline is within 1 ms after it)
             grace_until = dt.datetime.fromisoformat(old.key["graceUntil"].replace("Z", "+00:00")).timestamp()
-            await wait_for(lambda: cache.verify_cached(created["key"]) is None, 3, "the grace deadline")
-            assert time.time() <= grace_until + 0.2  # the cached entry did not outlive the deadline
-            await asyncio.sleep(max(0.0, grace_until - time.time()) + 0.05)
+            while True:  # the cached entry is served until its deadline, never after
+                before = time.time()
+                if cache.verify_cached(created["key"]) is None:
+                    break
+                assert before < grace_until + 0.001, f"served {before - grace_until:.3f}s after graceUntil"
+                assert time.time() < grace_until + 30
+                await asyncio.sleep(0.005)
+            await wait_for(lambda: time.time() > grace_until + 0.001, 30, "the grace deadline to pass")
             assert (await cache.verify(created["key"])).code == "INVALID_API_KEY"
             assert (await cache.verify(rotated["key"])).valid
 

@@ -4,19 +4,24 @@ Every process applies the schema at start (``serve``, ``import``, ``dev-session`
 migrates while the first appends events. Re-creating a trigger on ``events`` needs a lock that conflicts with
 an insert, and an insert locks ``events`` before the position sequence while the script touches them in the
 other order: without care the two deadlock, and PostgreSQL may pick the revoke as the victim.
+
+And applying it to a database better-auth (or Rybbit) already owns: their tables and rows stay as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
-import time
 from typing import Any
 
 import psycopg
+import pytest
 
-from harness import Service, wait_until
+from harness import Service, delete_streams, unique_topology, wait_until
+from keyledger.auth import cookie_value
 from keyledger.schema import SCHEMA_PATH, migrate
+from servers import DatabaseFactory
 
 
 def test_a_migration_gives_way_to_an_insert_it_would_deadlock_with(service: Service) -> None:
@@ -35,7 +40,7 @@ def test_a_migration_gives_way_to_an_insert_it_would_deadlock_with(service: Serv
         migration.start()
         wait_until(lambda: watcher.execute(
             "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted").fetchone()[0] > 0,
-            timeout=10, what="the migration waiting for events")
+            timeout=30, what="the migration waiting for events")
         # what the insert's position trigger takes next; the migration already holds the sequence
         writer.execute("SELECT nextval('events_position_seq')")
         writer.rollback()
@@ -59,18 +64,23 @@ def test_migrating_beside_a_busy_service_neither_fails_nor_fails_a_request(servi
     workers = [threading.Thread(target=churn) for _ in range(4)]
     for worker in workers:
         worker.start()
+    overlapping = []
     try:
-        time.sleep(0.3)
-        applied = 0
+        wait_until(lambda: len(statuses) >= 4, timeout=30, what="the churn to be under way")
         for _ in range(8):
-            assert migrate(service.database_url, force=True) is True  # re-applied each time, no deadlock raised
-            applied += 1
+            answered = len(statuses)
+            # Re-applied each time (force), no deadlock raised, whatever the writers are doing meanwhile...
+            assert migrate(service.database_url, force=True) is True
+            # ...and the writers kept going: at least one more request answered before the next migration.
+            wait_until(lambda: len(statuses) > answered, timeout=30, what="a request after the migration")
+            overlapping.append(len(statuses) - answered)
     finally:
         stop.set()
         for worker in workers:
             worker.join(timeout=30)
-    assert applied == 8
-    assert len(statuses) > 20 and set(statuses) == {200}, sorted(set(statuses))
+    assert not any(w.is_alive() for w in workers)
+    assert len(overlapping) == 8 and all(n > 0 for n in overlapping)
+    assert set(statuses) == {200}, sorted(set(statuses))
 
 
 def test_an_unchanged_schema_is_not_applied_again(service: Service) -> None:
@@ -82,3 +92,118 @@ def test_an_unchanged_schema_is_not_applied_again(service: Service) -> None:
         row: Any = conn.execute("SELECT sha256, applied_at FROM keyledger_schema").fetchone()
     assert row[1] == before
     assert row[0] == hashlib.sha256(SCHEMA_PATH.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schema.sql applied onto a database that better-auth (or Rybbit) already owns
+# ---------------------------------------------------------------------------------------------------------
+# better-auth's core tables, as its Postgres migration creates them (no admin plugin: no ban columns).
+BETTER_AUTH = """
+create table "user" ("id" text not null primary key, "name" text not null, "email" text not null unique,
+  "emailVerified" boolean not null, "image" text, "createdAt" timestamptz default CURRENT_TIMESTAMP not null,
+  "updatedAt" timestamptz default CURRENT_TIMESTAMP not null);
+create table "session" ("id" text not null primary key, "expiresAt" timestamptz not null,
+  "token" text not null unique, "createdAt" timestamptz default CURRENT_TIMESTAMP not null,
+  "updatedAt" timestamptz not null, "ipAddress" text, "userAgent" text,
+  "userId" text not null references "user" ("id") on delete cascade);
+create table "apikey" ("id" text not null primary key, "name" text, "start" text, "prefix" text,
+  "key" text not null, "userId" text not null references "user" ("id") on delete cascade,
+  "enabled" boolean, "createdAt" timestamptz not null, "updatedAt" timestamptz not null, "metadata" text);
+"""
+# A Rybbit-shaped database: the same tables with the admin plugin's columns already there (their own defaults
+# and types), its organization plugin tables with extra columns, and the application's own tables.
+RYBBIT = """
+create table "user" ("id" text not null primary key, "name" text not null, "username" text unique,
+  "email" text not null unique, "emailVerified" boolean not null, "image" text,
+  "createdAt" timestamp default now() not null, "updatedAt" timestamp default now() not null,
+  "role" text default 'user' not null, "banned" boolean default false, "banReason" text, "banExpires" timestamp,
+  "monthlyEventCount" integer default 0);
+create table "session" ("id" text not null primary key, "expiresAt" timestamp not null,
+  "token" text not null unique, "createdAt" timestamp not null, "updatedAt" timestamp not null,
+  "ipAddress" text, "userAgent" text, "userId" text not null references "user" ("id") on delete cascade,
+  "impersonatedBy" text, "activeOrganizationId" text);
+create table "organization" ("id" text not null primary key, "name" text not null, "slug" text unique,
+  "logo" text, "createdAt" timestamp not null, "metadata" text, "stripeCustomerId" text);
+create table "member" ("id" text not null primary key,
+  "organizationId" text not null references "organization" ("id") on delete cascade,
+  "userId" text not null references "user" ("id") on delete cascade, "role" text not null,
+  "createdAt" timestamp not null);
+create table "sites" ("site_id" serial primary key, "name" text not null, "domain" text not null,
+  "organization_id" text references "organization" ("id"), "created_at" timestamp default now());
+"""
+
+
+def _snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Every row of every table the database had before keyledger, and the user table's column types."""
+    tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    rows = {t: conn.execute(f'SELECT to_jsonb(x) FROM "{t}" x ORDER BY 1').fetchall() for t in tables}
+    columns = dict(conn.execute("SELECT column_name, data_type || coalesce(' default ' || column_default, '') "
+                                "FROM information_schema.columns WHERE table_name = 'user'").fetchall())
+    return {"rows": rows, "user_columns": columns}
+
+
+@pytest.mark.parametrize("flavour", ["better-auth", "rybbit"])
+def test_schema_applies_onto_an_existing_better_auth_database_without_touching_it(
+        db_factory: DatabaseFactory, nats_url: str, flavour: str) -> None:
+    url = db_factory.create(f"existing_{flavour}")
+    user_id, token, org_id = "existinguser0000000000000000001", "existingsessiontoken000000000001", "org00000000001"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")  # only the application's tables
+        conn.execute(BETTER_AUTH if flavour == "better-auth" else RYBBIT)
+        conn.execute('INSERT INTO "user" (id, name, email, "emailVerified") VALUES (%s, %s, %s, true)',
+                     (user_id, "Existing", "existing@example.com"))
+        conn.execute('INSERT INTO session (id, "expiresAt", token, "createdAt", "updatedAt", "userId") '
+                     "VALUES ('s1', now() + interval '1 day', %s, now(), now(), %s)", (token, user_id))
+        if flavour == "better-auth":
+            conn.execute('INSERT INTO apikey (id, key, "userId", enabled, "createdAt", "updatedAt") '
+                         "VALUES ('ba-key', 'hash', %s, true, now(), now())", (user_id,))
+        else:
+            conn.execute("""INSERT INTO organization (id, name, slug, "createdAt") VALUES (%s, 'Acme', 'acme', now())""",
+                         (org_id,))
+            conn.execute("""INSERT INTO member (id, "organizationId", "userId", role, "createdAt")
+                            VALUES ('m1', %s, %s, 'owner', now())""", (org_id, user_id))
+            conn.execute("INSERT INTO sites (name, domain, organization_id) VALUES ('site', 'example.com', %s)",
+                         (org_id,))
+        before = _snapshot(conn)
+
+    assert migrate(url) is True
+    assert migrate(url) is False  # recorded: the next start skips it
+    assert migrate(url, force=True) is True  # and applying it again is harmless
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        after = _snapshot(conn)
+        added = set(after["user_columns"]) - set(before["user_columns"])
+        for table, rows in before["rows"].items():
+            if table == "user" and flavour == "better-auth":  # the admin plugin's nullable columns, added empty
+                assert [{k: v for k, v in r[0].items() if k not in added} for r in after["rows"][table]] == \
+                    [r[0] for r in rows]
+                assert all(r[0][c] is None for r in after["rows"][table] for c in added)
+            else:
+                assert after["rows"][table] == rows, table
+        # Existing columns keep their types and defaults; the ban columns are there either way.
+        assert {c: after["user_columns"][c] for c in before["user_columns"]} == before["user_columns"]
+        assert {"banned", "banReason", "banExpires"} <= set(after["user_columns"])
+        assert added == (set() if flavour == "rybbit" else {"role", "banned", "banReason", "banExpires"})
+        for table in ("events", "outbox", "active_api_keys", "organization", "member"):
+            assert conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None, table
+
+    # keyledger serves that database with the sessions better-auth (or Rybbit) already wrote.
+    topology = unique_topology(f"existing{flavour}")
+    svc = Service(database_url=url, nats_url=nats_url, topology=topology).start()
+    try:
+        headers = {"cookie": f"better-auth.session_token={cookie_value(token, svc.secret)}", "origin": svc.origin}
+        created = svc.post("api-key/create", headers, json={"name": "adopted"})
+        assert created.status_code == 200, created.text
+        assert created.json()["referenceId"] == user_id
+        assert svc.verify(created.json()["key"])["valid"] is True
+        if flavour == "rybbit":  # its organization plugin's tables serve org keys as they are
+            org_key = svc.post("api-key/create", headers, json={"configId": "org", "organizationId": org_id})
+            assert org_key.status_code == 200 and org_key.json()["referenceId"] == org_id, org_key.text
+            with psycopg.connect(url, autocommit=True) as conn:  # a ban set by Rybbit's admin plugin is honoured
+                conn.execute('UPDATE "user" SET banned = true, "banExpires" = now() + interval \'1 hour\' '
+                             "WHERE id = %s", (user_id,))
+            assert svc.post("api-key/create", headers, json={}).json()["code"] == "USER_BANNED"
+        assert svc.delete(headers, created.json()["id"]).status_code == (401 if flavour == "rybbit" else 200)
+    finally:
+        svc.stop()
+        asyncio.run(delete_streams(nats_url, topology))

@@ -208,12 +208,17 @@ class Servers:
             await nc.close()
 
     async def stream_messages(self) -> int:
+        """Event messages in the events stream, to compare with the log's events: the stream also holds the
+        newest freshness checkpoint (``<prefix>.events.checkpoint``, rolled up), which is no event."""
         import nats
 
         nc = await nats.connect(self.nats_url, connect_timeout=3, allow_reconnect=False)
         try:
-            info = await nc.jetstream(timeout=5).stream_info(self.events_stream)
-            return info.state.messages
+            js = nc.jetstream(timeout=5)
+            info = await js.stream_info(self.events_stream)
+            checkpoints = await js.stream_info(self.events_stream,
+                                               subjects_filter=f"{self.prefix}.events.checkpoint")
+            return info.state.messages - sum((checkpoints.state.subjects or {}).values())
         finally:
             await nc.close()
 
@@ -224,6 +229,82 @@ class Servers:
 def keyledger_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("keyledger")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "keyledger.cli"]
+
+
+def pythonpath_env(pythonpath: str | None) -> dict[str, str]:
+    """``--pythonpath DIR``: the service imports ``keyledger`` from DIR (a tree such as ``DIR/keyledger/``,
+    another release's code) instead of the venv's editable install, which the venv itself keeps untouched."""
+    return {"PYTHONPATH": str(Path(pythonpath).resolve())} if pythonpath else {}
+
+
+CODE_ORIGIN = """
+import json, os, sys
+import keyledger, keyledger.cli, keyledger.app, keyledger.runtime, keyledger.projections
+roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (keyledger, keyledger.projections))
+outside = sorted(n for n, m in list(sys.modules.items())
+                 if n.startswith("keyledger") and not (getattr(m, "__file__", None) or roots[0]).startswith(roots))
+print(json.dumps({"file": keyledger.__file__, "outside": outside}))
+"""
+
+
+def code_origin(env: dict[str, str]) -> dict[str, Any]:
+    """Which ``keyledger`` a process started with ``env`` runs: ``keyledger.__file__`` after importing the
+    service's entry modules, and any of its modules loaded from elsewhere (with ``--pythonpath`` the editable
+    install stays on sys.path behind DIR and would answer for a module DIR lacks: that must be empty)."""
+    out = subprocess.run([sys.executable, "-c", CODE_ORIGIN], env=env, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"cannot import keyledger in the service's environment:\n{out.stderr[-2000:]}")
+    origin = json.loads(out.stdout.strip().splitlines()[-1])
+    if origin["outside"]:
+        raise RuntimeError(f"keyledger from {origin['file']} loaded modules from elsewhere: {origin['outside']}")
+    return origin
+
+
+def wait_until_quiet(pattern: str, timeout: float = 600.0, max_cpu: float = 15.0, poll: float = 3.0) -> dict[str, Any]:
+    """Before a measured phase: wait at most ``timeout`` s until no process's command line matches ``pattern``
+    (``pgrep -f``: a test-suite running on the same two cores, say) and the whole machine is at most
+    ``max_cpu`` % busy over 2 s (100 = every core; our idle service, PostgreSQL and NATS included), then note
+    the 1-minute load average. When the wait runs out the phase runs anyway and says so. An empty pattern and
+    ``max_cpu`` 0 only note the load average."""
+    t0 = time.monotonic()
+    mine, pid = set(), os.getpid()
+    while pid > 1:  # our own ancestors may carry the pattern in their command line
+        mine.add(pid)
+        try:
+            pid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            break
+    busy: list[int] = []
+    cpu: float | None = None
+    told = False
+    while pattern or max_cpu:
+        busy = []
+        if pattern:
+            try:
+                out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10).stdout
+                busy = [int(p) for p in out.split() if int(p) not in mine]
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        cpu = psutil.cpu_percent(interval=2.0) if max_cpu and not busy else None
+        if (not busy and (cpu is None or cpu <= max_cpu)) or time.monotonic() - t0 >= timeout:
+            break
+        if not told:
+            say(f"  waiting   until nothing matches {pattern!r} and the machine is <= {max_cpu:g}% busy "
+                f"(now: {len(busy)} matching" + (f", {cpu:.0f}% busy" if cpu is not None else "") + f"; at most "
+                f"{timeout:.0f} s)")
+            told = True
+        time.sleep(poll)
+    waited = time.monotonic() - t0
+    load1 = round(os.getloadavg()[0], 2)
+    noisy = bool(busy) or (cpu is not None and cpu > max_cpu)
+    what = f"{len(busy)} process(es) matching {pattern!r}" if busy else f"machine {cpu:.0f}% busy" if noisy else ""
+    if noisy:
+        say(f"  WARNING   {what} after {waited:.0f} s of waiting: measuring anyway; load average (1 min) {load1}")
+    elif pattern or max_cpu:
+        say(f"  quiet     nothing matches {pattern!r}, machine {cpu or 0:.0f}% busy over 2 s (waited {waited:.0f} s); "
+            f"load average (1 min) {load1}")
+    return {"pattern": pattern, "max_cpu_pct": max_cpu, "waited_s": round(waited, 1), "still_running": len(busy),
+            "machine_busy_pct": cpu, "quiet": not noisy, "loadavg_1min": load1}
 
 
 class ServedProcess:
@@ -279,7 +360,9 @@ class ServedProcess:
 class Service(ServedProcess):
     what = "service"
 
-    def __init__(self, servers: Servers, log_path: Path) -> None:
+    def __init__(self, servers: Servers, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        """``extra_env`` goes in last: ``--pythonpath`` sets PYTHONPATH, the takeover bench gives two processes
+        one ``BETTER_AUTH_SECRET``."""
         port = free_port()
         env = {
             **os.environ,
@@ -293,6 +376,7 @@ class Service(ServedProcess):
             "KEYLEDGER_INVALIDATIONS_STREAM": servers.inv_stream,
             "KEYLEDGER_CONSUMER_PREFIX": f"bench-{servers.rand}",
             "KEYLEDGER_LOG_LEVEL": os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),
+            **(extra_env or {}),
         }
         super().__init__([*keyledger_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)], env, log_path,
                          port)
@@ -635,8 +719,13 @@ class Runner:
         self.revoke_2xx = 0  # 200s wrk counted on revoke runs (warm-ups included)
         self.revoke_runs_conns = 0  # in-flight requests at a run's end may have committed uncounted
 
+    quiet_pattern = ""  # set from --quiet-*: measured phases first wait for quiet (wait_until_quiet)
+    quiet_timeout = 600.0
+    quiet_cpu = 15.0
+
     def run(self, kind: str, conc: int, duration: float, lines: list[str], label: str,
-            profile_name: str | None = None) -> dict[str, Any]:
+            profile_name: str | None = None, measured: bool = False) -> dict[str, Any]:
+        quiet = wait_until_quiet(self.quiet_pattern, self.quiet_timeout, self.quiet_cpu) if measured else None
         self.n += 1
         threads = 1 if conc == 1 else min(2, conc)
         ids_file = self.work / f"{self.n:02d}-{kind}-c{conc}.txt"
@@ -669,11 +758,14 @@ class Runner:
         res["db"] = DbStats.diff(db_before, self.db.snapshot(), res["requests"])
         res.update(kind=kind, concurrency=conc, threads=threads, keys_available=len(lines) if kind == "revoke"
                    else None)
+        if quiet is not None:
+            res["quiet"] = quiet
         if kind == "revoke":
             self.revoke_2xx += res["requests"] - res["non_2xx"]
             self.revoke_runs_conns += conc
         say(f"  {label:<28} {res['rps']:>9,.0f} req/s  p50 {fmt_ms(res['p50_ms'])}  p99 {fmt_ms(res['p99_ms'])}"
-            f"  errors {res['errors']}{'  EXHAUSTED' if res['exhausted'] else ''}")
+            f"  errors {res['errors']}{'  EXHAUSTED' if res['exhausted'] else ''}"
+            + (f"  (load avg 1 min before: {quiet['loadavg_1min']})" if quiet else ""))
         say(f"      cpu: {cpu_line(res['cpu_pct'])}")
         say(f"      {db_line(res['db'])}")
         return res
@@ -794,8 +886,9 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-# The phases, in the order they run ("revoke" is both revoke phases and the log checks after them).
-PHASES = ("verify_c1", "verify_c16", "verify_limited_c16", "revoke")
+# The phases, in the order they run ("revoke" is both revoke phases and the log checks after them;
+# "revoke_c16" only the c=16 one and the checks).
+PHASES = ("verify_c1", "verify_c16", "verify_limited_c16", "revoke", "revoke_c16")
 
 
 def main() -> int:
@@ -812,6 +905,16 @@ def main() -> int:
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)} (default: all); a partial run judges "
                          "only the phases it ran. `KEYLEDGER_WORKERS=2` in the environment benches two workers")
+    ap.add_argument("--pythonpath", metavar="DIR", default=None,
+                    help="run the service with PYTHONPATH=DIR, i.e. the `keyledger` package in DIR (another "
+                         "release's code, see bench/revoke_ab.py) instead of the venv's; the venv is not touched")
+    ap.add_argument("--quiet-wait", metavar="PATTERN", default="pytest",
+                    help="before each measured phase wait until `pgrep -f PATTERN` finds nothing (default: "
+                         "pytest; '' = do not wait) and the machine is at most --quiet-cpu %% busy, at most "
+                         "--quiet-timeout seconds; the load average is noted")
+    ap.add_argument("--quiet-cpu", type=float, default=15.0,
+                    help="%% of the whole machine busy over 2 s that still counts as quiet (default 15; 0: no check)")
+    ap.add_argument("--quiet-timeout", type=float, default=600.0)
     args = ap.parse_args()
     wanted = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not wanted or wanted - set(PHASES):
@@ -819,6 +922,10 @@ def main() -> int:
     d16 = args.duration
     d1 = args.duration_c1 if args.duration_c1 is not None else args.duration
 
+    def terminated(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # clean up as on ^C: service, database, streams
+
+    signal.signal(signal.SIGTERM, terminated)
     ensure_wrk()
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kl-bench-"))
@@ -842,7 +949,11 @@ def main() -> int:
         say(f"  servers   {servers.mode}: database {servers.dbname}, NATS {servers.nats_url}, "
             f"streams {servers.events_stream}/{servers.inv_stream}")
 
-        service = Service(servers, work / "service.log")
+        service = Service(servers, work / "service.log", pythonpath_env(args.pythonpath))
+        origin = code_origin(service.env)
+        result["code"] = {"pythonpath": args.pythonpath, **origin}
+        say(f"  code      keyledger from {origin['file']}"
+            + (f" (--pythonpath {args.pythonpath})" if args.pythonpath else ""))
         started = service.wait_ready()
         say(f"  service   pid {service.pid} on {service.base}, healthy after {started:.1f} s")
         sampler = RssSampler(service.pid)
@@ -855,6 +966,8 @@ def main() -> int:
         seeder = Seeder(service.base, cookie, args.seed_concurrency)
         runner = Runner(service.base, cookie, work, service.pid, args.profile,
                         CpuMeter(service.pid, servers.dbname, servers.nats_url), DbStats(servers.db_url))
+        runner.quiet_pattern, runner.quiet_timeout = args.quiet_wait, args.quiet_timeout
+        runner.quiet_cpu = args.quiet_cpu
         phases: dict[str, dict[str, Any]] = {}
 
         say("")
@@ -863,20 +976,26 @@ def main() -> int:
         vlines = [k for _, k in verify_keys]
         runner.run("verify", 16, args.warmup, vlines, f"warm-up c=16 {args.warmup:g} s")
         if "verify_c1" in wanted:
-            phases["verify_c1"] = runner.run("verify", 1, d1, vlines, f"verify c=1  {d1:g} s")
+            phases["verify_c1"] = runner.run("verify", 1, d1, vlines, f"verify c=1  {d1:g} s", measured=True)
         if "verify_c16" in wanted:
-            phases["verify_c16"] = runner.run("verify", 16, d16, vlines, f"verify c=16 {d16:g} s", "verify-c16")
+            phases["verify_c16"] = runner.run("verify", 16, d16, vlines, f"verify c=16 {d16:g} s", "verify-c16",
+                                              measured=True)
         if "verify_limited_c16" in wanted:
             limited = [k for _, k in asyncio.run(_create_limited_keys(service.base, args.verify_keys))]
             runner.run("verify", 16, args.warmup, limited, f"warm-up limited c=16 {args.warmup:g} s")
             phases["verify_limited_c16"] = runner.run("verify", 16, d16, limited,
                                                       f"verify with usage + rate limits c=16 {d16:g} s",
-                                                      "verify-limited-c16")
+                                                      "verify-limited-c16", measured=True)
 
         say("")
         say("revoke (every request revokes a different fresh key)")
-        for conc, dur, calib in ((16, d16, 2.0), (1, d1, 1.0)) if "revoke" in wanted else ():
-            # Calibrate: a short run on a generous batch gives the rate; the real seed is sized from it.
+        revokes = [(16, d16, 2.0)] if wanted & {"revoke", "revoke_c16"} else []
+        if "revoke" in wanted:
+            revokes.append((1, d1, 1.0))
+        for conc, dur, calib in revokes:
+            # Calibrate: a short run on a generous batch gives the rate; the real seed is sized from it. On a
+            # quiet machine, like the phase: a rate calibrated beside a busy neighbour runs out of keys.
+            wait_until_quiet(args.quiet_wait, args.quiet_timeout, args.quiet_cpu)
             calib_n = 2500 * calib if conc == 16 else 1200 * calib
             calib_keys = seeder.create(int(calib_n), f"calibration c={conc}")
             cal = runner.run("revoke", conc, calib, [i for i, _ in calib_keys], f"calibration c={conc} {calib:g} s")
@@ -888,7 +1007,7 @@ def main() -> int:
             need = int(math.ceil(rate * dur * margin)) + 100
             keys = seeder.create(need, f"revoke c={conc} (~{rate:,.0f}/s x {dur:g} s x {margin:g})")
             phases[f"revoke_c{conc}"] = runner.run("revoke", conc, dur, [i for i, _ in keys],
-                                                   f"revoke c={conc}  {dur:g} s", f"revoke-c{conc}")
+                                                   f"revoke c={conc}  {dur:g} s", f"revoke-c{conc}", measured=True)
 
         say("")
         say("after the revokes")
@@ -909,7 +1028,7 @@ def main() -> int:
             "revoked_matches_200s": 0 <= revoked - runner.revoke_2xx <= runner.revoke_runs_conns,
         }
         say(f"  outbox    {'drained in %.2f s' % log['outbox_drained_s'] if log['outbox_pending'] == 0 else 'NOT drained: %d rows left after 10 s' % log['outbox_pending']}")
-        say(f"  JetStream {stream_msgs} messages in {servers.events_stream}, {log['events']} events in the log: "
+        say(f"  JetStream {stream_msgs} event messages in {servers.events_stream}, {log['events']} events in the log: "
             f"{'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
         say(f"  revokes   {revoked:,} ApiKeyRevoked events, wrk counted {runner.revoke_2xx:,} 200s "
             f"(<= {runner.revoke_runs_conns} may be uncounted in flight): "

@@ -304,7 +304,7 @@ class Downstream:
 
     async def __aexit__(self, *exc: Any) -> None:
         self.server.should_exit = True
-        await asyncio.wait_for(self.task, 10)
+        await asyncio.wait_for(self.task, 30)  # a loaded machine can take long to shut down NATS and HTTP
 
 
 def _check_no_plaintext(messages: list[bytes], *plaintexts: str) -> None:

@@ -142,8 +142,9 @@ class Lease:
                     pass
             log.warning("gave up background leadership (epoch %s): %s", epoch, why)
         if why.startswith("no progress"):
-            # Let a process that can reach NATS take over before competing again.
-            await asyncio.sleep(3 * self.ttl)
+            # Let a process that can reach NATS take over before competing again: candidates look every
+            # ``poll``, so one lease period is plenty; a lone process (an overloaded one) is back soon after.
+            await asyncio.sleep(self.ttl + self.poll)
 
 
 def fence_sql(conn: psycopg.Connection[Any], epoch: int) -> None:

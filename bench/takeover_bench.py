@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.util
 import json
 import logging
 import os
@@ -61,17 +60,11 @@ import httpx
 HERE = Path(__file__).resolve().parent
 
 
-def _load_run() -> Any:
-    """bench/run.py as a module (it is a script, not a package): its servers, service, seeder."""
-    spec = importlib.util.spec_from_file_location("kl_bench_run", HERE / "run.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kl_bench_run"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+# bench/run.py is a script, not a package: its directory on the path, then it imports as ``run`` (as the
+# receipts and hostile-input benches do): its servers, service, seeder.
+sys.path.insert(0, str(HERE))
+import run as R  # noqa: E402
 
-
-R = _load_run()
 say = R.say
 RESULTS: Path = R.RESULTS
 

@@ -163,14 +163,13 @@ class ReceiptsProjection:
                                                          **PG_KEEPALIVES) as conn:
             self._conn = conn
             await asyncio.gather(
-                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
+                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch,
+                        events_only=True),
                 self._receive_forever(), self._sweep_forever())
 
     async def _handle_events(self, msgs: list[Any]) -> None:
         self.fence()
         for msg in msgs:
-            if msg.subject == self.bus.topology.checkpoint_event_subject:
-                continue
             try:
                 recorded = decode_envelope(msg.data)
             except Exception:

@@ -43,14 +43,12 @@ class ActiveKeysSubscriber:
                                                          **PG_KEEPALIVES) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
-                          ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)
+                          ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch, events_only=True)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
         self.fence()
         newest: dict[str, int] = {}
         for msg in msgs:
-            if msg.subject == self.bus.topology.checkpoint_event_subject:
-                continue  # freshness checkpoints are the invalidation projection's business
             # Only the key and version: the rest comes from the log (so a reduced envelope is just as good).
             head = decode_envelope_head(msg.data)
             newest[head.key_id] = max(newest.get(head.key_id, 0), head.version)

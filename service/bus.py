@@ -45,6 +45,7 @@ class Bus:
         self._task: asyncio.Task[None] | None = None
         self.on_disconnect: Callable[[], None] | None = None  # called at every disconnect
         self._warned_at = float("-inf")
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -108,12 +109,16 @@ class Bus:
     async def _on_disconnect(self) -> None:
         if self.on_disconnect is not None:
             self.on_disconnect()
-        log.warning("NATS disconnected; events wait in the outbox")
+        if self._closing:  # our own shutdown
+            log.info("NATS connection closed")
+        else:
+            log.warning("NATS disconnected; events wait in the outbox")
 
     async def _on_reconnect(self) -> None:
         log.info("NATS reconnected")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):

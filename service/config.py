@@ -32,13 +32,12 @@ def nats_servers(value: str) -> list[str]:
     for url in servers:
         try:
             parts = urllib.parse.urlsplit(url)
-            port = parts.port
+            parts.port  # noqa: B018  (reading it is the check: a port out of range raises ValueError)
         except ValueError as exc:
             raise ConfigError(f"NATS_URL: cannot parse {_redact(url)!r} ({exc})") from None
         if parts.scheme not in NATS_SCHEMES or not parts.hostname:
             raise ConfigError(f"NATS_URL: {_redact(url)!r} is not a NATS URL (scheme://host[:port], scheme one of "
                               f"{', '.join(NATS_SCHEMES)})")
-        del port
     return servers
 
 
@@ -122,6 +121,11 @@ class Topology:
     @property
     def probe_subject(self) -> str:
         return f"{self.prefix}.cache.probe"
+
+    @property
+    def event_only_subjects(self) -> str:
+        """The events without the checkpoint (``<prefix>.events.<kind>.<keyId>``: key ids hold no dots)."""
+        return f"{self.prefix}.events.*.*"
 
     @property
     def checkpoint_event_subject(self) -> str:

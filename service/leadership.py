@@ -140,7 +140,9 @@ class Lease:
                     await conn.execute(RELEASE, {"holder": self._holder, "epoch": epoch})
                 except Exception:
                     pass
-            log.warning("gave up background leadership (epoch %s): %s", epoch, why)
+            # A shutdown (cancelled: "stopped") is routine; losing the lease any other way is worth a WARNING.
+            (log.info if why == "stopped" else log.warning)("gave up background leadership (epoch %s): %s",
+                                                             epoch, why)
         if why.startswith("no progress"):
             # Let a process that can reach NATS take over before competing again: candidates look every
             # ``poll``, so one lease period is plenty; a lone process (an overloaded one) is back soon after.

@@ -20,7 +20,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import Service, unique_topology, wait_until
+from harness import Service, stream_messages, unique_topology, wait_until
 from keyledger.client import KeyCache
 from keyledger.embedded import NatsCluster
 
@@ -41,23 +41,6 @@ async def stream_leader(url: str, stream: str) -> str:
     nc = await nats.connect(servers=url.split(","), connect_timeout=2)
     try:
         return (await nc.jetstream(timeout=5).stream_info(stream)).cluster.leader
-    finally:
-        await nc.close()
-
-
-async def stream_ids(url: str, stream: str) -> list[Any]:
-    """Every message of a stream (headers and data), read through ``url``."""
-    nc = await nats.connect(servers=url.split(","), connect_timeout=2)
-    try:
-        js = nc.jetstream(timeout=5)
-        info = await js.stream_info(stream)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                out.append(await js.get_msg(stream, seq))
-            except Exception:
-                continue
-        return out
     finally:
         await nc.close()
 
@@ -126,8 +109,8 @@ def test_losing_the_stream_leaders_node_and_the_leading_process_loses_nothing(
         assert set(ids.values()) == set(revoked)
 
         def all_published() -> bool:
-            events = asyncio.run(stream_ids(survivor.url, topology.events_stream))
-            invalidations = asyncio.run(stream_ids(survivor.url, topology.invalidations_stream))
+            events = asyncio.run(stream_messages(survivor.url, topology.events_stream))
+            invalidations = asyncio.run(stream_messages(survivor.url, topology.invalidations_stream))
             published = {(m.headers or {}).get("Nats-Msg-Id") for m in events}
             invalidated = {json.loads(m.data)["keyId"] for m in invalidations}
             return set(ids) <= published and set(revoked) <= invalidated

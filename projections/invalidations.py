@@ -22,7 +22,8 @@ Guarantees, and how:
 * **Freshness checkpoints** (``freshness.py``) ride the event stream behind the events they vouch for. One at
   stream sequence ``s`` is forwarded to ``<prefix>.cache.checkpoint`` only once the durable consumer's ack
   floor is at least ``s - 1``: every event before it has had its invalidation acknowledged by JetStream,
-  whoever handled it (an earlier leader, a redelivery). The projection keeps only the newest waiting
+  whoever handled it (an earlier leader, a redelivery). The server is asked only once this process has acked
+  every earlier event it was handed (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
   checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
 * **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 
@@ -143,6 +144,11 @@ class InvalidationProjection:
         self.pending = 0  # the consumer's backlog (num_pending + num_ack_pending) at the last look
         self._held: tuple[int, Checkpoint] | None = None  # (stream sequence, newest checkpoint not yet forwarded)
         self._held_changed = asyncio.Event()
+        # Stream sequences of the events this process was handed and has not acked yet (a nak'd one stays until
+        # its redelivery is acked). Only a hint that saves asking the server in vain; the server's ack floor
+        # decides (an earlier subscription's deliveries are not in here).
+        self._unacked: set[int] = set()
+        self._acked = asyncio.Event()
 
     async def run(self) -> None:
         releaser = asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever))
@@ -176,6 +182,8 @@ class InvalidationProjection:
             if msg.subject == topology.checkpoint_event_subject:
                 self._hold(msg)
                 continue
+            with contextlib.suppress(Exception):
+                self._unacked.add(msg.metadata.sequence.stream)
             try:
                 recorded = decode_envelope(msg.data)
                 reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
@@ -202,7 +210,7 @@ class InvalidationProjection:
         for msg, inv, _ in todo:
             if inv is None:
                 self.ignored += 1
-                await msg.ack()
+                await self._ack(msg)
                 continue
             result = next(outcomes)
             if isinstance(result, BaseException):
@@ -213,7 +221,7 @@ class InvalidationProjection:
                     pass
             else:
                 self.published += 1
-                await msg.ack()
+                await self._ack(msg)
         if failures:
             self.failed += failures
             error = next(r for r in results if isinstance(r, BaseException))
@@ -226,6 +234,12 @@ class InvalidationProjection:
                 with contextlib.suppress(Exception):
                     await ensure_streams(js, topology, self.bus.streams)
         return failures
+
+    async def _ack(self, msg: Any) -> None:
+        await msg.ack()
+        with contextlib.suppress(Exception):
+            self._unacked.discard(msg.metadata.sequence.stream)
+        self._acked.set()
 
     async def _stream_exists(self, js: Any) -> bool:
         try:
@@ -265,6 +279,15 @@ class InvalidationProjection:
                 looks = 0
                 continue
             seq, checkpoint = self._held
+            if looks == 0 and any(s < seq for s in self._unacked):
+                # An earlier event of ours is still being handled: wait for our own acks rather than ask the
+                # server in vain (bounded: the hint may hold a sequence that will never come back to us).
+                self._acked.clear()
+                try:
+                    await asyncio.wait_for(self._acked.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    looks = 1  # ask the server from now on
+                continue
             info = await js.consumer_info(topology.events_stream, durable, timeout=self.publish_timeout)
             self.pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
@@ -272,6 +295,7 @@ class InvalidationProjection:
                 looks += 1  # of it are still on their way to the server): look again soon, less often if stuck
                 await asyncio.sleep(min(0.005 * looks, 0.1))
                 continue
+            self._unacked = {s for s in self._unacked if s >= seq}  # acknowledged, whoever acked them
             looks = 0
             self.fence()
             await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]

@@ -116,7 +116,11 @@ class OutboxRelay:
         backoff = 0.05
         while True:
             try:
+                # synchronous_commit off for this connection's own writes (outbox deletes, the horizon's own
+                # xid): losing one in a crash only republishes events JetStream deduplicates (``Nats-Msg-Id``),
+                # or takes a new xid. It keeps the relay's fsyncs from queueing beside the appends' own.
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
+                                                                 options="-c synchronous_commit=off",
                                                                  **PG_KEEPALIVES) as conn:
                     backoff = 0.05
                     await self._relay(conn)
@@ -128,6 +132,9 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 2.0)
 
     async def _relay(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """One pass of the loop: publish the next batch FIRST (an event never waits behind checkpoint work),
+        then begin a checkpoint if one is due, then take one look at the pending one. Every wait listens for a
+        nudge, so a commit in this process is published at once whatever the loop was doing."""
         js = await self.bus.ready()
         loop = asyncio.get_running_loop()
         failures = 0
@@ -145,10 +152,6 @@ class OutboxRelay:
                 except psycopg.errors.InsufficientPrivilege:
                     log.info("not the outbox's owner: leaving its vacuuming to autovacuum")
                     self.vacuum = False
-            if pending is None and now >= checkpoint_due:
-                # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
-                probes, self._probes = self._probes, {}
-                pending, begun, settling = (await horizon.begin(conn), probes), now, 0
             self._wake.clear()
             cur = await conn.execute(NEXT_BATCH, (self.batch_size,))
             rows = await cur.fetchall()
@@ -160,6 +163,11 @@ class OutboxRelay:
                 failures = 0
                 # A checkpoint follows every batch (at most one per CHECKPOINT_MIN_GAP under a steady stream).
                 checkpoint_due = min(checkpoint_due, begun + CHECKPOINT_MIN_GAP)
+            now = loop.time()
+            if pending is None and now >= checkpoint_due:
+                # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
+                probes, self._probes = self._probes, {}
+                pending, begun, settling = (await horizon.begin(conn), probes), now, 0
             if pending is not None:
                 oldest = await horizon.settle(conn, pending[0])
                 if oldest is not None and not 0 < oldest <= pending[0].position:
@@ -174,14 +182,19 @@ class OutboxRelay:
                     continue
                 if not rows:  # a writer below the horizon is still running, or its row just became visible
                     settling += 1
-                    await asyncio.sleep(0 if oldest is not None else min(0.002 * settling, 0.05))
+                    if oldest is None:
+                        await self._sleep(min(0.002 * settling, 0.05))
                     continue
             if rows:
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(self.poll_interval, checkpoint_due - now)))
-            except asyncio.TimeoutError:
-                pass
+            await self._sleep(max(0.0, min(self.poll_interval, checkpoint_due - now)))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once for a nudge (a commit in this process)."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     async def _publish(self, events: list[RecordedEvent], conn: psycopg.AsyncConnection[Any], js: Any) -> bool:
         """Publish one batch; mark the leading run of acknowledged events. True when all were acknowledged."""

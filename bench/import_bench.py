@@ -40,8 +40,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from keyledger.importer import run_import  # noqa: E402
-from keyledger.runtime import migrate  # noqa: E402
+from keyledger.ops.importer import run_import  # noqa: E402
+from keyledger.background.runtime import migrate  # noqa: E402
 from test_import import APIKEY_1_5, BETTER_AUTH_CORE  # noqa: E402  (the one copy of better-auth's DDL)
 
 TARGET_S = 10.0

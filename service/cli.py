@@ -18,14 +18,14 @@ from typing import Any
 
 import psycopg
 
-from . import auth
+from .http import auth
 from .config import ConfigError, Settings
-from .audit import add_audit_commands
+from .ops.audit import add_audit_commands
 from .environment import Environment
-from .importer import add_import_command
-from .replay import PROJECTIONS, replay
-from .events import encode_envelope, kind
-from .store import read_stream
+from .ops.importer import add_import_command
+from .ops.replay import PROJECTIONS, replay
+from .core.events import encode_envelope, kind
+from .storage.store import read_stream
 
 log = logging.getLogger("keyledger")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("keyledger")
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .schema import migrate
+    from .storage.schema import migrate
 
     if not _port_free(args.host, args.port):
         raise ConfigError(f"{args.host}:{args.port} is already in use (another keyledger serve?); "
@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
         # before it; make that handler an exception so the `finally` below still stops the embedded servers.
         signal.signal(signal.SIGTERM, _raise_system_exit)
-        from .http_limits import BoundedHttpToolsProtocol
+        from .http.limits import BoundedHttpToolsProtocol
 
         common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, loop="uvloop",
                       http=BoundedHttpToolsProtocol, lifespan="on")
@@ -71,9 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 KEYLEDGER_RUN_RELAY="1" if settings.run_relay else "0",
                 KEYLEDGER_RUN_PROJECTIONS="1" if settings.run_projections else "0",
             )
-            uvicorn.run("keyledger.app:create_app_from_env", factory=True, workers=args.workers, **common)
+            uvicorn.run("keyledger.http.app:create_app_from_env", factory=True, workers=args.workers, **common)
         else:
-            from .app import create_app  # only here: with workers, this process is just their supervisor
+            from .http.app import create_app  # only here: with workers, this process is just their supervisor
 
             uvicorn.run(create_app(settings), **common)
     finally:
@@ -107,7 +107,7 @@ def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .schema import migrate
+    from .storage.schema import migrate
 
     env = Environment(need_nats=args.streams, create=True)
     try:
@@ -126,7 +126,7 @@ async def _migrate_streams(nats_url: str) -> int:
     """Create keyledger's JetStream streams or bring them to the configured settings, saying what changed."""
     import nats
 
-    from .bus import ensure_streams
+    from .background.bus import ensure_streams
     from .config import StreamSettings, Topology, nats_connect_options, nats_servers
 
     nc = await nats.connect(servers=nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=2,
@@ -145,7 +145,7 @@ async def _migrate_streams(nats_url: str) -> int:
 
 def cmd_dev_session(args: argparse.Namespace) -> int:
     """Create (or reuse) a user and a fresh 7-day session; print the Cookie header curl needs."""
-    from .schema import migrate
+    from .storage.schema import migrate
 
     env = Environment(need_nats=False)
     try:
@@ -214,7 +214,7 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
     import time
 
     from .embedded import NatsCluster, start_postgres
-    from .schema import migrate
+    from .storage.schema import migrate
 
     data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger-cluster")).resolve()
     data.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,14 @@ import pytest
 from harness import (Service, delete_streams, read_stream_messages, stream_messages, term_consumer_info, unique_topology,
                      wait_until)
 from keyledger.config import Topology
-from keyledger import store
-from keyledger.domain import KeyState, RevokeKey, fold
+from keyledger.storage import store
+from keyledger.core.domain import KeyState, RevokeKey, fold
 from keyledger.embedded import start_nats, start_postgres
-from keyledger.events import ApiKeyCreated, RecordedEvent, encode_data, encode_envelope, kind
-from keyledger.log import as_fold_input
-from keyledger.records import hash_key, new_key, new_key_id
-from keyledger.store import read_stream
-from keyledger.runtime import migrate
+from keyledger.core.events import ApiKeyCreated, RecordedEvent, encode_data, encode_envelope, kind
+from keyledger.storage.log import as_fold_input
+from keyledger.core.records import hash_key, new_key, new_key_id
+from keyledger.storage.store import read_stream
+from keyledger.background.runtime import migrate
 
 # Hard per-test bound. Generous: the slowest test takes ~20 s on a quiet machine and must not be failed by this
 # bound on a loaded one (where everything takes several times longer); it only turns a hang into a failure.

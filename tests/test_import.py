@@ -23,9 +23,9 @@ import psycopg
 import pytest
 
 from harness import ROOT, Service, count_events, read_stream_messages, wait_until
-from keyledger.auth import cookie_value
-from keyledger.importer import ImportReport, decode_json_text, Rejected, run_import
-from keyledger.records import hash_key, iso, new_key
+from keyledger.http.auth import cookie_value
+from keyledger.ops.importer import ImportReport, decode_json_text, Rejected, run_import
+from keyledger.core.records import hash_key, iso, new_key
 
 # ---------------------------------------------------------------------------------------------------------
 # better-auth's schema, as its Kysely migration writes it for PostgreSQL

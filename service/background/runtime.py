@@ -14,18 +14,18 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from .audit import AuditSealer
+from ..ops.audit import AuditSealer
 from .bus import Bus
-from .config import PG_KEEPALIVES, Settings, nats_connect_options
-from .freshness import Prober
+from ..config import PG_KEEPALIVES, Settings, nats_connect_options
+from ..core.freshness import Prober
 from .leadership import Lease
-from .projections.invalidations import InvalidationProjection
-from .projections.receipts import ReceiptsProjection
-from .projections.subscriber import ActiveKeysSubscriber
+from ..projections.invalidations import InvalidationProjection
+from ..projections.receipts import ReceiptsProjection
+from ..projections.subscriber import ActiveKeysSubscriber
 from .relay import OutboxRelay
 from .sweeper import ExpirySweeper
-from .usage import LastRequests
-from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
+from ..storage.usage import LastRequests
+from ..storage.schema import migrate  # noqa: F401  (re-exported: keyledger.background.runtime.migrate)
 
 log = logging.getLogger("keyledger")
 

@@ -27,11 +27,13 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from . import inputs, openapi, records, store
-from .projections import receipts
+from . import inputs, openapi
+from ..core import records
+from ..storage import store
+from ..projections import receipts
 from .auth import check_origin, session_token
-from .config import Settings
-from .domain import (
+from ..config import Settings
+from ..core.domain import (
     MAX_EXPIRES_IN,
     MAX_GRACE_PERIOD,
     SERVER_FIELDS,
@@ -43,9 +45,9 @@ from .domain import (
     UpdateKey,
 )
 from .errors import MISSING, ApiError, unauthorized, validation
-from .events import ApiKeyCreated, to_envelope
+from ..core.events import ApiKeyCreated, to_envelope
 from .metrics import Figures, Metrics
-from .runtime import Runtime
+from ..background.runtime import Runtime
 
 log = logging.getLogger("keyledger.http")
 

@@ -63,9 +63,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from .environment import Environment
-from .horizon import final_horizon
-from .leadership import fence_sql
+from ..environment import Environment
+from ..storage.horizon import final_horizon
+from ..background.leadership import fence_sql
 
 log = logging.getLogger("keyledger.audit")
 

@@ -56,13 +56,13 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.string import StrBinaryDumper
 
-from .config import ConfigError
-from .environment import Environment
-from .schema import migrate
-from .events import ApiKeyImported, encode_data
-from .errors import ApiError
-from .inputs import KEY_ID_RE, MAX_DEPTH, has_nul
-from .store import APPEND
+from ..config import ConfigError
+from ..environment import Environment
+from ..storage.schema import migrate
+from ..core.events import ApiKeyImported, encode_data
+from ..http.errors import ApiError
+from ..http.inputs import KEY_ID_RE, MAX_DEPTH, has_nul
+from ..storage.store import APPEND
 
 SOURCE_NAME = "better-auth"
 ACTOR_SOURCE = "better-auth import"

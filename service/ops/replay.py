@@ -75,7 +75,7 @@ import psycopg
 from psycopg import sql
 
 from .audit import parallel
-from .horizon import SEQUENCE_LAST_VALUE, final_horizon
+from ..storage.horizon import SEQUENCE_LAST_VALUE, final_horizon
 
 NAME = "active_api_keys"
 SECRETS = "superseded_key_secrets"

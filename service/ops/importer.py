@@ -38,10 +38,8 @@ Exit status:
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import re
-import sys
 import queue
 import threading
 import time
@@ -52,13 +50,10 @@ from typing import Any, TextIO
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.string import StrBinaryDumper
 
 from ..config import ConfigError
-from ..environment import Environment
-from ..storage.schema import migrate
 from ..core.events import ApiKeyImported, encode_data
 from ..http.errors import ApiError
 from ..http.inputs import KEY_ID_RE, MAX_DEPTH, has_nul
@@ -623,56 +618,3 @@ def run_import(source_url: str, target_url: str, *, dry_run: bool = False, batch
     """
     return _Run(source_url, target_url, dry_run=dry_run, batch_size=batch_size, table=table,
                 workers=max(1, workers), progress=progress).run()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------
-def cmd_import_better_auth(args: argparse.Namespace) -> int:
-
-    if args.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    env = Environment(need_nats=False)
-    try:
-        if not args.dry_run:
-            # The schema must know ApiKeyImported (its projection branch) before the first event lands.
-            migrate(env.database_url)
-        report = run_import(args.source_url, env.database_url, dry_run=args.dry_run, batch_size=args.batch_size,
-                            table=args.table, progress=sys.stderr)
-    finally:
-        env.stop()
-    report.render(sys.stdout)
-    sys.stdout.flush()
-    if report.imported and not args.dry_run and env.embedded:
-        print("keyledger: the events are in the outbox; `keyledger serve` publishes them to NATS",
-              file=sys.stderr)
-    return report.exit_code
-
-
-def database_url(text: str) -> str:
-    """An argparse ``type``: a libpq URL or key=value string, else one line and exit status 2."""
-    try:
-        conninfo_to_dict(text)
-    except psycopg.ProgrammingError as exc:
-        raise argparse.ArgumentTypeError(f"not a PostgreSQL connection URL: {text!r} ({exc})") from None
-    return text
-
-
-def add_import_command(subparsers: Any) -> None:
-    """Register ``import better-auth --from URL [--dry-run]`` on the ``keyledger`` command's subparsers."""
-    p = subparsers.add_parser("import", help="adopt existing API keys from another system")
-    sources = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
-    b = sources.add_parser(
-        "better-auth", help="import better-auth's apikey table (stored hashes: keys keep working)",
-        description=__doc__.split("\n\n", 1)[1].split("\n\nExit status", 1)[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
-               "2 configuration problem; 3 database unavailable",
-    )
-    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=database_url,
-                   help="the better-auth database (read only)")
-    b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
-    b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "
-                   "(default: apikey in the search path)")
-    b.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_import_better_auth)

@@ -37,7 +37,7 @@ from keyledger.core.events import ApiKeyCreated, RecordedEvent, encode_data, enc
 from keyledger.storage.log import as_fold_input
 from keyledger.core.records import hash_key, new_key, new_key_id
 from keyledger.storage.store import read_stream
-from keyledger.background.runtime import migrate
+from keyledger.storage.schema import migrate
 
 # Hard per-test bound. Generous: the slowest test takes ~20 s on a quiet machine and must not be failed by this
 # bound on a loaded one (where everything takes several times longer); it only turns a hang into a failure.

@@ -25,7 +25,6 @@ from ..projections.subscriber import ActiveKeysSubscriber
 from .relay import OutboxRelay
 from .sweeper import ExpirySweeper
 from ..storage.usage import LastRequests
-from ..storage.schema import migrate  # noqa: F401  (re-exported: keyledger.background.runtime.migrate)
 
 log = logging.getLogger("keyledger")
 

@@ -52,7 +52,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ..storage.horizon import final_horizon
+from ..storage.parallel import parallel
 from ..background.leadership import fence_sql
 
 log = logging.getLogger("keyledger.audit")
@@ -300,36 +301,6 @@ def parse_anchor(text: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------------------------------------
 # Reading on several connections from one snapshot (verify, export)
 # ----------------------------------------------------------------------------------------------------------
-def parallel(conns: Sequence[psycopg.Connection[Any]], jobs: Sequence[Callable[[psycopg.Connection[Any]], Any]]
-             ) -> list[Any]:
-    """Run ``jobs`` on ``conns``, one thread per connection taking the next job when it is free (psycopg
-    releases the GIL while PostgreSQL works); returns the results in job order, re-raises the first error."""
-    results: list[Any] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    pending = iter(range(len(jobs)))
-    lock = threading.Lock()
-
-    def worker(conn: psycopg.Connection[Any]) -> None:
-        while not errors:
-            with lock:
-                i = next(pending, None)
-            if i is None:
-                return
-            try:
-                results[i] = jobs[i](conn)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(conn,), daemon=True) for conn in conns[:len(jobs)]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     """Another connection to the same server and database, with the same credentials."""
     params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}

@@ -55,8 +55,7 @@ from psycopg.types.string import StrBinaryDumper
 
 from ..config import ConfigError
 from ..core.events import ApiKeyImported, encode_data
-from ..http.errors import ApiError
-from ..http.inputs import KEY_ID_RE, MAX_DEPTH, has_nul
+from ..core.validation import KEY_ID_RE, MAX_DEPTH, TooDeep, has_nul
 from ..storage.store import APPEND
 
 SOURCE_NAME = "better-auth"
@@ -224,7 +223,7 @@ def decode_json_text(text: str | None, field_name: str) -> Any:
         raise Rejected(f"{field_name} is a JSON string nested too deep, not an object")
     try:
         nul = value is not None and has_nul(value)
-    except ApiError:
+    except TooDeep:
         raise Rejected(f"{field_name} nests deeper than {MAX_DEPTH} levels") from None
     if nul:
         raise Rejected(f"{field_name} contains NUL characters (PostgreSQL cannot store them)")

@@ -21,7 +21,7 @@ import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, redact_conninfo
 from .core.events import encode_envelope, kind
 from .environment import Environment
 from .http import auth
@@ -389,10 +389,16 @@ def cmd_import_better_auth(args: argparse.Namespace) -> int:
     env = Environment(need_nats=False)
     try:
         if not args.dry_run:
+            importer.connect(env.database_url, "target").close()  # unreachable: say which database it is
             # The schema must know ApiKeyImported (its projection branch) before the first event lands.
             migrate(env.database_url)
         report = importer.run_import(args.source_url, env.database_url, dry_run=args.dry_run,
                                      batch_size=args.batch_size, table=args.table, progress=sys.stderr)
+    except importer.Unreachable as exc:
+        given = "--from" if exc.which == "source" else "embedded" if env.embedded else "DATABASE_URL"
+        print(f"keyledger: cannot reach the {exc.which} database ({given} {redact_conninfo(exc.url)}): {exc.reason}",
+              file=sys.stderr)
+        return 3
     finally:
         env.stop()
     report.render(sys.stdout)

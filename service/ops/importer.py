@@ -397,6 +397,24 @@ def _binary_arrays(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
+class Unreachable(Exception):
+    """The import could not connect to one of its two databases: ``which`` is ``"source"`` (better-auth's) or
+    ``"target"`` (keyledger's); ``reason`` is the driver's message on one line. ``url`` is as given: redact it
+    before showing it (``config.redact_conninfo``)."""
+
+    def __init__(self, which: str, url: str, cause: BaseException) -> None:
+        self.which, self.url, self.reason = which, url, " ".join(str(cause).split())
+        super().__init__(f"cannot reach the {which} database: {self.reason}")
+
+
+def connect(url: str, which: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """``psycopg.connect``, where a failure to connect says which database it was (``Unreachable``)."""
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise Unreachable(which, url, exc) from exc
+
+
 class _Run:
     """One import: a reader thread (source rows -> events, checks that need no database) feeding ``workers``
     appender threads, each with its own target connection (the target's per-row work, the events triggers and
@@ -422,7 +440,7 @@ class _Run:
     # -- the reader ---------------------------------------------------------------------------------------
     def read(self) -> None:
         try:
-            with psycopg.connect(self.source_url, autocommit=False) as conn:
+            with connect(self.source_url, "source", autocommit=False) as conn:
                 conn.read_only = True
                 conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # count and rows: one snapshot
                 layout = detect_layout(conn, self.table)
@@ -486,7 +504,7 @@ class _Run:
     # -- the appenders ------------------------------------------------------------------------------------
     def append_worker(self) -> None:
         try:
-            with psycopg.connect(self.target_url, autocommit=True) as target:
+            with connect(self.target_url, "target", autocommit=True) as target:
                 _binary_arrays(target)
                 while not self.stop.is_set():
                     batch = self.batches.get()
@@ -572,7 +590,7 @@ class _Run:
     # -- the whole run ------------------------------------------------------------------------------------
     def run(self) -> ImportReport:
         started = time.monotonic()
-        with psycopg.connect(self.target_url, autocommit=True) as target:
+        with connect(self.target_url, "target", autocommit=True) as target:
             self.schema_present = bool(target.execute(SCHEMA_PRESENT).fetchone()[0])
         if not self.schema_present and not self.dry_run:
             raise ConfigError("the target database has no keyledger schema: run `keyledger migrate` first")

@@ -21,12 +21,15 @@ import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .config import ConfigError, Settings, redact_conninfo
+from .background.bus import ensure_streams
+from .config import (ConfigError, Settings, StreamSettings, Topology, nats_connect_options, nats_servers,
+                     redact_conninfo)
 from .core.events import encode_envelope, kind
 from .environment import Environment
 from .http import auth
 from .ops import audit, importer
 from .ops.replay import PROJECTIONS, replay
+from .projections import receipts
 from .storage.schema import migrate
 from .storage.store import read_stream
 
@@ -125,9 +128,6 @@ async def _migrate_streams(nats_url: str) -> int:
     """Create keyledger's JetStream streams or bring them to the configured settings, saying what changed."""
     import nats
 
-    from .background.bus import ensure_streams
-    from .config import StreamSettings, Topology, nats_connect_options, nats_servers
-
     nc = await nats.connect(servers=nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=2,
                             **nats_connect_options())
     try:
@@ -173,13 +173,11 @@ def cmd_dev_session(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .projections.receipts import read as read_receipt
-
     env = Environment(need_nats=False)
     try:
         async def read() -> tuple[list[Any], dict[str, Any] | None]:
             async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
-                return await read_stream(conn, args.key_id), await read_receipt(conn, args.key_id)
+                return await read_stream(conn, args.key_id), await receipts.read(conn, args.key_id)
 
         events, receipt = asyncio.run(read())
     finally:
@@ -267,13 +265,11 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     """A key's revocation receipt: when it took effect in each cache, and everywhere."""
     import asyncio
 
-    from .projections.receipts import read
-
     env = Environment(need_nats=False)
 
     async def fetch() -> dict[str, Any] | None:
         async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
-            return await read(conn, args.key_id)
+            return await receipts.read(conn, args.key_id)
 
     try:
         receipt = asyncio.run(fetch())

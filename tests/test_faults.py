@@ -515,7 +515,7 @@ def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str,
         print(f"\n[faults] 16s outage: first 200 {lag:.2f}s after PostgreSQL was back")
         # The pool gives up a failing reconnect after 10 s and the next request starts a fresh one: back within
         # about one pool timeout (5 s) on a quiet machine. (With psycopg_pool's default backoff, doubling up to
-        # 300 s, a 30 s outage once kept the service at 503 for 27 s: service/runtime.py.) 12 s leaves room
+        # 300 s, a 30 s outage once kept the service at 503 for 27 s: service/background/runtime.py.) 12 s leaves room
         # for a busy machine and is still below what a doubling backoff gives after 16 s down.
         assert lag < 12, f"503 for {lag:.1f}s after PostgreSQL was back"
 

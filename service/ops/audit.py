@@ -30,7 +30,7 @@ that, not the hashing, is what the two connections share. See bench/audit_bench.
 
 The sealer
 ----------
-One sealer (the background leader's, service/leadership.py) chains events *after* they committed, so the write
+One sealer (the background leader's, service/background/leadership.py) chains events *after* they committed, so the write
 path is untouched. The gap problem (a lower position can commit after a higher one was seen) is solved by the
 safe horizon of ``horizon.py``: the sealer chains the visible rows up to that horizon, in position order, and
 positions that never commit are simply absent: the chain links consecutive *existing* events. A second sealer

@@ -376,6 +376,31 @@ def cmd_audit_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit_parsers(sub: Any) -> None:
+    """``audit {as-of,export,verify,head}`` (ops/audit.py)."""
+    p = sub.add_parser("audit", help="tamper-evident chain, exports and point-in-time queries")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+
+    p = audit_sub.add_parser("as-of", help="the keys active at an instant, from the log")
+    p.add_argument("instant", type=_instant, help="ISO-8601; without a zone it is UTC")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_audit_as_of)
+
+    p = audit_sub.add_parser("export", help="events as JSON lines with their chain hashes, in position order")
+    p.add_argument("--since", type=_instant, help="recorded at or after (ISO-8601, inclusive)")
+    p.add_argument("--until", type=_instant, help="recorded before (ISO-8601, exclusive)")
+    p.add_argument("--key", help="only this key's events")
+    p.set_defaults(func=cmd_audit_export)
+
+    p = audit_sub.add_parser("verify", help="recompute the chain from the events; exit 1 naming the first bad position")
+    p.add_argument("--head", help="POSITION:HASH anchor (as published on <prefix>.audit.head)")
+    p.add_argument("--seal", action="store_true", help="seal what is final first (when no sealer runs)")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = audit_sub.add_parser("head", help="print the chain head as POSITION:HASH")
+    p.set_defaults(func=cmd_audit_head)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # import better-auth (ops/importer.py)
 # ----------------------------------------------------------------------------------------------------------
@@ -412,6 +437,26 @@ def _database_url(text: str) -> str:
     except psycopg.ProgrammingError as exc:
         raise argparse.ArgumentTypeError(f"not a PostgreSQL connection URL: {text!r} ({exc})") from None
     return text
+
+
+def _add_import_parsers(sub: Any) -> None:
+    """``import better-auth --from URL [--dry-run]`` (ops/importer.py)."""
+    p = sub.add_parser("import", help="adopt existing API keys from another system")
+    sources = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
+    b = sources.add_parser(
+        "better-auth", help="import better-auth's apikey table (stored hashes: keys keep working)",
+        description=importer.__doc__.split("\n\n", 1)[1].split("\n\nExit status", 1)[0] if importer.__doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
+               "2 configuration problem; 3 database unavailable",
+    )
+    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=_database_url,
+                   help="the better-auth database (read only)")
+    b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
+    b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "
+                   "(default: apikey in the search path)")
+    b.add_argument("--batch-size", type=int, default=importer.BATCH_SIZE, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_import_better_auth)
 
 
 def _describe(e: Any) -> str:
@@ -490,46 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
-    # audit {as-of,export,verify,head}
-    p = sub.add_parser("audit", help="tamper-evident chain, exports and point-in-time queries")
-    audit_sub = p.add_subparsers(dest="audit_command", required=True)
-
-    p = audit_sub.add_parser("as-of", help="the keys active at an instant, from the log")
-    p.add_argument("instant", type=_instant, help="ISO-8601; without a zone it is UTC")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_audit_as_of)
-
-    p = audit_sub.add_parser("export", help="events as JSON lines with their chain hashes, in position order")
-    p.add_argument("--since", type=_instant, help="recorded at or after (ISO-8601, inclusive)")
-    p.add_argument("--until", type=_instant, help="recorded before (ISO-8601, exclusive)")
-    p.add_argument("--key", help="only this key's events")
-    p.set_defaults(func=cmd_audit_export)
-
-    p = audit_sub.add_parser("verify", help="recompute the chain from the events; exit 1 naming the first bad position")
-    p.add_argument("--head", help="POSITION:HASH anchor (as published on <prefix>.audit.head)")
-    p.add_argument("--seal", action="store_true", help="seal what is final first (when no sealer runs)")
-    p.set_defaults(func=cmd_audit_verify)
-
-    p = audit_sub.add_parser("head", help="print the chain head as POSITION:HASH")
-    p.set_defaults(func=cmd_audit_head)
-
-    # import better-auth --from URL [--dry-run]
-    p = sub.add_parser("import", help="adopt existing API keys from another system")
-    sources = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
-    b = sources.add_parser(
-        "better-auth", help="import better-auth's apikey table (stored hashes: keys keep working)",
-        description=importer.__doc__.split("\n\n", 1)[1].split("\n\nExit status", 1)[0] if importer.__doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
-               "2 configuration problem; 3 database unavailable",
-    )
-    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=_database_url,
-                   help="the better-auth database (read only)")
-    b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
-    b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "
-                   "(default: apikey in the search path)")
-    b.add_argument("--batch-size", type=int, default=importer.BATCH_SIZE, help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_import_better_auth)
+    _add_audit_parsers(sub)
+    _add_import_parsers(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),

@@ -14,17 +14,17 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from ..ops.audit import AuditSealer
-from .bus import Bus
 from ..config import PG_KEEPALIVES, Settings, nats_connect_options
 from ..core.freshness import Prober
-from .leadership import Lease
+from ..ops.audit import AuditSealer
 from ..projections.invalidations import InvalidationProjection
 from ..projections.receipts import ReceiptsProjection
 from ..projections.subscriber import ActiveKeysSubscriber
+from ..storage.usage import LastRequests
+from .bus import Bus
+from .leadership import Lease
 from .relay import OutboxRelay
 from .sweeper import ExpirySweeper
-from ..storage.usage import LastRequests
 
 log = logging.getLogger("keyledger")
 

@@ -27,12 +27,9 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from . import inputs, openapi
-from ..core import records
-from ..storage import store
-from ..projections import receipts
-from .auth import check_origin, session_token
+from ..background.runtime import Runtime
 from ..config import Settings
+from ..core import records
 from ..core.domain import (
     MAX_EXPIRES_IN,
     MAX_GRACE_PERIOD,
@@ -44,10 +41,13 @@ from ..core.domain import (
     RotateKey,
     UpdateKey,
 )
-from .errors import MISSING, ApiError, unauthorized, validation
 from ..core.events import ApiKeyCreated, to_envelope
+from ..projections import receipts
+from ..storage import store
+from . import inputs, openapi
+from .auth import check_origin, session_token
+from .errors import MISSING, ApiError, unauthorized, validation
 from .metrics import Figures, Metrics
-from ..background.runtime import Runtime
 
 log = logging.getLogger("keyledger.http")
 

@@ -61,9 +61,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from ..background.leadership import fence_sql
 from ..storage.horizon import final_horizon
 from ..storage.parallel import parallel
-from ..background.leadership import fence_sql
 
 log = logging.getLogger("keyledger.audit")
 

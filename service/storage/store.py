@@ -34,8 +34,8 @@ from psycopg_pool import PoolTimeout
 
 from ..core.domain import Command, KeyState, decide, evolve, fold
 from ..core.events import Event, RecordedEvent, decode_data, encode_data
-from .log import as_fold_input
 from ..projections import active_keys
+from .log import as_fold_input
 
 _encoder = msgspec.json.Encoder()
 

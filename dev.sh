@@ -18,6 +18,7 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.keyledger-install-stamp"
+EXTRAS="server,embedded,test"  # the service, its embedded servers and the test-suite (pyproject.toml's extras)
 
 usage() {
     sed -n '4,10p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -35,11 +36,12 @@ PY
         rm -f "$STAMP"
     fi
     local want have=""
-    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    # the stamp covers what is installed: pyproject.toml and the extras asked for
+    want="$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
     [[ -f "$STAMP" ]] && have="$(cat "$STAMP")"
     if [[ "$want" != "$have" || ! -x "$VENV/bin/keyledger" ]]; then
-        echo "dev.sh: installing keyledger and its test dependencies into $VENV" >&2
-        "$VENV/bin/python" -m pip install -q -e '.[test]'
+        echo "dev.sh: installing keyledger with its $EXTRAS dependencies into $VENV" >&2
+        "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
         echo "$want" > "$STAMP"
     fi
 }

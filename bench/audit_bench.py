@@ -190,8 +190,8 @@ def timed(label: str, fn: Any, url: str | None = None) -> tuple[float, Any]:
 
 
 def run(admin_url: str, total: int, keep: bool) -> dict[str, Any]:
-    from keyledger import audit
-    from keyledger.replay import replay
+    from keyledger.ops import audit
+    from keyledger.ops.replay import replay
 
     name, url = create_database(admin_url)
     say(f"database  {name}   load average {os.getloadavg()}")

@@ -9,7 +9,7 @@ Creates two databases on that server, both dropped at the end (``--keep`` keeps 
   filled by COPY with N realistic rows: 32-character ids, real ``base64url(sha256(...))`` hashes, a mix of
   ``metadata`` (SQL NULL, the text ``null``, objects, some double-encoded), some permissions, some expiries,
   some disabled keys, some rate limits;
-* ``kl_importbench_dst_<rand>``: keyledger's schema applied with ``keyledger.runtime.migrate``.
+* ``kl_importbench_dst_<rand>``: keyledger's schema applied with ``keyledger.storage.schema.migrate``.
 
 Then it runs the importer exactly as ``keyledger import better-auth`` does (``run_import``; the command only
 adds ``migrate``, done above) and prints the time, rows/s and the load average (the machine is shared: the
@@ -40,8 +40,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from keyledger.importer import run_import  # noqa: E402
-from keyledger.runtime import migrate  # noqa: E402
+from keyledger.ops.importer import run_import  # noqa: E402
+from keyledger.storage.schema import migrate  # noqa: E402
 from test_import import APIKEY_1_5, BETTER_AUTH_CORE  # noqa: E402  (the one copy of better-auth's DDL)
 
 TARGET_S = 10.0

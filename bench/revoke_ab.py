@@ -6,7 +6,7 @@
 
 Each side is a git revision of this repository, or ``worktree`` (the venv's editable install, as it is). A
 revision is extracted with ``git archive`` into a temporary directory laid out as the installed package
-(``keyledger/`` = ``service/*`` with ``schema.sql`` as a real file, ``keyledger/projections/`` =
+(``keyledger/`` = ``service/*`` with its ``schema.sql`` as a real file, ``keyledger/projections/`` =
 ``projections/*``) and served with ``bench/run.py --pythonpath DIR``; the venv is never touched, and run.py
 checks that the service's ``keyledger`` comes from DIR with no module from elsewhere.
 
@@ -63,8 +63,11 @@ def extract(rev: str, into: Path) -> dict[str, str]:
     tar_path.unlink()
     pkg = into / "keyledger"
     shutil.copytree(src / "service", pkg, symlinks=True)
-    (pkg / "schema.sql").unlink(missing_ok=True)  # a symlink to ../schema.sql in the repository
-    shutil.copyfile(src / "schema.sql", pkg / "schema.sql")
+    # schema.sql is a symlink to the repository's top-level schema.sql (keyledger/schema.sql in older revisions,
+    # keyledger/storage/schema.sql since the layout of issue 13): make it the real file
+    for link in [path for path in pkg.rglob("schema.sql") if path.is_symlink()]:
+        link.unlink()
+        shutil.copyfile(src / "schema.sql", link)
     shutil.copytree(src / "projections", pkg / "projections")
     shutil.rmtree(src)
     return {"rev": rev, "commit": sha, "subject": git("log", "-1", "--format=%s", sha), "pythonpath": str(into)}

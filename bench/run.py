@@ -238,8 +238,12 @@ def pythonpath_env(pythonpath: str | None) -> dict[str, str]:
 
 
 CODE_ORIGIN = """
-import json, os, sys
-import keyledger, keyledger.cli, keyledger.app, keyledger.runtime, keyledger.projections
+import importlib, json, os, sys
+import keyledger, keyledger.cli, keyledger.projections
+# the service's entry modules, where this revision keeps them (in subpackages since the layout of issue 13)
+layout = any(os.path.isdir(os.path.join(path, "http")) for path in keyledger.__path__)
+for name in ("keyledger.http.app", "keyledger.background.runtime") if layout else ("keyledger.app", "keyledger.runtime"):
+    importlib.import_module(name)
 roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (keyledger, keyledger.projections))
 outside = sorted(n for n, m in list(sys.modules.items())
                  if n.startswith("keyledger") and not (getattr(m, "__file__", None) or roots[0]).startswith(roots))

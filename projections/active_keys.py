@@ -3,7 +3,7 @@
 The projection's rules are one SQL function, ``keyledger_project_active_key`` in schema.sql, with two call
 sites and no twin:
 
-* inline, inside the statement that appends the event (``keyledger.store.APPEND``), so that the moment delete
+* inline, inside the statement that appends the event (``keyledger.storage.store.APPEND``), so that the moment delete
   answers 200 the key is gone from this table and verify says ``valid: false``, with no window, and at no
   extra round trip;
 * the NATS subscriber (``keyledger.projections.subscriber``), through ``catch_up`` below, for events written

@@ -27,7 +27,7 @@ from typing import Any
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from ..bus import Bus
+from ..background.bus import Bus
 
 Handler = Callable[[list[Any]], Awaitable[Any]]
 

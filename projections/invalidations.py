@@ -43,9 +43,9 @@ import msgspec
 from msgspec import UNSET
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
-from ..bus import Bus, ensure_streams
-from ..events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
-from ..freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
+from ..background.bus import Bus, ensure_streams
+from ..core.events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
+from ..core.freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
 from .consumer import consume, run_forever, term_consumer
 
 log = logging.getLogger("keyledger.projections.invalidations")

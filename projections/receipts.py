@@ -37,10 +37,10 @@ import msgspec
 import psycopg
 from nats.js.api import AckPolicy
 
-from ..bus import Bus
+from ..background.bus import Bus
 from ..config import PG_KEEPALIVES
-from ..events import decode_envelope
-from ..freshness import decode_receipt
+from ..core.events import decode_envelope
+from ..core.freshness import decode_receipt
 from .consumer import consume, run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")

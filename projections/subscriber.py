@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 from nats.js.api import AckPolicy
 
-from ..bus import Bus
+from ..background.bus import Bus
 from ..config import PG_KEEPALIVES
-from ..events import decode_envelope_head
+from ..core.events import decode_envelope_head
 from . import active_keys
 from .consumer import consume, run_forever
 

@@ -1,5 +1,6 @@
-"""The keyledger command: parsers and thin commands (serve, migrate, dev-session, dev-cluster, history; audit,
-replay and import register their own). Where the servers are is environment.py's business.
+"""The keyledger command: every parser and thin command (serve, migrate, dev-session, dev-cluster, receipts,
+history, replay, audit, import). The capabilities themselves live in ops/ (audit, replay, import), storage/ and
+background/, and know nothing of argparse; where the servers are is environment.py's business.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from . import auth
-from .config import ConfigError, Settings
-from .audit import add_audit_commands
+from .background.bus import ensure_streams
+from .config import (ConfigError, Settings, StreamSettings, Topology, nats_connect_options, nats_servers,
+                     redact_conninfo)
+from .core.events import encode_envelope, kind
 from .environment import Environment
-from .importer import add_import_command
-from .replay import PROJECTIONS, replay
-from .events import encode_envelope, kind
-from .store import read_stream
+from .http import auth
+from .ops import audit, importer
+from .ops.replay import PROJECTIONS, replay
+from .projections import receipts
+from .storage.schema import migrate
+from .storage.store import read_stream
 
 log = logging.getLogger("keyledger")
 
@@ -35,8 +41,6 @@ log = logging.getLogger("keyledger")
 # ----------------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from .schema import migrate
 
     if not _port_free(args.host, args.port):
         raise ConfigError(f"{args.host}:{args.port} is already in use (another keyledger serve?); "
@@ -59,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was installed
         # before it; make that handler an exception so the `finally` below still stops the embedded servers.
         signal.signal(signal.SIGTERM, _raise_system_exit)
-        from .http_limits import BoundedHttpToolsProtocol
+        from .http.limits import BoundedHttpToolsProtocol
 
         common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, loop="uvloop",
                       http=BoundedHttpToolsProtocol, lifespan="on")
@@ -71,9 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 KEYLEDGER_RUN_RELAY="1" if settings.run_relay else "0",
                 KEYLEDGER_RUN_PROJECTIONS="1" if settings.run_projections else "0",
             )
-            uvicorn.run("keyledger.app:create_app_from_env", factory=True, workers=args.workers, **common)
+            uvicorn.run("keyledger.http.app:create_app_from_env", factory=True, workers=args.workers, **common)
         else:
-            from .app import create_app  # only here: with workers, this process is just their supervisor
+            from .http.app import create_app  # only here: with workers, this process is just their supervisor
 
             uvicorn.run(create_app(settings), **common)
     finally:
@@ -107,8 +111,6 @@ def _with_roles(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .schema import migrate
-
     env = Environment(need_nats=args.streams, create=True)
     try:
         migrate(env.database_url, force=True)  # the explicit command always applies, recorded digest or not
@@ -126,9 +128,6 @@ async def _migrate_streams(nats_url: str) -> int:
     """Create keyledger's JetStream streams or bring them to the configured settings, saying what changed."""
     import nats
 
-    from .bus import ensure_streams
-    from .config import StreamSettings, Topology, nats_connect_options, nats_servers
-
     nc = await nats.connect(servers=nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=2,
                             **nats_connect_options())
     try:
@@ -145,8 +144,6 @@ async def _migrate_streams(nats_url: str) -> int:
 
 def cmd_dev_session(args: argparse.Namespace) -> int:
     """Create (or reuse) a user and a fresh 7-day session; print the Cookie header curl needs."""
-    from .schema import migrate
-
     env = Environment(need_nats=False)
     try:
         secret = env.secret or os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("AUTH_SECRET")
@@ -176,13 +173,11 @@ def cmd_dev_session(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .projections.receipts import read as read_receipt
-
     env = Environment(need_nats=False)
     try:
         async def read() -> tuple[list[Any], dict[str, Any] | None]:
             async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
-                return await read_stream(conn, args.key_id), await read_receipt(conn, args.key_id)
+                return await read_stream(conn, args.key_id), await receipts.read(conn, args.key_id)
 
         events, receipt = asyncio.run(read())
     finally:
@@ -214,7 +209,6 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
     import time
 
     from .embedded import NatsCluster, start_postgres
-    from .schema import migrate
 
     data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger-cluster")).resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -271,13 +265,11 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     """A key's revocation receipt: when it took effect in each cache, and everywhere."""
     import asyncio
 
-    from .projections.receipts import read
-
     env = Environment(need_nats=False)
 
     async def fetch() -> dict[str, Any] | None:
         async with await psycopg.AsyncConnection.connect(env.database_url, autocommit=True) as conn:
-            return await read(conn, args.key_id)
+            return await receipts.read(conn, args.key_id)
 
     try:
         receipt = asyncio.run(fetch())
@@ -297,9 +289,177 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(e: Any) -> str:
-    import msgspec
+# ----------------------------------------------------------------------------------------------------------
+# audit as-of|export|verify|head (ops/audit.py)
+# ----------------------------------------------------------------------------------------------------------
+def _instant(text: str) -> dt.datetime:
+    """``audit.parse_instant`` as an argparse ``type``: a bad value is one line and exit status 2, never a
+    traceback."""
+    try:
+        return audit.parse_instant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
+
+def cmd_audit_as_of(args: argparse.Namespace) -> int:
+    at = args.instant
+    env = Environment(need_nats=False)
+    try:
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            keys = audit.as_of(conn, at)
+    finally:
+        env.stop()
+    out = sys.stdout
+    if args.json:
+        encoder = msgspec.json.Encoder()
+        buf = bytearray()
+        for key in keys:
+            encoder.encode_into(key, buf, len(buf))
+            buf += b"\n"
+        sys.stdout.buffer.write(buf)
+    else:
+        for key in keys:
+            expires = key.expires_at.astimezone(dt.timezone.utc).isoformat() if key.expires_at else "never"
+            grace = "".join(f"  +start={g.start} until {g.grace_until.astimezone(dt.timezone.utc).isoformat()}"
+                            for g in key.superseded)
+            out.write(f"{key.key_id}  owner={key.reference_id}  start={key.start}  expires={expires}  "
+                      f"name={key.name!r}{grace}\n")
+    print(f"keyledger: {len(keys):,} keys active at {at.isoformat()}", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    since, until = args.since, args.until
+    env = Environment(need_nats=False)
+    try:
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            out = sys.stdout.buffer
+            for chunk in audit.export_chunks(conn, since, until, args.key):
+                out.write(chunk)
+            out.flush()
+    finally:
+        env.stop()
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    try:
+        anchor = audit.parse_anchor(args.head) if args.head else None
+    except ValueError as exc:
+        print(f"keyledger: --head: {exc}", file=sys.stderr)
+        return 2
+    env = Environment(need_nats=False)
+    try:
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            if args.seal:
+                with psycopg.connect(env.database_url, autocommit=True) as lead:
+                    if audit.try_lead(lead):
+                        audit.seal(lead)
+            verdict = audit.verify(conn, anchor)
+    finally:
+        env.stop()
+    print(verdict.summary(), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else 1
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    env = Environment(need_nats=False)
+    try:
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            current = audit.head(conn)
+    finally:
+        env.stop()
+    if current is None:
+        print("keyledger: the chain is empty (nothing sealed yet)", file=sys.stderr)
+        return 1
+    print(f"{current[0]}:{current[1]}")
+    return 0
+
+
+def _add_audit_parsers(sub: Any) -> None:
+    """``audit {as-of,export,verify,head}`` (ops/audit.py)."""
+    p = sub.add_parser("audit", help="tamper-evident chain, exports and point-in-time queries")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+
+    p = audit_sub.add_parser("as-of", help="the keys active at an instant, from the log")
+    p.add_argument("instant", type=_instant, help="ISO-8601; without a zone it is UTC")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_audit_as_of)
+
+    p = audit_sub.add_parser("export", help="events as JSON lines with their chain hashes, in position order")
+    p.add_argument("--since", type=_instant, help="recorded at or after (ISO-8601, inclusive)")
+    p.add_argument("--until", type=_instant, help="recorded before (ISO-8601, exclusive)")
+    p.add_argument("--key", help="only this key's events")
+    p.set_defaults(func=cmd_audit_export)
+
+    p = audit_sub.add_parser("verify", help="recompute the chain from the events; exit 1 naming the first bad position")
+    p.add_argument("--head", help="POSITION:HASH anchor (as published on <prefix>.audit.head)")
+    p.add_argument("--seal", action="store_true", help="seal what is final first (when no sealer runs)")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = audit_sub.add_parser("head", help="print the chain head as POSITION:HASH")
+    p.set_defaults(func=cmd_audit_head)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# import better-auth (ops/importer.py)
+# ----------------------------------------------------------------------------------------------------------
+def cmd_import_better_auth(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    env = Environment(need_nats=False)
+    try:
+        if not args.dry_run:
+            importer.connect(env.database_url, "target").close()  # unreachable: say which database it is
+            # The schema must know ApiKeyImported (its projection branch) before the first event lands.
+            migrate(env.database_url)
+        report = importer.run_import(args.source_url, env.database_url, dry_run=args.dry_run,
+                                     batch_size=args.batch_size, table=args.table, progress=sys.stderr)
+    except importer.Unreachable as exc:
+        given = "--from" if exc.which == "source" else "embedded" if env.embedded else "DATABASE_URL"
+        print(f"keyledger: cannot reach the {exc.which} database ({given} {redact_conninfo(exc.url)}): {exc.reason}",
+              file=sys.stderr)
+        return 3
+    finally:
+        env.stop()
+    report.render(sys.stdout)
+    sys.stdout.flush()
+    if report.imported and not args.dry_run and env.embedded:
+        print("keyledger: the events are in the outbox; `keyledger serve` publishes them to NATS",
+              file=sys.stderr)
+    return report.exit_code
+
+
+def _database_url(text: str) -> str:
+    """An argparse ``type``: a libpq URL or key=value string, else one line and exit status 2."""
+    try:
+        conninfo_to_dict(text)
+    except psycopg.ProgrammingError as exc:
+        raise argparse.ArgumentTypeError(f"not a PostgreSQL connection URL: {text!r} ({exc})") from None
+    return text
+
+
+def _add_import_parsers(sub: Any) -> None:
+    """``import better-auth --from URL [--dry-run]`` (ops/importer.py)."""
+    p = sub.add_parser("import", help="adopt existing API keys from another system")
+    sources = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
+    b = sources.add_parser(
+        "better-auth", help="import better-auth's apikey table (stored hashes: keys keep working)",
+        description=importer.__doc__.split("\n\n", 1)[1].split("\n\nExit status", 1)[0] if importer.__doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
+               "2 configuration problem; 3 database unavailable",
+    )
+    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=_database_url,
+                   help="the better-auth database (read only)")
+    b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
+    b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "
+                   "(default: apikey in the search path)")
+    b.add_argument("--batch-size", type=int, default=importer.BATCH_SIZE, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_import_better_auth)
+
+
+def _describe(e: Any) -> str:
     data = msgspec.to_builtins(e.event)
     data.pop("type", None)
     data.pop("keyHash", None)
@@ -375,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
-    add_audit_commands(sub)
-    add_import_command(sub)
+    _add_audit_parsers(sub)
+    _add_import_parsers(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KEYLEDGER_LOG_LEVEL", "WARNING"),

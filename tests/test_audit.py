@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import ROOT, unique_topology, wait_until
-from keyledger import audit, store
-from keyledger.domain import CreateKey, DomainError, RevokeKey, RotateKey, UpdateKey, fold
-from keyledger.events import ApiKeyImported, decode_data
-from keyledger.records import ROW_COLUMNS, hash_key
+from keyledger.ops import audit
+from keyledger.storage import store
+from keyledger.core.domain import CreateKey, DomainError, RevokeKey, RotateKey, UpdateKey, fold
+from keyledger.core.events import ApiKeyImported, decode_data
+from keyledger.core.records import ROW_COLUMNS, hash_key
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -343,7 +344,7 @@ def test_chain_is_append_only_for_the_owner(fresh_db: str) -> None:
 def test_sealer_task_publishes_the_head_on_nats(fresh_db: str, nats_url: str) -> None:
     import nats
 
-    from keyledger.bus import Bus
+    from keyledger.background.bus import Bus
 
     some_events(fresh_db, 2)
     topology = unique_topology("audithead")
@@ -438,7 +439,7 @@ def test_as_of_and_projection_equal_a_fold_of_the_log(db_factory: Any, script: l
                 assert _as_of_answer(audit.as_of(conn, probe)) == reference_as_of(rows, probe), probe
             # The projection equals the fold of the whole log, column for column.
             projected = {r[-1]: r for r in conn.execute(f"SELECT {ROW_COLUMNS}, id FROM active_api_keys")}
-        from keyledger.records import from_row, from_state
+        from keyledger.core.records import from_row, from_state
 
         expected = {}
         for key_id in keys:
@@ -506,7 +507,7 @@ def test_export_of_200k_events_streams_in_bounded_memory(fresh_db: str) -> None:
     seal(fresh_db)
     probe = (
         "import resource, sys, psycopg\n"
-        "from keyledger import audit\n"
+        "from keyledger.ops import audit\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "n = 0; size = 0\n"
         "with psycopg.connect(sys.argv[1], autocommit=True) as conn:\n"
@@ -578,7 +579,7 @@ def test_verify_and_export_across_range_boundaries(fresh_db: str) -> None:
 def test_export_lines_equal_the_envelope_encoder(fresh_db: str) -> None:
     """Each export line, without its two chain fields, is the NATS envelope of that event (same fields, same
     values), and a --key export is exactly that key's lines."""
-    from keyledger.events import RecordedEvent, encode_envelope
+    from keyledger.core.events import RecordedEvent, encode_envelope
 
     keys = some_events(fresh_db, 3)
     seal(fresh_db)

@@ -22,11 +22,11 @@ import nats
 import pytest
 
 from harness import Service, create_key_in_the_past, free_port, unique_topology, wait_for
-from keyledger.bus import Bus, ensure_streams
+from keyledger.background.bus import Bus, ensure_streams
 from keyledger.client import KeyCache
 from keyledger.embedded import EmbeddedNats
 from keyledger.projections.invalidations import InvalidationProjection
-from keyledger.records import hash_key
+from keyledger.core.records import hash_key
 
 STALENESS = 1.0  # the default; the bounds below are exact, so no scheduling slack is added to it
 WAIT = 30.0  # deadline of every wait for a condition: generous, it only matters when something is broken

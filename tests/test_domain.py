@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from keyledger import domain
-from keyledger.domain import CreateKey, KeyNotFound, RevokeKey, UpdateKey, decide, evolve, fold
-from keyledger.events import (
+from keyledger.core import domain
+from keyledger.core.domain import CreateKey, KeyNotFound, RevokeKey, UpdateKey, decide, evolve, fold
+from keyledger.core.events import (
     ApiKeyCreated,
     ApiKeyDisabled,
     ApiKeyEnabled,

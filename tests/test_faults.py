@@ -30,14 +30,14 @@ import pytest
 from harness import (Service, delete_streams, read_stream_messages, stream_messages, term_consumer_info, unique_topology,
                      wait_until)
 from keyledger.config import Topology
-from keyledger import store
-from keyledger.domain import KeyState, RevokeKey, fold
+from keyledger.storage import store
+from keyledger.core.domain import KeyState, RevokeKey, fold
 from keyledger.embedded import start_nats, start_postgres
-from keyledger.events import ApiKeyCreated, RecordedEvent, encode_data, encode_envelope, kind
-from keyledger.log import as_fold_input
-from keyledger.records import hash_key, new_key, new_key_id
-from keyledger.store import read_stream
-from keyledger.runtime import migrate
+from keyledger.core.events import ApiKeyCreated, RecordedEvent, encode_data, encode_envelope, kind
+from keyledger.storage.log import as_fold_input
+from keyledger.core.records import hash_key, new_key, new_key_id
+from keyledger.storage.store import read_stream
+from keyledger.storage.schema import migrate
 
 # Hard per-test bound. Generous: the slowest test takes ~20 s on a quiet machine and must not be failed by this
 # bound on a loaded one (where everything takes several times longer); it only turns a hang into a failure.
@@ -515,7 +515,7 @@ def test_service_recovers_promptly_after_a_longer_postgres_outage(nats_url: str,
         print(f"\n[faults] 16s outage: first 200 {lag:.2f}s after PostgreSQL was back")
         # The pool gives up a failing reconnect after 10 s and the next request starts a fresh one: back within
         # about one pool timeout (5 s) on a quiet machine. (With psycopg_pool's default backoff, doubling up to
-        # 300 s, a 30 s outage once kept the service at 503 for 27 s: service/runtime.py.) 12 s leaves room
+        # 300 s, a 30 s outage once kept the service at 503 for 27 s: service/background/runtime.py.) 12 s leaves room
         # for a busy machine and is still below what a doubling backoff gives after 16 s down.
         assert lag < 12, f"503 for {lag:.1f}s after PostgreSQL was back"
 

@@ -30,12 +30,13 @@ import psycopg
 import pytest
 
 from harness import Service, delete_streams, read_stream_messages, unique_topology, wait_for, wait_until
-from keyledger import records, store
+from keyledger.core import records
+from keyledger.storage import store
 from keyledger.client import KeyCache
-from keyledger.domain import CreateKey
+from keyledger.core.domain import CreateKey
 from keyledger.config import Topology
 from keyledger.embedded import start_nats
-from keyledger.freshness import Checkpoint, Prober, encode_checkpoint
+from keyledger.core.freshness import Checkpoint, Prober, encode_checkpoint
 from proxy import TcpProxy
 
 STALENESS = 1.0

@@ -22,10 +22,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from harness import ROOT, Service, count_events, read_stream_messages, wait_until
-from keyledger.auth import cookie_value
-from keyledger.importer import ImportReport, decode_json_text, Rejected, run_import
-from keyledger.records import hash_key, iso, new_key
+from harness import ROOT, Service, count_events, free_port, read_stream_messages, wait_until
+from keyledger.http.auth import cookie_value
+from keyledger.ops.importer import ImportReport, decode_json_text, Rejected, run_import
+from keyledger.core.records import hash_key, iso, new_key
 
 # ---------------------------------------------------------------------------------------------------------
 # better-auth's schema, as its Kysely migration writes it for PostgreSQL
@@ -457,3 +457,31 @@ def test_unknown_table_is_a_configuration_error(db_factory: Any, nats_url: str) 
     target = db_factory.create("importnotable")
     result = run_cli(target, nats_url, "--from", target, "--dry-run")  # keyledger's db has no apikey table
     assert result.returncode == 2 and "no table 'apikey'" in result.stderr
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_an_unreachable_database_is_named_in_one_line_without_its_password(db_factory: Any, nats_url: str,
+                                                                            dry_run: bool) -> None:
+    """Source or target: the one line says which (``--from`` or ``DATABASE_URL``), with the password hidden."""
+    reachable = db_factory.create("importreach")
+    nobody = free_port()  # nothing listens there
+    flags = ["--dry-run"] if dry_run else []
+
+    source = run_cli(reachable, nats_url, "--from", f"postgresql://ba:s3cret-source@127.0.0.1:{nobody}/ba", *flags)
+    assert source.returncode == 3, source.stderr
+    line, = source.stderr.splitlines()
+    assert line.startswith(f"keyledger: cannot reach the source database (--from postgresql://***@127.0.0.1:{nobody}"
+                           "/ba): "), line
+    assert "s3cret" not in source.stderr + source.stdout
+
+    target = run_cli(f"postgresql://kl:s3cret-target@127.0.0.1:{nobody}/kl", nats_url, "--from", reachable, *flags)
+    assert target.returncode == 3, target.stderr
+    line, = target.stderr.splitlines()
+    assert line.startswith("keyledger: cannot reach the target database (DATABASE_URL "
+                           f"postgresql://***@127.0.0.1:{nobody}/kl): "), line
+    assert "s3cret" not in target.stderr + target.stdout
+
+    keywords = run_cli(reachable, nats_url, "--from", f"host=127.0.0.1 port={nobody} password=s3cret dbname=ba",
+                       *flags)
+    assert keywords.returncode == 3 and "s3cret" not in keywords.stderr, keywords.stderr
+    assert f"(--from host=127.0.0.1 port={nobody} password=*** dbname=ba)" in keywords.stderr

@@ -24,9 +24,9 @@ import nats
 import pytest
 
 from harness import Service, create_key_in_the_past, free_port, stream_messages, unique_topology, wait_for
-from keyledger.bus import Bus, ensure_streams
+from keyledger.background.bus import Bus, ensure_streams
 from keyledger.config import Topology
-from keyledger.events import (
+from keyledger.core.events import (
     ApiKeyCreated,
     ApiKeyDisabled,
     ApiKeyEnabled,
@@ -37,7 +37,7 @@ from keyledger.events import (
     kind,
 )
 from keyledger.projections.invalidations import InvalidationProjection, invalidation_for
-from keyledger.records import hash_key, new_key, new_key_id
+from keyledger.core.records import hash_key, new_key, new_key_id
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)

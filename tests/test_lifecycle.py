@@ -13,7 +13,7 @@ import pytest
 
 from harness import (Service, count_events, create_key_in_the_past, delete_streams, read_stream_messages,
                      unique_topology, wait_until)
-from keyledger import sweeper
+from keyledger.background import sweeper
 from servers import DatabaseFactory
 
 TOKEN = "s3rv1ce-token-for-tests-only-0123456789"

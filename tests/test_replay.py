@@ -14,13 +14,15 @@ import pytest
 from psycopg import sql
 
 from harness import Service, delete_streams, term_consumer_info, unique_topology, wait_until
-from keyledger import records, replay, store
-from keyledger.domain import CreateKey
-from keyledger.horizon import final_horizon
-from keyledger.domain import fold
-from keyledger.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyExpired, ApiKeyRevoked,
+from keyledger.core import records
+from keyledger.ops import replay
+from keyledger.storage import store
+from keyledger.core.domain import CreateKey
+from keyledger.storage.horizon import final_horizon
+from keyledger.core.domain import fold
+from keyledger.core.events import (ApiKeyCreated, ApiKeyDisabled, ApiKeyEnabled, ApiKeyExpired, ApiKeyRevoked,
                               ApiKeyRotated, ApiKeySecretRetired, ApiKeyUpdated, decode_data, encode_data)
-from keyledger.records import ROW_COLUMNS, from_row, from_state
+from keyledger.core.records import ROW_COLUMNS, from_row, from_state
 
 
 

@@ -19,9 +19,11 @@ import pytest
 
 from harness import (Service, count_events, create_key_in_the_past, delete_streams, read_stream_messages,
                      unique_topology, wait_for, wait_until)
-from keyledger import records, store, sweeper
+from keyledger.core import records
+from keyledger.storage import store
+from keyledger.background import sweeper
 from keyledger.client import KeyCache
-from keyledger.domain import GracePeriodOutOfRange, RotateKey
+from keyledger.core.domain import GracePeriodOutOfRange, RotateKey
 from servers import DatabaseFactory
 
 

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from harness import Service, delete_streams, unique_topology, wait_until
-from keyledger.auth import cookie_value
-from keyledger.schema import SCHEMA_PATH, migrate
+from keyledger.http.auth import cookie_value
+from keyledger.storage.schema import SCHEMA_PATH, migrate
 from servers import DatabaseFactory
 
 

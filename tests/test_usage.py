@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from harness import Service, count_events, delete_streams, unique_topology, wait_until
-from keyledger import records
+from keyledger.core import records
 from servers import DatabaseFactory
 
 TOKEN = "usage-service-token-for-tests-0123456789"

@@ -1,5 +1,5 @@
 /**
- * The freshness proof, the cache's side (keyledger's `service/freshness.py`).
+ * The freshness proof, the cache's side (keyledger's `service/core/freshness.py`).
  *
  * Each cache publishes numbered probes `{"i": <its id>, "n": <counter>}` on `<prefix>.cache.probe` and notes, on
  * its own monotonic clock (`performance.now()`), when it sent each. keyledger's relay answers with a checkpoint

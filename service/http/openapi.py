@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .domain import MAX_EXPIRES_IN, MAX_GRACE_PERIOD, MIN_EXPIRES_IN
+from ..core.domain import MAX_EXPIRES_IN, MAX_GRACE_PERIOD, MIN_EXPIRES_IN
 
 
 class Error(msgspec.Struct):

@@ -27,11 +27,10 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from . import inputs, openapi, records, store
-from .projections import receipts
-from .auth import check_origin, session_token
-from .config import Settings
-from .domain import (
+from ..background.runtime import Runtime
+from ..config import Settings
+from ..core import records
+from ..core.domain import (
     MAX_EXPIRES_IN,
     MAX_GRACE_PERIOD,
     SERVER_FIELDS,
@@ -42,10 +41,13 @@ from .domain import (
     RotateKey,
     UpdateKey,
 )
+from ..core.events import ApiKeyCreated, to_envelope
+from ..projections import receipts
+from ..storage import store
+from . import inputs, openapi
+from .auth import check_origin, session_token
 from .errors import MISSING, ApiError, unauthorized, validation
-from .events import ApiKeyCreated, to_envelope
 from .metrics import Figures, Metrics
-from .runtime import Runtime
 
 log = logging.getLogger("keyledger.http")
 

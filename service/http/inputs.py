@@ -17,15 +17,13 @@ from typing import Any
 
 import msgspec
 
+from ..core.validation import MAX_DEPTH, TooDeep, has_nul as _has_nul
+from ..core.validation import plausible_key_id  # noqa: F401  (inputs.plausible_key_id, for the handlers)
 from .errors import MISSING, ApiError, validation
 
 _decoder = msgspec.json.Decoder()
 
-# Ids keyledger creates are 32 letters/digits; imported ones may add '-' or '_'. Anything else (dots,
-# wildcards, spaces...) cannot name a key, and must never reach a NATS subject.
-KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 PREFIX_RE = re.compile(r"[a-zA-Z0-9_-]+")
-MAX_DEPTH = 32
 MAX_INT = 2**31 - 1  # PostgreSQL integer: remaining, refill*, rateLimit*; also limit/offset of list
 
 
@@ -50,25 +48,11 @@ def _too_deep() -> ApiError:
 
 
 def has_nul(value: Any) -> bool:
-    """Whether any string (key or value) anywhere in a decoded JSON value holds U+0000. Iterative, and raises
-    400 past ``MAX_DEPTH`` levels, so no body can make it recurse or run long."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise _too_deep()
-            if isinstance(item, dict):
-                for k, v in item.items():
-                    if "\x00" in k:
-                        return True
-                    stack.append((v, depth + 1))
-            else:
-                stack.extend((v, depth + 1) for v in item)
-    return False
+    """``core.validation.has_nul``, where a value nesting past ``MAX_DEPTH`` levels is a 400, as a body is."""
+    try:
+        return _has_nul(value)
+    except TooDeep:
+        raise _too_deep() from None
 
 
 def require_object(body: Any) -> dict[str, Any]:
@@ -98,6 +82,3 @@ def optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], exp
         raise validation(f"body.{name}", expected, value)
     return value
 
-
-def plausible_key_id(key_id: str) -> bool:
-    return KEY_ID_RE.fullmatch(key_id) is not None

@@ -28,10 +28,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .store import APPENDED
+from ..storage.store import APPENDED
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..background.runtime import Runtime
 
 READY_MAX_LAG_S = 3.0
 

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .config import StreamSettings, Topology, _redact, nats_servers
+from ..config import StreamSettings, Topology, _redact, nats_servers
 
 log = logging.getLogger("keyledger.bus")
 

@@ -42,12 +42,12 @@ import psycopg
 from nats.errors import MaxPayloadError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from . import horizon
+from ..storage import horizon
 from .bus import Bus, ensure_streams
-from .config import PG_KEEPALIVES
-from .events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
-from .freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
-from .log import EVENT_COLUMNS, row_to_event
+from ..config import PG_KEEPALIVES
+from ..core.events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
+from ..core.freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
+from ..storage.log import EVENT_COLUMNS, row_to_event
 
 log = logging.getLogger("keyledger.relay")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import psycopg
 
-from . import store
-from .config import PG_KEEPALIVES
-from .domain import Command, ExpireKey, RetireSecret
+from ..config import PG_KEEPALIVES
+from ..core.domain import Command, ExpireKey, RetireSecret
+from ..storage import store
 
 log = logging.getLogger("keyledger.sweeper")
 

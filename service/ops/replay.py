@@ -74,8 +74,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .audit import parallel
-from .horizon import SEQUENCE_LAST_VALUE, final_horizon
+from ..storage.horizon import SEQUENCE_LAST_VALUE, final_horizon
+from ..storage.parallel import parallel
 
 NAME = "active_api_keys"
 SECRETS = "superseded_key_secrets"

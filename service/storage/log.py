@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from .events import RecordedEvent, decode_data
+from ..core.events import RecordedEvent, decode_data
 
 # Recorded events by position, for the relay (joined with the outbox) and for history.
 EVENT_COLUMNS = "e.id::text, e.stream_id, e.version, e.position, e.recorded_at, e.type, e.data::text, e.metadata"

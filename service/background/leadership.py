@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from .config import PG_KEEPALIVES
+from ..config import PG_KEEPALIVES
 
 log = logging.getLogger("keyledger.leadership")
 

@@ -30,7 +30,7 @@ that, not the hashing, is what the two connections share. See bench/audit_bench.
 
 The sealer
 ----------
-One sealer (the background leader's, service/leadership.py) chains events *after* they committed, so the write
+One sealer (the background leader's, service/background/leadership.py) chains events *after* they committed, so the write
 path is untouched. The gap problem (a lower position can commit after a higher one was seen) is solved by the
 safe horizon of ``horizon.py``: the sealer chains the visible rows up to that horizon, in position order, and
 positions that never commit are simply absent: the chain links consecutive *existing* events. A second sealer
@@ -44,17 +44,15 @@ reports those events as unsealed, not as errors, and ``audit export`` prints the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import logging
 import queue
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +61,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from .environment import Environment
-from .horizon import final_horizon
-from .leadership import fence_sql
+from ..background.leadership import fence_sql
+from ..storage.horizon import final_horizon
+from ..storage.parallel import parallel
 
 log = logging.getLogger("keyledger.audit")
 
@@ -303,36 +301,6 @@ def parse_anchor(text: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------------------------------------
 # Reading on several connections from one snapshot (verify, export)
 # ----------------------------------------------------------------------------------------------------------
-def parallel(conns: Sequence[psycopg.Connection[Any]], jobs: Sequence[Callable[[psycopg.Connection[Any]], Any]]
-             ) -> list[Any]:
-    """Run ``jobs`` on ``conns``, one thread per connection taking the next job when it is free (psycopg
-    releases the GIL while PostgreSQL works); returns the results in job order, re-raises the first error."""
-    results: list[Any] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    pending = iter(range(len(jobs)))
-    lock = threading.Lock()
-
-    def worker(conn: psycopg.Connection[Any]) -> None:
-        while not errors:
-            with lock:
-                i = next(pending, None)
-            if i is None:
-                return
-            try:
-                results[i] = jobs[i](conn)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(conn,), daemon=True) for conn in conns[:len(jobs)]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     """Another connection to the same server and database, with the same credentials."""
     params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
@@ -637,12 +605,12 @@ _grace_decoder = msgspec.json.Decoder(list[GraceSecret])
 
 
 def parse_instant(text: str) -> dt.datetime:
-    """ISO-8601; an instant without a zone is UTC (never the machine's local time). As an argparse ``type``, a
-    bad value is one line and exit status 2, never a traceback."""
+    """ISO-8601; an instant without a zone is UTC (never the machine's local time). ``ValueError`` says what
+    was expected, in one line."""
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 instant: {text!r} (e.g. 2026-12-01T09:30:00Z)") from None
+        raise ValueError(f"not an ISO-8601 instant: {text!r} (e.g. 2026-12-01T09:30:00Z)") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
@@ -658,114 +626,3 @@ def as_of(conn: psycopg.Connection[Any], at: dt.datetime) -> list[ActiveKey]:
 
 def _by_deadline(secret: GraceSecret) -> dt.datetime:
     return secret.grace_until
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI: `keyledger replay`, `keyledger audit as-of|export|verify|head`
-# ----------------------------------------------------------------------------------------------------------
-def _connect(env: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(env.database_url, autocommit=True)
-
-
-def _environment() -> Environment:
-    return Environment(need_nats=False)
-
-
-def cmd_as_of(args: argparse.Namespace) -> int:
-    at = args.instant
-    env = _environment()
-    try:
-        with _connect(env) as conn:
-            keys = as_of(conn, at)
-    finally:
-        env.stop()
-    out = sys.stdout
-    if args.json:
-        encoder = msgspec.json.Encoder()
-        buf = bytearray()
-        for key in keys:
-            encoder.encode_into(key, buf, len(buf))
-            buf += b"\n"
-        sys.stdout.buffer.write(buf)
-    else:
-        for key in keys:
-            expires = key.expires_at.astimezone(dt.timezone.utc).isoformat() if key.expires_at else "never"
-            grace = "".join(f"  +start={g.start} until {g.grace_until.astimezone(dt.timezone.utc).isoformat()}"
-                            for g in key.superseded)
-            out.write(f"{key.key_id}  owner={key.reference_id}  start={key.start}  expires={expires}  "
-                      f"name={key.name!r}{grace}\n")
-    print(f"keyledger: {len(keys):,} keys active at {at.isoformat()}", file=sys.stderr)
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    since, until = args.since, args.until
-    env = _environment()
-    try:
-        with _connect(env) as conn:
-            out = sys.stdout.buffer
-            for chunk in export_chunks(conn, since, until, args.key):
-                out.write(chunk)
-            out.flush()
-    finally:
-        env.stop()
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        anchor = parse_anchor(args.head) if args.head else None
-    except ValueError as exc:
-        print(f"keyledger: --head: {exc}", file=sys.stderr)
-        return 2
-    env = _environment()
-    try:
-        with _connect(env) as conn:
-            if args.seal:
-                with psycopg.connect(env.database_url, autocommit=True) as lead:
-                    if try_lead(lead):
-                        seal(lead)
-            verdict = verify(conn, anchor)
-    finally:
-        env.stop()
-    print(verdict.summary(), file=sys.stdout if verdict.ok else sys.stderr)
-    return 0 if verdict.ok else 1
-
-
-def cmd_head(args: argparse.Namespace) -> int:
-    env = _environment()
-    try:
-        with _connect(env) as conn:
-            current = head(conn)
-    finally:
-        env.stop()
-    if current is None:
-        print("keyledger: the chain is empty (nothing sealed yet)", file=sys.stderr)
-        return 1
-    print(f"{current[0]}:{current[1]}")
-    return 0
-
-
-def add_audit_commands(subparsers: Any) -> None:
-    """Register ``audit {as-of,export,verify,head}`` on keyledger's top-level subparsers."""
-    audit = subparsers.add_parser("audit", help="tamper-evident chain, exports and point-in-time queries")
-    sub = audit.add_subparsers(dest="audit_command", required=True)
-
-    p = sub.add_parser("as-of", help="the keys active at an instant, from the log")
-    p.add_argument("instant", type=parse_instant, help="ISO-8601; without a zone it is UTC")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_as_of)
-
-    p = sub.add_parser("export", help="events as JSON lines with their chain hashes, in position order")
-    p.add_argument("--since", type=parse_instant, help="recorded at or after (ISO-8601, inclusive)")
-    p.add_argument("--until", type=parse_instant, help="recorded before (ISO-8601, exclusive)")
-    p.add_argument("--key", help="only this key's events")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("verify", help="recompute the chain from the events; exit 1 naming the first bad position")
-    p.add_argument("--head", help="POSITION:HASH anchor (as published on <prefix>.audit.head)")
-    p.add_argument("--seal", action="store_true", help="seal what is final first (when no sealer runs)")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("head", help="print the chain head as POSITION:HASH")
-    p.set_defaults(func=cmd_head)

@@ -32,10 +32,10 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import PoolTimeout
 
-from .domain import Command, KeyState, decide, evolve, fold
-from .events import Event, RecordedEvent, decode_data, encode_data
+from ..core.domain import Command, KeyState, decide, evolve, fold
+from ..core.events import Event, RecordedEvent, decode_data, encode_data
+from ..projections import active_keys
 from .log import as_fold_input
-from .projections import active_keys
 
 _encoder = msgspec.json.Encoder()
 

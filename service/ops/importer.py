@@ -38,10 +38,8 @@ Exit status:
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import re
-import sys
 import queue
 import threading
 import time
@@ -52,17 +50,13 @@ from typing import Any, TextIO
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.string import StrBinaryDumper
 
-from .config import ConfigError
-from .environment import Environment
-from .schema import migrate
-from .events import ApiKeyImported, encode_data
-from .errors import ApiError
-from .inputs import KEY_ID_RE, MAX_DEPTH, has_nul
-from .store import APPEND
+from ..config import ConfigError
+from ..core.events import ApiKeyImported, encode_data
+from ..core.validation import KEY_ID_RE, MAX_DEPTH, TooDeep, has_nul
+from ..storage.store import APPEND
 
 SOURCE_NAME = "better-auth"
 ACTOR_SOURCE = "better-auth import"
@@ -229,7 +223,7 @@ def decode_json_text(text: str | None, field_name: str) -> Any:
         raise Rejected(f"{field_name} is a JSON string nested too deep, not an object")
     try:
         nul = value is not None and has_nul(value)
-    except ApiError:
+    except TooDeep:
         raise Rejected(f"{field_name} nests deeper than {MAX_DEPTH} levels") from None
     if nul:
         raise Rejected(f"{field_name} contains NUL characters (PostgreSQL cannot store them)")
@@ -403,6 +397,24 @@ def _binary_arrays(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
+class Unreachable(Exception):
+    """The import could not connect to one of its two databases: ``which`` is ``"source"`` (better-auth's) or
+    ``"target"`` (keyledger's); ``reason`` is the driver's message on one line. ``url`` is as given: redact it
+    before showing it (``config.redact_conninfo``)."""
+
+    def __init__(self, which: str, url: str, cause: BaseException) -> None:
+        self.which, self.url, self.reason = which, url, " ".join(str(cause).split())
+        super().__init__(f"cannot reach the {which} database: {self.reason}")
+
+
+def connect(url: str, which: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """``psycopg.connect``, where a failure to connect says which database it was (``Unreachable``)."""
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise Unreachable(which, url, exc) from exc
+
+
 class _Run:
     """One import: a reader thread (source rows -> events, checks that need no database) feeding ``workers``
     appender threads, each with its own target connection (the target's per-row work, the events triggers and
@@ -428,7 +440,7 @@ class _Run:
     # -- the reader ---------------------------------------------------------------------------------------
     def read(self) -> None:
         try:
-            with psycopg.connect(self.source_url, autocommit=False) as conn:
+            with connect(self.source_url, "source", autocommit=False) as conn:
                 conn.read_only = True
                 conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # count and rows: one snapshot
                 layout = detect_layout(conn, self.table)
@@ -492,7 +504,7 @@ class _Run:
     # -- the appenders ------------------------------------------------------------------------------------
     def append_worker(self) -> None:
         try:
-            with psycopg.connect(self.target_url, autocommit=True) as target:
+            with connect(self.target_url, "target", autocommit=True) as target:
                 _binary_arrays(target)
                 while not self.stop.is_set():
                     batch = self.batches.get()
@@ -578,7 +590,7 @@ class _Run:
     # -- the whole run ------------------------------------------------------------------------------------
     def run(self) -> ImportReport:
         started = time.monotonic()
-        with psycopg.connect(self.target_url, autocommit=True) as target:
+        with connect(self.target_url, "target", autocommit=True) as target:
             self.schema_present = bool(target.execute(SCHEMA_PRESENT).fetchone()[0])
         if not self.schema_present and not self.dry_run:
             raise ConfigError("the target database has no keyledger schema: run `keyledger migrate` first")
@@ -623,56 +635,3 @@ def run_import(source_url: str, target_url: str, *, dry_run: bool = False, batch
     """
     return _Run(source_url, target_url, dry_run=dry_run, batch_size=batch_size, table=table,
                 workers=max(1, workers), progress=progress).run()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------
-def cmd_import_better_auth(args: argparse.Namespace) -> int:
-
-    if args.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    env = Environment(need_nats=False)
-    try:
-        if not args.dry_run:
-            # The schema must know ApiKeyImported (its projection branch) before the first event lands.
-            migrate(env.database_url)
-        report = run_import(args.source_url, env.database_url, dry_run=args.dry_run, batch_size=args.batch_size,
-                            table=args.table, progress=sys.stderr)
-    finally:
-        env.stop()
-    report.render(sys.stdout)
-    sys.stdout.flush()
-    if report.imported and not args.dry_run and env.embedded:
-        print("keyledger: the events are in the outbox; `keyledger serve` publishes them to NATS",
-              file=sys.stderr)
-    return report.exit_code
-
-
-def database_url(text: str) -> str:
-    """An argparse ``type``: a libpq URL or key=value string, else one line and exit status 2."""
-    try:
-        conninfo_to_dict(text)
-    except psycopg.ProgrammingError as exc:
-        raise argparse.ArgumentTypeError(f"not a PostgreSQL connection URL: {text!r} ({exc})") from None
-    return text
-
-
-def add_import_command(subparsers: Any) -> None:
-    """Register ``import better-auth --from URL [--dry-run]`` on the ``keyledger`` command's subparsers."""
-    p = subparsers.add_parser("import", help="adopt existing API keys from another system")
-    sources = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
-    b = sources.add_parser(
-        "better-auth", help="import better-auth's apikey table (stored hashes: keys keep working)",
-        description=__doc__.split("\n\n", 1)[1].split("\n\nExit status", 1)[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 all rows imported or already present; 1 some rows rejected (listed); "
-               "2 configuration problem; 3 database unavailable",
-    )
-    b.add_argument("--from", dest="source_url", required=True, metavar="DATABASE_URL", type=database_url,
-                   help="the better-auth database (read only)")
-    b.add_argument("--dry-run", action="store_true", help="report what would happen; write nothing")
-    b.add_argument("--table", default="apikey", help="the source table, optionally schema-qualified "
-                   "(default: apikey in the search path)")
-    b.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_import_better_auth)

@@ -14,18 +14,17 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from .audit import AuditSealer
+from ..config import PG_KEEPALIVES, Settings, nats_connect_options
+from ..core.freshness import Prober
+from ..ops.audit import AuditSealer
+from ..projections.invalidations import InvalidationProjection
+from ..projections.receipts import ReceiptsProjection
+from ..projections.subscriber import ActiveKeysSubscriber
+from ..storage.usage import LastRequests
 from .bus import Bus
-from .config import PG_KEEPALIVES, Settings, nats_connect_options
-from .freshness import Prober
 from .leadership import Lease
-from .projections.invalidations import InvalidationProjection
-from .projections.receipts import ReceiptsProjection
-from .projections.subscriber import ActiveKeysSubscriber
 from .relay import OutboxRelay
 from .sweeper import ExpirySweeper
-from .usage import LastRequests
-from .schema import migrate  # noqa: F401  (re-exported: keyledger.runtime.migrate)
 
 log = logging.getLogger("keyledger")
 

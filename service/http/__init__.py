@@ -1,0 +1,1 @@
+"""The HTTP layer: the Litestar app and its routes, request parsing, auth, errors, OpenAPI, limits, metrics."""

@@ -84,12 +84,8 @@ async def _take_over(js: Any, stream: str, base: str, durable: str, config: Cons
 
 
 async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy = AckPolicy.EXPLICIT,
-                  max_batch: int = 512, ack_wait: float = 30.0, epoch: int | None = None,
-                  events_only: bool = False) -> None:
+                  max_batch: int = 512, ack_wait: float = 30.0, epoch: int | None = None) -> None:
     """Run ``handle(messages)`` on batches from the durable consumer ``name`` of term ``epoch``, until cancelled.
-
-    ``events_only``: the consumer filters out the freshness checkpoints at the server (only the invalidation
-    projection has a use for them).
 
     ``handle`` acknowledges what it processed (with ``AckPolicy.ALL``, acking the last message of a batch
     acknowledges the batch). Raises when the connection or subscription fails; the caller retries.
@@ -105,7 +101,7 @@ async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy
 
     config = ConsumerConfig(ack_policy=ack_policy, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait,
                             max_ack_pending=10_000)
-    subjects = topology.event_only_subjects if events_only else topology.events_subjects
+    subjects = topology.event_only_subjects
     if epoch is not None:
         config.filter_subject = subjects
         await _take_over(js, topology.events_stream, base, durable, config)

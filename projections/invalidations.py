@@ -19,12 +19,14 @@ Guarantees, and how:
 * **Latency.** Messages are taken in whatever batch has arrived (``consumer.py``): a lone revocation is
   handled the moment it arrives, a burst in one go, with all its publishes in flight together.
 * **Never a plaintext key**: events carry only the key hash, and that is all we copy.
-* **Freshness checkpoints** (``freshness.py``) ride the event stream behind the events they vouch for. One at
-  stream sequence ``s`` is forwarded to ``<prefix>.cache.checkpoint`` only once the durable consumer's ack
-  floor is at least ``s - 1``: every event before it has had its invalidation acknowledged by JetStream,
-  whoever handled it (an earlier leader, a redelivery). The server is asked only once this process has acked
-  every earlier event it was handed (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
-  checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
+* **Freshness checkpoints** (``core/freshness.py``) come from the relay (``<prefix>.relay.checkpoint``), each
+  with the events stream's sequence ``S`` that covers the events it vouches for. One is forwarded to
+  ``<prefix>.cache.checkpoint`` only once the durable consumer has acknowledged everything up to ``S`` (its ack
+  floor): every one of those events has had its invalidation acknowledged by JetStream, whoever handled it (an
+  earlier leader, a redelivery). The server is asked only once this process has acked every event up to ``S``
+  it was handed (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the
+  newest waiting checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles
+  them up.
 * **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 
 No framework imports here; the service's runtime starts ``InvalidationProjection(bus).run()`` as a task.
@@ -43,6 +45,7 @@ import msgspec
 from msgspec import UNSET
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from .. import tasks
 from ..background.bus import Bus, ensure_streams
 from ..core.events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
 from ..core.freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
@@ -142,7 +145,7 @@ class InvalidationProjection:
         self.forwarded = 0  # checkpoints forwarded to caches
         self.last_forwarded = float("-inf")  # monotonic
         self.pending = 0  # the consumer's backlog (num_pending + num_ack_pending) at the last look
-        self._held: tuple[int, Checkpoint] | None = None  # (stream sequence, newest checkpoint not yet forwarded)
+        self._held: Checkpoint | None = None  # the newest checkpoint not yet forwarded
         self._held_changed = asyncio.Event()
         # Stream sequences of the events this process was handed and has not acked yet (a nak'd one stays until
         # its redelivery is acked). Only a hint that saves asking the server in vain; the server's ack floor
@@ -151,13 +154,12 @@ class InvalidationProjection:
         self._acked = asyncio.Event()
 
     async def run(self) -> None:
-        releaser = asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever))
+        checkpoints = [asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever)),
+                       asyncio.ensure_future(run_forever(f"{self.name} relay checkpoints", self._take_checkpoints))]
         try:
             await run_forever(f"{self.name} projection", self._consume)
         finally:
-            releaser.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await releaser
+            await tasks.stop(checkpoints)
 
     async def _consume(self) -> None:
         # A short ack_wait: after a restart the server may already have pushed messages to a subscription that
@@ -179,9 +181,6 @@ class InvalidationProjection:
         self.fence()
         todo: list[tuple[Any, dict[str, Any] | None, str | None]] = []
         for msg in msgs:
-            if msg.subject == topology.checkpoint_event_subject:
-                self._hold(msg)
-                continue
             with contextlib.suppress(Exception):
                 self._unacked.add(msg.metadata.sequence.stream)
             try:
@@ -253,19 +252,27 @@ class InvalidationProjection:
     # --------------------------------------------------------------------------------------------------
     # Checkpoints
     # --------------------------------------------------------------------------------------------------
-    def _hold(self, msg: Any) -> None:
-        """Keep the newest checkpoint until everything before it is acknowledged. Acked at once: losing one
-        (a crash before forwarding) only delays the proof to the next checkpoint."""
-        with contextlib.suppress(Exception):
-            seq = msg.metadata.sequence.stream
+    async def _take_checkpoints(self) -> None:
+        await self.bus.ready()
+        sub = await self.bus.nc.subscribe(self.bus.topology.relay_checkpoint_subject,  # type: ignore[union-attr]
+                                          cb=self._hold)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _hold(self, msg: Any) -> None:
+        """Keep the newest checkpoint until everything up to its stream sequence is acknowledged. A lost one
+        (a crash before forwarding, a dropped core message) only delays the proof to the next checkpoint."""
+        try:
             checkpoint = decode_checkpoint(msg.data)
-            if self._held is not None:
-                checkpoint = Checkpoint(position=checkpoint.position, epoch=checkpoint.epoch,
-                                        created_at=checkpoint.created_at,
-                                        probes=merge_probes(self._held[1].probes, checkpoint.probes))
-            self._held = (seq, checkpoint)
-            self._held_changed.set()
-        asyncio.ensure_future(msg.ack())
+        except Exception:
+            return
+        if self._held is not None:
+            checkpoint = msgspec.structs.replace(checkpoint, probes=merge_probes(self._held.probes, checkpoint.probes))
+        self._held = checkpoint
+        self._held_changed.set()
 
     async def _release_forever(self) -> None:
         js = await self.bus.ready()
@@ -278,9 +285,10 @@ class InvalidationProjection:
                 await self._held_changed.wait()
                 looks = 0
                 continue
-            seq, checkpoint = self._held
-            if looks == 0 and any(s < seq for s in self._unacked):
-                # An earlier event of ours is still being handled: wait for our own acks rather than ask the
+            checkpoint = self._held
+            covered = checkpoint.stream_seq
+            if looks == 0 and any(s <= covered for s in self._unacked):
+                # An event it covers is still being handled here: wait for our own acks rather than ask the
                 # server in vain (bounded: the hint may hold a sequence that will never come back to us).
                 self._acked.clear()
                 try:
@@ -290,16 +298,19 @@ class InvalidationProjection:
                 continue
             info = await js.consumer_info(topology.events_stream, durable, timeout=self.publish_timeout)
             self.pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            if (floor or 0) < seq - 1:  # an earlier event's invalidation is not acknowledged yet (or our acks
-                looks += 1  # of it are still on their way to the server): look again soon, less often if stuck
-                await asyncio.sleep(min(0.005 * looks, 0.1))
+            floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+            # Everything up to S acknowledged: the ack floor reached S, or nothing the consumer takes is left
+            # undelivered or unacknowledged (the floor of a filtered consumer stops at its last event, below
+            # an S that ends on something it does not take).
+            if floor < covered and self.pending:
+                looks += 1  # an invalidation is not acknowledged yet (or our acks are still on their way to the
+                await asyncio.sleep(min(0.005 * looks, 0.1))  # server): look again soon, less often if stuck
                 continue
-            self._unacked = {s for s in self._unacked if s >= seq}  # acknowledged, whoever acked them
+            self._unacked = {s for s in self._unacked if s > covered}  # acknowledged, whoever acked them
             looks = 0
             self.fence()
             await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]
             self.forwarded += 1
             self.last_forwarded = time.monotonic()
-            if self._held is not None and self._held[0] == seq:
+            if self._held is checkpoint:  # (a newer one may have come meanwhile: it waits its turn)
                 self._held = None

@@ -163,8 +163,7 @@ class ReceiptsProjection:
                                                          **PG_KEEPALIVES) as conn:
             self._conn = conn
             await asyncio.gather(
-                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch,
-                        events_only=True),
+                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
                 self._receive_forever(), self._sweep_forever())
 
     async def _handle_events(self, msgs: list[Any]) -> None:

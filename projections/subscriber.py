@@ -43,7 +43,7 @@ class ActiveKeysSubscriber:
                                                          **PG_KEEPALIVES) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
-                          ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch, events_only=True)
+                          ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
         self.fence()

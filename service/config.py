@@ -138,12 +138,14 @@ class Topology:
 
     @property
     def event_only_subjects(self) -> str:
-        """The events without the checkpoint (``<prefix>.events.<kind>.<keyId>``: key ids hold no dots)."""
+        """The events, ``<prefix>.events.<kind>.<keyId>`` (key ids hold no dots): what every consumer takes. It
+        leaves out ``<prefix>.events.checkpoint``, where earlier versions stored their checkpoints."""
         return f"{self.prefix}.events.*.*"
 
     @property
-    def checkpoint_event_subject(self) -> str:
-        return f"{self.prefix}.events.checkpoint"
+    def relay_checkpoint_subject(self) -> str:
+        """The relay's checkpoints to the invalidation projection: core NATS, in no stream."""
+        return f"{self.prefix}.relay.checkpoint"
 
     @property
     def checkpoint_subject(self) -> str:

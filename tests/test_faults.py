@@ -27,8 +27,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import (Service, delete_streams, read_stream_messages, stream_messages, term_consumer_info, unique_topology,
-                     wait_until)
+from harness import Service, delete_streams, read_stream_messages, term_consumer_info, unique_topology, wait_until
 from keyledger.config import Topology
 from keyledger.storage import store
 from keyledger.core.domain import KeyState, RevokeKey, fold
@@ -125,12 +124,11 @@ def assert_consistent(database_url: str) -> None:
 
 
 def stream_index(nats_url: str, stream: str) -> list[tuple[str, str, str, int]]:
-    """(subject, Nats-Msg-Id, keyId, version) of every event message in a JetStream stream, in stream order
-    (the freshness checkpoint that rides the events stream is not an event)."""
+    """(subject, Nats-Msg-Id, keyId, version) of every message in a JetStream stream, in stream order; every
+    one of them is an event (no freshness checkpoint is ever stored there: core/freshness.py)."""
     out = []
     for m in read_stream_messages(nats_url, stream):
-        if m.subject.endswith(".events.checkpoint"):
-            continue
+        assert not m.subject.endswith(".checkpoint"), m.subject
         envelope = json.loads(m.data)
         out.append((m.subject, (m.headers or {}).get("Nats-Msg-Id"), envelope["keyId"], envelope["version"]))
     return out
@@ -576,11 +574,12 @@ async def _consumer_acked(nats_url: str, topology: Topology, stream_seq: int) ->
         await nc.close()
 
 
-async def _stream_last_event_seq(nats_url: str, topology: Topology) -> int:
-    """The stream sequence of the last event. Not the stream's last_seq: a checkpoint (which the subscriber's
-    consumer filters out at the server, so never acks) usually comes after it."""
-    messages = await stream_messages(nats_url, topology.events_stream)
-    return max(m.seq for m in messages if m.subject != topology.checkpoint_event_subject)
+async def _stream_last_seq(nats_url: str, topology: Topology) -> int:
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        return (await nc.jetstream(timeout=5).stream_info(topology.events_stream)).state.last_seq
+    finally:
+        await nc.close()
 
 
 ROW = ("SELECT id, key_hash, reference_id, name, enabled, expires_at, created_at, updated_at, version"
@@ -608,7 +607,7 @@ def test_subscriber_rebuilds_from_duplicated_and_reordered_deliveries(db_factory
         assert service.delete(me, gone["id"]).status_code == 200                                  # v2 revoked
 
         wait_until(lambda: not outbox(database_url), timeout=30, what="the outbox drained")
-        last_seq = asyncio.run(_stream_last_event_seq(nats_url, topology))
+        last_seq = asyncio.run(_stream_last_seq(nats_url, topology))
         wait_until(lambda: asyncio.run(_consumer_acked(nats_url, topology, last_seq)), timeout=30,
                    what="the subscriber consumed the relay's messages")
         inline_row = query(database_url, "SELECT * FROM active_api_keys WHERE id = %s", (live["id"],))

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from .. import tasks
 from ..config import StreamSettings, Topology, _redact, nats_servers
 
 log = logging.getLogger("keyledger.bus")
@@ -83,7 +84,8 @@ class Bus:
                 self.nc, self.js = nc, nc.jetstream(timeout=2)
                 await ensure_streams(self.js, self.topology, self.streams)
                 self._ready.set()
-                log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+                url = nc.connected_url
+                log.info("connected to NATS at %s", f"{url.hostname}:{url.port}" if url else "?")  # no credentials
                 return
             except asyncio.CancelledError:
                 raise
@@ -119,10 +121,7 @@ class Bus:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self._task
+        await tasks.stop([self._task])
         if self.nc is not None:
             await _close(self.nc)
 
@@ -131,11 +130,12 @@ def stream_configs(topology: Topology, streams: StreamSettings) -> list[StreamCo
     """The two streams as keyledger declares them."""
     storage = StorageType.MEMORY if streams.storage == "memory" else StorageType.FILE
     return [
-        # The events stream allows rollup headers: the freshness checkpoints keep only the newest one.
+        # The events stream refuses rollup headers: a rollup is a purge, and NATS servers (2.9 among them) have
+        # moved consumers past messages of other subjects on a purge (core/freshness.py). Nothing purges it.
         StreamConfig(name=topology.events_stream, subjects=[topology.events_subjects],
                      retention=RetentionPolicy.LIMITS, storage=storage, num_replicas=streams.replicas,
                      max_age=streams.events_max_age or None, duplicate_window=DUPLICATE_WINDOW_S,
-                     allow_rollup_hdrs=True),
+                     allow_rollup_hdrs=False),
         StreamConfig(name=topology.invalidations_stream, subjects=[topology.invalidation_subject],
                      retention=RetentionPolicy.LIMITS, storage=storage, num_replicas=streams.replicas,
                      max_age=streams.invalidations_max_age, duplicate_window=DUPLICATE_WINDOW_S),
@@ -170,8 +170,8 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, streams: Stre
 
     An existing stream whose settings differ is reported once per process at WARNING, with the difference.
     With ``update`` (``keyledger migrate --streams``), what JetStream allows to change is changed (replicas,
-    max age, rollup, duplicate window; not the storage type). One exception without ``update``: the events
-    stream gets rollup headers enabled if it lacks them, since the freshness checkpoints cannot work otherwise.
+    max age, rollup, duplicate window; not the storage type). One exception without ``update``: rollup headers
+    are turned off on the events stream if an earlier version turned them on (a rollup there can skip events).
     Returns {stream: {field: (before, after)}} for what was (or, without ``update``, would be) changed.
     """
     changed: dict[str, dict[str, tuple[Any, Any]]] = {}

@@ -25,8 +25,8 @@ Only the background leader relays (``leadership.py``); ``fence()`` is checked ri
 deposed leader that wakes up publishes nothing more.
 
 Checkpoints never block the relay's loop: a checkpoint is *begun* (probes taken, then the horizon read) and
-then *settled* by one look per pass of the loop, published once no writer that could hold a position <= its
-horizon is running and the outbox holds nothing <= it.
+then *settled* by one look per pass of the loop, sent once no writer that could hold a position <= its
+horizon is running and the outbox holds nothing <= it (``core/freshness.py`` has the whole proof).
 """
 
 from __future__ import annotations
@@ -246,17 +246,21 @@ class OutboxRelay:
                                 headers={**headers, "Keyledger-Reduced": "true"})
 
     async def _checkpoint(self, js: Any, position: int, probes: dict[str, int]) -> bool:
+        """Every event <= ``position`` is stored in the events stream (the outbox holds none of them), so the
+        stream's last sequence, read NOW, is at or above each of theirs, whoever published them (an earlier
+        leader, a duplicate's original). The invalidation projection forwards the checkpoint once its consumer
+        has acknowledged everything up to that sequence."""
         topology = self.bus.topology
-        checkpoint = Checkpoint(position=position, probes=probes, epoch=self.epoch() or 0,
+        try:
+            info = await asyncio.wait_for(js.stream_info(topology.events_stream), self.publish_timeout)
+            stream_seq = info.state.last_seq
+        except Exception as exc:
+            log.debug("checkpoint: no stream info: %s: %s", type(exc).__name__, exc)
+            return False
+        self.last_ack = time.monotonic()  # JetStream answered: progress, even when no event is written
+        checkpoint = Checkpoint(position=position, probes=probes, stream_seq=stream_seq, epoch=self.epoch() or 0,
                                 created_at=dt.datetime.now(dt.timezone.utc))
         self.fence()
-        try:
-            # Nats-Rollup: the stream keeps only the newest checkpoint, however often they come.
-            await js.publish(topology.checkpoint_event_subject, encode_checkpoint(checkpoint),
-                             timeout=self.publish_timeout, headers={"Nats-Rollup": "sub"})
-        except Exception as exc:
-            log.debug("checkpoint not acknowledged: %s: %s", type(exc).__name__, exc)
-            return False
-        self.last_ack = time.monotonic()
+        await self.bus.nc.publish(topology.relay_checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]
         self.checkpoints += 1
         return True

@@ -9,21 +9,26 @@ projection -> cache. So the proof travels that path itself, behind the events it
 2. **Checkpoint at the log.** The outbox relay (``relay.py``) takes the probes it has received, THEN reads the
    log's safe horizon ``P`` (``horizon.py``: every position <= P is committed or never will be). Any event that
    committed before the relay took a probe had drawn its position before, so it is <= P. The relay waits until
-   the outbox holds nothing <= P (all of it acknowledged by JetStream) and publishes a ``Checkpoint`` on the
-   events stream (``<prefix>.events.checkpoint``), behind every one of those events.
-3. **Through the invalidation path.** The invalidation projection forwards a checkpoint at stream sequence
-   ``s`` to ``<prefix>.cache.checkpoint`` only once its durable consumer's ack floor is >= s - 1: every earlier
-   event's invalidation has been acknowledged by JetStream (it acks an event only after that), whichever
-   leader handled it, redeliveries included.
+   the outbox holds nothing <= P (every such event stored by JetStream: a row goes only after its PubAck), THEN
+   reads the events stream's last sequence ``S``: every event <= P sits at a stream sequence <= S. It sends
+   ``Checkpoint(position=P, stream_seq=S)`` to the invalidation projection (``<prefix>.relay.checkpoint``, core
+   NATS).
+3. **Through the invalidation path.** The invalidation projection forwards it to ``<prefix>.cache.checkpoint``
+   only once its durable consumer's ack floor is >= S: every event up to S has had its invalidation
+   acknowledged by JetStream (it acks an event only after that), whichever leader handled it, redeliveries
+   included.
 4. **Echo.** The prober receives the checkpoint after those invalidations (NATS keeps one connection's messages
    in order; the cache's own rules for gaps and reconnects are in ``client.py``). Its own probe number ``n`` in
    the checkpoint proves: every event committed before I sent probe ``n`` has been invalidated here. So the
    proof's age is ``now - sent[n]``, both readings of this process's own monotonic clock: the clocks of other
    hosts never enter it, and a delay anywhere on the path only makes the proof older, never wrong.
 
-The relay checkpoints at least every 250 ms and after each batch it publishes. Checkpoints on the events stream
-carry the ``Nats-Rollup: sub`` header, so the stream keeps only the newest one; the forwarded copy is a plain
-core-NATS message (a lost one only delays the next proof).
+The relay checkpoints at least every 250 ms and after each batch it publishes. Both hops are plain core-NATS
+messages: a lost one only delays the next proof. Checkpoints are never stored in the events stream. They once
+were, rolled up (``Nats-Rollup: sub``) to the newest, and a rollup is a purge: NATS servers (2.9 among them)
+moved the stream's consumers past messages of *other* subjects that were not yet delivered or acknowledged, so
+events were skipped, their invalidations never sent, and the next checkpoint vouched for them. The events
+stream now refuses rollups (``bus.py``), and nothing ever purges it.
 
 This module holds the wire format and the prober's bookkeeping. It imports no framework, driver or client.
 """
@@ -53,6 +58,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     position: int
     probes: dict[str, int] = {}
+    stream_seq: int = 0  # the events stream's last sequence once every event <= position was stored in it
     epoch: int = 0  # the leadership term that made it (for the curious; the proof does not depend on it)
     created_at: dt.datetime | None = None  # wall clock of the relay that made it, informational only
 

@@ -56,6 +56,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from . import tasks
 from .config import Topology, nats_servers
 from .core.freshness import Prober, Receipt, encode_receipt
 
@@ -251,11 +252,7 @@ class KeyCache:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except BaseException:  # cancelled or failed: closing either way
-                pass
+            await tasks.stop([self._task])
             self._task = None
         if self._nc is not None:
             try:

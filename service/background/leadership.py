@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from .. import tasks
 from ..config import PG_KEEPALIVES
 
 log = logging.getLogger("keyledger.leadership")
@@ -133,8 +134,7 @@ class Lease:
                 self._deadline = started + self.ttl
         finally:
             epoch, self.epoch = self.epoch, None
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            await tasks.stop([work])
             if why != "lease taken over":  # hand over at once rather than when the lease runs out
                 try:
                     await conn.execute(RELEASE, {"holder": self._holder, "epoch": epoch})

@@ -14,6 +14,7 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from .. import tasks
 from ..config import PG_KEEPALIVES, Settings, nats_connect_options
 from ..core.freshness import Prober
 from ..ops.audit import AuditSealer
@@ -162,9 +163,7 @@ class Runtime:
         try:
             await asyncio.gather(*workers)
         finally:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await tasks.stop(workers)
 
     async def _listen(self, subject: str, handle: Any) -> None:
         """Call ``handle(payload)`` for each core-NATS message on ``subject``, resubscribing after failures."""
@@ -201,15 +200,9 @@ class Runtime:
             await asyncio.sleep(PROBE_EVERY_S)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await tasks.stop(self._tasks)
         if self._flusher is not None:  # then the last lastRequest times, while the pool is still open
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._flusher
+            await tasks.stop([self._flusher])
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.last_requests.flush(), timeout=5.0)
         await self.bus.close()

@@ -42,6 +42,7 @@ import psycopg
 from nats.errors import MaxPayloadError
 from nats.js.errors import APIError, NoStreamResponseError
 
+from .. import tasks
 from ..storage import horizon
 from .bus import Bus, ensure_streams
 from ..config import PG_KEEPALIVES
@@ -143,51 +144,53 @@ class OutboxRelay:
         checkpoint_due = 0.0
         begun = float("-inf")
         settling = 0  # looks at the pending horizon so far (a long transaction below it: back off)
-        while True:
-            now = loop.time()
-            if self.vacuum and now >= vacuum_at:
-                vacuum_at = now + VACUUM_EVERY_S
-                try:
-                    await conn.execute(VACUUM_OUTBOX)
-                except psycopg.errors.InsufficientPrivilege:
-                    log.info("not the outbox's owner: leaving its vacuuming to autovacuum")
-                    self.vacuum = False
-            self._wake.clear()
-            cur = await conn.execute(NEXT_BATCH, (self.batch_size,))
-            rows = await cur.fetchall()
-            if rows:
-                if not await self._publish([row_to_event(r) for r in rows], conn, js):
-                    failures += 1
-                    await asyncio.sleep(min(0.05 * 2**failures, 1.0))
-                    continue
-                failures = 0
-                # A checkpoint follows every batch (at most one per CHECKPOINT_MIN_GAP under a steady stream).
-                checkpoint_due = min(checkpoint_due, begun + CHECKPOINT_MIN_GAP)
-            now = loop.time()
-            if pending is None and now >= checkpoint_due:
-                # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
-                probes, self._probes = self._probes, {}
-                pending, begun, settling = (await horizon.begin(conn), probes), now, 0
-            if pending is not None:
-                oldest = await horizon.settle(conn, pending[0])
-                if oldest is not None and not 0 < oldest <= pending[0].position:
-                    if await self._checkpoint(js, pending[0].position, pending[1]):
-                        failures = 0
-                        checkpoint_due = loop.time() + self.checkpoint_every
-                    else:  # answer the same probes with a fresh checkpoint later
-                        self._probes = merge_probes(pending[1], self._probes)
+        sending: asyncio.Future[Any] = loop.create_future()  # the checkpoint in flight (one at a time)
+        sending.set_result(None)
+        try:
+            while True:
+                now = loop.time()
+                if self.vacuum and now >= vacuum_at:
+                    vacuum_at = now + VACUUM_EVERY_S
+                    try:
+                        await conn.execute(VACUUM_OUTBOX)
+                    except psycopg.errors.InsufficientPrivilege:
+                        log.info("not the outbox's owner: leaving its vacuuming to autovacuum")
+                        self.vacuum = False
+                self._wake.clear()
+                cur = await conn.execute(NEXT_BATCH, (self.batch_size,))
+                rows = await cur.fetchall()
+                if rows:
+                    if not await self._publish([row_to_event(r) for r in rows], conn, js):
                         failures += 1
-                        checkpoint_due = loop.time() + min(0.05 * 2**failures, 1.0)
-                    pending = None
+                        await asyncio.sleep(min(0.05 * 2**failures, 1.0))
+                        continue
+                    failures = 0
+                    # A checkpoint follows every batch (at most one per CHECKPOINT_MIN_GAP under a steady stream).
+                    checkpoint_due = min(checkpoint_due, begun + CHECKPOINT_MIN_GAP)
+                now = loop.time()
+                if pending is None and now >= checkpoint_due and sending.done():
+                    # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
+                    probes, self._probes = self._probes, {}
+                    pending, begun, settling = (await horizon.begin(conn), probes), now, 0
+                if pending is not None:
+                    oldest = await horizon.settle(conn, pending[0])
+                    if oldest is not None and not 0 < oldest <= pending[0].position:
+                        # Sent beside the loop: the stream-sequence read is a JetStream round trip that the next
+                        # batch must not wait behind (read later, the sequence is only higher: it still covers).
+                        sending = asyncio.ensure_future(self._checkpoint(js, pending[0].position, pending[1]))
+                        checkpoint_due = loop.time() + self.checkpoint_every
+                        pending = None
+                        continue
+                    if not rows:  # a writer below the horizon is still running, or its row just became visible
+                        settling += 1
+                        if oldest is None:
+                            await self._sleep(min(0.002 * settling, 0.05))
+                        continue
+                if rows:
                     continue
-                if not rows:  # a writer below the horizon is still running, or its row just became visible
-                    settling += 1
-                    if oldest is None:
-                        await self._sleep(min(0.002 * settling, 0.05))
-                    continue
-            if rows:
-                continue
-            await self._sleep(max(0.0, min(self.poll_interval, checkpoint_due - now)))
+                await self._sleep(max(0.0, min(self.poll_interval, checkpoint_due - now)))
+        finally:
+            await tasks.stop([sending])
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once for a nudge (a commit in this process)."""
@@ -256,6 +259,7 @@ class OutboxRelay:
             stream_seq = info.state.last_seq
         except Exception as exc:
             log.debug("checkpoint: no stream info: %s: %s", type(exc).__name__, exc)
+            self._probes = merge_probes(probes, self._probes)  # answered by a later checkpoint
             return False
         self.last_ack = time.monotonic()  # JetStream answered: progress, even when no event is written
         checkpoint = Checkpoint(position=position, probes=probes, stream_seq=stream_seq, epoch=self.epoch() or 0,

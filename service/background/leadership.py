@@ -51,7 +51,6 @@ WHERE holder = %(holder)s AND epoch = %(epoch)s AND expires_at > clock_timestamp
 RETURNING epoch
 """
 RELEASE = "UPDATE keyledger_leader SET expires_at = '-infinity' WHERE holder = %(holder)s AND epoch = %(epoch)s"
-FENCE = "SELECT keyledger_fence(%s)"
 
 
 class Deposed(Exception):
@@ -148,7 +147,3 @@ class Lease:
             # ``poll``, so one lease period is plenty; a lone process (an overloaded one) is back soon after.
             await asyncio.sleep(self.ttl + self.poll)
 
-
-def fence_sql(conn: psycopg.Connection[Any], epoch: int) -> None:
-    """Inside a transaction: abort it (SQLSTATE KL410) unless ``epoch`` is the current, unexpired term."""
-    conn.execute(FENCE, (epoch,))

@@ -61,7 +61,6 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from ..background.leadership import fence_sql
 from ..storage.horizon import final_horizon
 from ..storage.parallel import parallel
 
@@ -132,6 +131,10 @@ DEFAULT_JOBS = 2  # reading connections for verify and export (the bench machine
 # ----------------------------------------------------------------------------------------------------------
 # Horizon and sealing
 # ----------------------------------------------------------------------------------------------------------
+# The background leader's fence (schema.sql, keyledger_fence; leadership.py holds the lease).
+FENCE = "SELECT keyledger_fence(%s)"
+
+
 def head(conn: psycopg.Connection[Any]) -> tuple[int, str] | None:
     row = conn.execute(HEAD).fetchone()
     return (int(row[0]), row[1]) if row else None
@@ -165,7 +168,7 @@ def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float 
             prev = digest
         with conn.transaction():
             if epoch is not None:  # the background leader's: commit only inside its own term
-                fence_sql(conn, epoch)
+                conn.execute(FENCE, (epoch,))  # aborts it (KL410) unless epoch is the current, unexpired term
             with conn.cursor().copy(COPY_CHAIN) as copy:
                 for row in chain:
                     copy.write_row(row)

@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Environment: DATABASE_URL and NATS_URL (neither: embedded servers in KEYLEDGER_DATA_DIR), "
                "BETTER_AUTH_SECRET, TRUSTED_ORIGINS, KEYLEDGER_SERVICE_TOKEN, KEYLEDGER_POOL_MAX, NATS_TLS_*, "
-               "NATS_CREDS_FILE, KEYLEDGER_STREAM_*: see the README's Configuration table.")
+               "NATS_CREDS_FILE, KEYLEDGER_STREAM_*: see docs/operations.md, 'Every setting'.")
     p.add_argument("--host", default=os.environ.get("KEYLEDGER_HOST", "127.0.0.1"),
                    help="address to listen on (KEYLEDGER_HOST)")
     p.add_argument("--port", type=int, default=int(os.environ.get("KEYLEDGER_PORT", "3000")),

@@ -1,4 +1,4 @@
-"""Configuration, from the environment only. See the README's configuration table."""
+"""Configuration, from the environment only. Every setting is listed in docs/operations.md."""
 
 from __future__ import annotations
 

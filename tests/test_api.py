@@ -384,7 +384,7 @@ def test_history_endpoint_is_owner_only_and_outlives_revocation(service: Service
 
 
 # ---------------------------------------------------------------------------------------------------------
-# README promises: 409 after 40 lost retries, metadata, name length, banExpires, ApiKeyUpdated's fields
+# Documented promises (docs/api.md): 409 after 40 lost retries, metadata, name length, banExpires, ApiKeyUpdated's fields
 # ---------------------------------------------------------------------------------------------------------
 def test_a_request_that_loses_forty_times_is_409_conflict_and_changes_nothing(service: Service,
                                                                              alice: dict[str, str],

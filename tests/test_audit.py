@@ -132,7 +132,7 @@ def test_sealed_chain_verifies_and_an_export_is_checkable_without_keyledger(fres
 
     lines = export_lines(fresh_db)
     assert len(lines) == 9 and all(line.endswith(b"\n") for line in lines)
-    # The auditor's recipe from the README, with nothing but hashlib and json.
+    # The auditor's recipe from docs/audit.md, with nothing but hashlib and json.
     prev = "0" * 64
     for line in lines:
         line = line.rstrip(b"\n")

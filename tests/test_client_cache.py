@@ -502,7 +502,7 @@ def test_a_gap_larger_than_max_replay_flushes_instead_of_replaying(private: Priv
 
 def test_cached_verify_hot_path_is_served_from_memory(private: Private) -> None:
     """Once cached (and provably fresh), ``verify_cached`` and ``await verify`` answer from memory: no HTTP
-    request, every call a hit. The rate is printed; the floor asserted is 50 times below the README's target
+    request, every call a hit. The rate is printed; the floor asserted is 50 times below docs/benchmarks.md's target
     (500,000/s), only to catch an accidental round trip per call, never a slow or busy machine."""
     p = private
     key, _ = p.key()

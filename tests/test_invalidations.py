@@ -228,7 +228,7 @@ def test_a_lone_event_is_invalidated_within_milliseconds(nats_url: str) -> None:
             latencies.sort()
             print(f"event publish -> invalidation received: median {latencies[10]*1000:.2f} ms, "
                   f"max {latencies[-1]*1000:.2f} ms")
-            # Typically ~1 ms (README: p99 <= 5 ms on a quiet machine). The bound is 100 times that, so a busy
+            # Typically ~1 ms (docs/benchmarks.md: p99 <= 5 ms on a quiet machine). The bound is 100 times that, so a busy
             # machine passes; it still fails a projection that waits on a timer for more messages (nats-py's
             # fetch waits up to 5 s by default).
             assert latencies[10] < 0.5, latencies

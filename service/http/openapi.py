@@ -149,7 +149,7 @@ class Health(msgspec.Struct):
 
 class Ready(msgspec.Struct, rename="camel"):
     ready: bool
-    checkpoint_age_seconds: float  # age of this process's freshness proof (see the README, "Freshness")
+    checkpoint_age_seconds: float  # age of this process's freshness proof (docs/architecture.md, "Freshness")
     outbox_depth: int
     leader: bool  # this process runs the background work
 

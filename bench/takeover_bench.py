@@ -27,6 +27,13 @@ processes share one fresh database, one topology and one ``BETTER_AUTH_SECRET``.
    term for lack of progress and sits out 3 x ttl = 4.5 s before competing again (leadership.py), so an
    earlier round would time that back-off instead of a takeover (``--settle 0`` shows it).
 
+``--fault kill`` (default ``stop``: the above) crashes the leader instead: ``SIGKILL`` to its process group in
+step 2, steps 3-4 measured the same way from the kill; then, instead of step 5, the killed service is started
+again exactly as before (its command line, so the same port, and its environment: database, topology, secret;
+a fresh log, ``service-A.round1.log``), and once both answer ``/ready`` 200 and exactly one leads, the next round
+kills the current leader, ``--settle`` after the restart (the clean-up stops restarted processes too). Its
+results are named for the fault (``takeover-kill-latest.json``), so they never replace the hang's.
+
 All traffic is on loopback; every wait is bounded (``--timeout``) and fails the run with the processes' log
 tails. Processes, database and streams are removed at the end, on errors too (a stopped process is continued
 first). Before the measured rounds the bench waits until ``pgrep -f pytest`` finds nothing (``--quiet-wait``)
@@ -72,6 +79,8 @@ LEADER = re.compile(rb"^keyledger_leader\s+(\S+)\s*$", re.M)
 METRICS_POLL_S = 0.02
 CACHE_POLL_S = 0.002
 STALENESS_S = 1.0
+SIGNAL = {"stop": "SIGSTOP", "kill": "SIGKILL"}  # --fault: what the leader gets
+FAULTED = {"stop": "stopped", "kill": "killed"}
 
 
 class Failed(Exception):
@@ -109,6 +118,17 @@ class Node:
 
     def __init__(self, name: str, service: Any) -> None:
         self.name, self.service, self.stopped = name, service, False
+
+    def restart(self, log_path: Path) -> None:
+        """``--fault kill``: start the killed process again as bench/run.py started it (ServedProcess: its own
+        session, output in ``log_path``), with its command line (the same port) and environment (the same
+        database, topology, secret and PYTHONPATH). ``service`` is the new process from here on, so the
+        clean-up at the end stops it."""
+        old = self.service
+        old.stop()  # reaps the killed process (SIGKILL to its whole group: nothing of it is left) and closes its log
+        # Not R.Service(): that would pick a new port (and secret). Its command line and environment, as they were.
+        self.service = R.ServedProcess(list(old.proc.args), old.env, log_path, old.port)
+        self.service.what = old.what
 
     @property
     def base(self) -> str:
@@ -178,7 +198,8 @@ class Evictions:
 
 async def one_round(i: int, client: httpx.AsyncClient, leader: Node, follower: Node, cache: Any,
                     evictions: Evictions, key_id: str, key: str, headers: dict[str, str], timeout: float,
-                    settle: float) -> dict[str, Any]:
+                    settle: float, fault: str, work: Path) -> tuple[dict[str, Any], Node, Node]:
+    """One round; returns its record and who leads and follows for the next one."""
     steady_s = await steady(client, leader, follower, cache, timeout)
     # The cache holds the key valid and freshly verified over HTTP: the longest an entry can outlive a proof.
     res = await cache.verify(key)
@@ -188,14 +209,14 @@ async def one_round(i: int, client: httpx.AsyncClient, leader: Node, follower: N
     load = loadavg1()
 
     t_stop = time.perf_counter()
-    leader.signal(signal.SIGSTOP)
+    leader.signal(signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
     try:
         async def takeover() -> float:
             async def leads() -> bool:
                 return await leader_of(client, follower) == 1.0
 
-            await wait_for(f"{follower.name} taking the lease after {leader.name} was stopped", leads, timeout,
-                           METRICS_POLL_S, [follower])
+            await wait_for(f"{follower.name} taking the lease after {leader.name} was {FAULTED[fault]}", leads,
+                           timeout, METRICS_POLL_S, [follower])
             return time.perf_counter() - t_stop
 
         async def revoke_and_watch() -> dict[str, Any]:
@@ -227,21 +248,45 @@ async def one_round(i: int, client: httpx.AsyncClient, leader: Node, follower: N
 
         takeover_s, watched = await asyncio.gather(takeover(), revoke_and_watch())
     finally:
-        leader.signal(signal.SIGCONT)
-    t_cont = time.perf_counter()
+        if fault == "stop":
+            leader.signal(signal.SIGCONT)
+    t_cont = time.perf_counter()  # the SIGCONT, or (kill) the restart
 
-    async def stepped_down() -> bool:
-        return await leader_of(client, leader) == 0.0
+    if fault == "stop":
+        async def stepped_down() -> bool:
+            return await leader_of(client, leader) == 0.0
 
-    down_s = await wait_for(f"{leader.name} reporting keyledger_leader 0.0 after SIGCONT", stepped_down, timeout,
-                            METRICS_POLL_S, [leader, follower])
+        down_s = await wait_for(f"{leader.name} reporting keyledger_leader 0.0 after SIGCONT", stepped_down,
+                                timeout, METRICS_POLL_S, [leader, follower])
 
-    async def both_ready() -> bool:
-        return all(await asyncio.gather(ready_of(client, leader), ready_of(client, follower)))
+        async def both_ready() -> bool:
+            return all(await asyncio.gather(ready_of(client, leader), ready_of(client, follower)))
 
-    ready_s = await wait_for("/ready 200 on both after SIGCONT", both_ready, timeout, 0.05, [leader, follower])
-    if await leader_of(client, follower) != 1.0:
-        raise Failed(f"round {i}: {follower.name} lost the lease after {leader.name} was continued")
+        ready_s = await wait_for("/ready 200 on both after SIGCONT", both_ready, timeout, 0.05, [leader, follower])
+        if await leader_of(client, follower) != 1.0:
+            raise Failed(f"round {i}: {follower.name} lost the lease after {leader.name} was continued")
+        next_leader = follower
+        after = {"stepped_down_after_cont_ms": ms(down_s), "both_ready_after_cont_ms": ms(down_s + ready_s),
+                 "stopped_for_ms": ms(t_cont - t_stop)}
+        back = (f"SIGCONT: {leader.name} leader 0.0 after {ms(down_s):.0f} ms, both ready after "
+                f"{ms(down_s + ready_s):.0f} ms")
+    else:
+        leader.restart(work / f"service-{leader.name}.round{i}.log")
+        leading: list[Node] = []
+
+        async def back_and_one_leads() -> bool:
+            if not all(await asyncio.gather(ready_of(client, leader), ready_of(client, follower))):
+                return False
+            values = await asyncio.gather(leader_of(client, leader), leader_of(client, follower))
+            leading[:] = [n for n, v in zip((leader, follower), values) if v == 1.0]
+            return sorted(values) == [0.0, 1.0]
+
+        back_s = await wait_for(f"{leader.name} restarted: /ready 200 on both and exactly one leading",
+                                back_and_one_leads, timeout, 0.05, [leader, follower])
+        next_leader = leading[0]  # normally the survivor; the next round kills whichever leads
+        after = {"restarted_after_kill_ms": ms(t_cont - t_stop), "restarted_pid": leader.service.pid,
+                 "both_ready_one_leading_after_restart_ms": ms(back_s), "leading_after_restart": next_leader.name}
+        back = (f"restarted {leader.name}: both ready, {next_leader.name} leading, after {ms(back_s):.0f} ms")
 
     async def invalidated() -> bool:
         return (follower.name, key_id) in evictions.at
@@ -252,21 +297,20 @@ async def one_round(i: int, client: httpx.AsyncClient, leader: Node, follower: N
     inv_s = evictions.at[(follower.name, key_id)] - t200
     # The resumed process lost its term for lack of progress: it sits out 3 x ttl (4.5 s) before competing
     # again (leadership.py). Without this pause the next round would time that back-off, not a takeover.
+    # A restarted process (--fault kill) has no such back-off: the rounds keep the same pace all the same.
     await asyncio.sleep(max(0.0, settle - (time.perf_counter() - t_cont)))
-    out = {"round": i, "stopped": leader.name, "new_leader": follower.name, "loadavg_1min": load,
+    out = {"round": i, FAULTED[fault]: leader.name, "new_leader": follower.name, "loadavg_1min": load,
            "steady_wait_ms": ms(steady_s), "takeover_s": takeover_s, **watched,
-           "invalidation_after_200_ms": ms(inv_s), "stepped_down_after_cont_ms": ms(down_s),
-           "both_ready_after_cont_ms": ms(down_s + ready_s), "stopped_for_ms": ms(t_cont - t_stop)}
-    say(f"  round {i:>2}: SIGSTOP {leader.name} -> {follower.name} leads after {takeover_s * 1000:7.1f} ms | revoked "
-        f"via {follower.name} ({out['delete_200_after_stop_ms']:.0f} ms after the stop): cache answers invalid "
-        f"{watched['invalid_after_200_s'] * 1000:6.1f} ms after the 200 ({watched['why_invalid']}, "
-        f"{watched['code']}), invalidation arrived after {ms(inv_s):7.1f} ms | SIGCONT: {leader.name} leader 0.0 "
-        f"after {ms(down_s):.0f} ms, both ready after {ms(down_s + ready_s):.0f} ms | load {load}")
-    return out
+           "invalidation_after_200_ms": ms(inv_s), **after}
+    say(f"  round {i:>2}: {SIGNAL[fault]} {leader.name} -> {follower.name} leads after {takeover_s * 1000:7.1f} ms | "
+        f"revoked via {follower.name} ({out['delete_200_after_stop_ms']:.0f} ms after the {fault}): cache answers "
+        f"invalid {watched['invalid_after_200_s'] * 1000:6.1f} ms after the 200 ({watched['why_invalid']}, "
+        f"{watched['code']}), invalidation arrived after {ms(inv_s):7.1f} ms | {back} | load {load}")
+    return out, next_leader, (leader if next_leader is follower else follower)
 
 
 async def measure(nodes: list[Node], servers: Any, cookie: str, keys: list[tuple[str, str]], args: Any,
-                  client_origin: str) -> dict[str, Any]:
+                  client_origin: str, work: Path) -> dict[str, Any]:
     from keyledger.client import KeyCache
     from keyledger.config import Topology
 
@@ -275,6 +319,7 @@ async def measure(nodes: list[Node], servers: Any, cookie: str, keys: list[tuple
     evictions = Evictions()
     # One cache per process, each asking that process over HTTP: a round uses the cache of the process that
     # keeps running (a cache asking the hung one would answer KEYLEDGER_UNAVAILABLE, which proves nothing).
+    # A restarted process (--fault kill) listens on the same port: its cache keeps asking it.
     caches = {n.name: KeyCache(n.base, servers.nats_url, topology=topology, staleness=STALENESS_S,
                                on_invalidation=evictions.hook(n.name)) for n in nodes}
     headers = {"Cookie": cookie, "Origin": R.ORIGIN, "Content-Type": "application/json"}
@@ -295,9 +340,10 @@ async def measure(nodes: list[Node], servers: Any, cookie: str, keys: list[tuple
             quiet = R.wait_until_quiet(args.quiet_wait, args.quiet_timeout, args.quiet_cpu)
             for i in range(1, args.rounds + 1):
                 key_id, key = keys[i - 1]
-                rounds.append(await one_round(i, client, leader, follower, caches[follower.name], evictions, key_id,
-                                              key, headers, args.timeout, args.settle))
-                leader, follower = follower, leader
+                rec, leader, follower = await one_round(i, client, leader, follower, caches[follower.name], evictions,
+                                                        key_id, key, headers, args.timeout, args.settle, args.fault,
+                                                        work)
+                rounds.append(rec)
         finally:
             for n in nodes:
                 if n.stopped:
@@ -311,10 +357,14 @@ async def measure(nodes: list[Node], servers: Any, cookie: str, keys: list[tuple
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--fault", choices=tuple(SIGNAL), default="stop",
+                    help="what befalls the leader: stop = SIGSTOP, a hung process, continued after the takeover "
+                         "(default); kill = SIGKILL, a crashed one, started again after the takeover")
     ap.add_argument("--timeout", type=float, default=30.0, help="bound on every wait, in seconds (default 30)")
     ap.add_argument("--settle", type=float, default=5.0,
-                    help="seconds from SIGCONT to the next round (default 5: a resumed leader that lost its term "
-                         "for lack of progress sits out 4.5 s; 0 times that back-off in every other round)")
+                    help="seconds from SIGCONT (--fault kill: from the restart) to the next round (default 5: a "
+                         "resumed leader that lost its term for lack of progress sits out 4.5 s; 0 times that "
+                         "back-off in every other round)")
     ap.add_argument("--pythonpath", metavar="DIR", default=None,
                     help="run the services (and import the in-process KeyCache) with the `keyledger` package in "
                          "DIR instead of the venv's, as bench/run.py --pythonpath")
@@ -337,7 +387,7 @@ def main() -> int:
     load_start = loadavg1()
     servers = R.Servers()
     nodes: list[Node] = []
-    result: dict[str, Any] = {"mode": servers.mode, "database": servers.dbname,
+    result: dict[str, Any] = {"fault": args.fault, "mode": servers.mode, "database": servers.dbname,
                               "streams": [servers.events_stream, servers.inv_stream], "loadavg_1min_start": load_start}
     rc = 1
 
@@ -349,7 +399,7 @@ def main() -> int:
         machine = R.machine_info(servers.pg_version, servers.pg_settings)
         machine["nats"] = asyncio.run(nats_version(servers.nats_url))
         result["machine"] = machine
-        say("keyledger takeover bench")
+        say(f"keyledger takeover bench (--fault {args.fault}: {SIGNAL[args.fault]} the leader)")
         say(f"  machine   {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_mb']:,} MB RAM, "
             f"kernel {machine['kernel']}")
         say(f"  software  PostgreSQL {machine['postgres']}, NATS {machine['nats']}, Python {machine['python']}")
@@ -372,9 +422,10 @@ def main() -> int:
             raise Failed("seeding fell short")
 
         say("")
-        say(f"takeover rounds (SIGSTOP the leader; /metrics polled every {METRICS_POLL_S * 1000:.0f} ms; the cache "
-            f"polled every {CACHE_POLL_S * 1000:.0f} ms)")
-        out = asyncio.run(measure(nodes, servers, cookie, keys, args, client_origin))
+        say(f"takeover rounds ({SIGNAL[args.fault]} the leader"
+            + ("" if args.fault == "stop" else ", then start it again") + f"; /metrics polled every "
+            f"{METRICS_POLL_S * 1000:.0f} ms; the cache polled every {CACHE_POLL_S * 1000:.0f} ms)")
+        out = asyncio.run(measure(nodes, servers, cookie, keys, args, client_origin, work))
         rounds = out["rounds"]
         takeover = [r["takeover_s"] for r in rounds]
         invalid = [r["invalid_after_200_s"] for r in rounds]
@@ -391,16 +442,19 @@ def main() -> int:
         W = 110
         say("")
         say("=" * W)
-        say(f"keyledger takeover bench  {machine['date']}  {machine['nproc']} CPUs {machine['cpu_model']}  "
-            f"PostgreSQL {machine['postgres']}  ({servers.mode} servers)")
+        say(f"keyledger takeover bench, --fault {args.fault} ({SIGNAL[args.fault]} the leader)  {machine['date']}  "
+            f"{machine['nproc']} CPUs {machine['cpu_model']}  PostgreSQL {machine['postgres']}  "
+            f"({servers.mode} servers)")
         say(f"load average (1 min): {out['quiet']['loadavg_1min']} before the rounds, "
             f"{min(r['loadavg_1min'] for r in rounds)}-{max(r['loadavg_1min'] for r in rounds)} during them")
         say("-" * W)
-        say("SIGSTOP leader -> other process reports keyledger_leader 1.0 (ms): "
+        say(f"{SIGNAL[args.fault]} leader -> other process reports keyledger_leader 1.0 (ms): "
             + ", ".join(f"{r['takeover_ms']:.0f}" for r in rounds))
         say(f"    median {summary['takeover']['median_ms']:.0f} ms, max {summary['takeover']['max_ms']:.0f} ms "
-            f"(lease 1.5 s, renewed every 0.3 s, polled every 0.25 s; rounds {args.settle:g} s after the SIGCONT)")
-        say("revoke during the hang: delete's 200 -> KeyCache(staleness=1.0) answers invalid (ms): "
+            f"(lease 1.5 s, renewed every 0.3 s, polled every 0.25 s; rounds {args.settle:g} s after the "
+            + ("SIGCONT)" if args.fault == "stop" else "restart)"))
+        say(f"revoke {'during the hang' if args.fault == 'stop' else 'after the crash'}: delete's 200 -> "
+            "KeyCache(staleness=1.0) answers invalid (ms): "
             + ", ".join(f"{r['cache_invalid_after_200_ms']:.0f}" for r in rounds))
         say(f"    median {summary['cache_invalid_after_200']['median_ms']:.0f} ms, max "
             f"{summary['cache_invalid_after_200']['max_ms']:.0f} ms; within the 1 s staleness bound in every round: "
@@ -409,16 +463,27 @@ def main() -> int:
         say(f"    the invalidation itself arrived (from the new leader) after a median "
             f"{summary['invalidation_after_200']['median_ms']:.0f} ms, max "
             f"{summary['invalidation_after_200']['max_ms']:.0f} ms; none lost")
+        say("-" * W)
+        say(f"{'measure (--fault ' + args.fault + ', ' + str(len(rounds)) + ' rounds)':<72}{'median':>12}{'max':>12}"
+            f"{'min':>12}")
+        for label, key in ((f"{'hang' if args.fault == 'stop' else 'crash'} ({SIGNAL[args.fault]}) -> takeover",
+                            "takeover"),
+                           ("revoked key refused by the cache, after delete's 200", "cache_invalid_after_200"),
+                           ("its invalidation published, after delete's 200", "invalidation_after_200")):
+            st = summary[key]
+            say(f"{label:<72}" + "".join(f"{st[k]:>9.0f} ms" for k in ("median_ms", "max_ms", "min_ms")))
         say("=" * W)
         result.update(quiet=out["quiet"], rounds=rounds, summary=summary, loadavg_1min_end=loadavg1(),
-                      config={"rounds": args.rounds, "timeout_s": args.timeout, "settle_s": args.settle,
+                      config={"fault": args.fault, "rounds": args.rounds, "timeout_s": args.timeout,
+                              "settle_s": args.settle,
                               "metrics_poll_s": METRICS_POLL_S,
                               "cache_poll_s": CACHE_POLL_S, "staleness_s": STALENESS_S})
         text = json.dumps(result, indent=2, default=str)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        (RESULTS / "takeover-latest.json").write_text(text)
-        (RESULTS / f"takeover-{stamp}.json").write_text(text)
-        say(f"results: {RESULTS / 'takeover-latest.json'}")
+        name = "takeover" if args.fault == "stop" else f"takeover-{args.fault}"  # the hang keeps its old names
+        (RESULTS / f"{name}-latest.json").write_text(text)
+        (RESULTS / f"{name}-{stamp}.json").write_text(text)
+        say(f"results: {RESULTS / f'{name}-latest.json'}")
         rc = 0
     except KeyboardInterrupt:
         say("bench: interrupted")

@@ -408,7 +408,7 @@ def test_the_events_stream_holds_only_events_and_refuses_rollups(db_factory: Any
     """Checkpoints once rode the events stream, rolled up to the newest (``Nats-Rollup: sub``). A rollup is a
     purge, and on NATS 2.9 (and later versions, with multi-filter consumers) a purge moved the stream's
     consumers past events that were not delivered or acknowledged yet: their invalidations were never sent,
-    and the next checkpoint vouched for them (2 to 5 of 2,000 concurrent revocations, in 4 of 9 benchmark runs).
+    and the next checkpoint vouched for them (1 to 5 of 2,000 concurrent revocations, in 7 of 17 benchmark runs).
     Now: keyledger turns rollups off on an events stream that allowed them, stores nothing but events there,
     and every one of many concurrent revocations, with checkpoints flowing all along, has its invalidation."""
     topology = unique_topology("norollup")

@@ -65,7 +65,8 @@ def extract(rev: str, into: Path) -> dict[str, str]:
     shutil.copytree(src / "service", pkg, symlinks=True)
     # schema.sql is a symlink to the repository's top-level schema.sql (keyledger/schema.sql in older revisions,
     # keyledger/storage/schema.sql since the layout of issue 13): make it the real file
-    for link in [path for path in pkg.rglob("schema.sql") if path.is_symlink()]:
+    # (rglob("*"): a dangling symlink, as these are once copied, is not matched by the name pattern itself)
+    for link in [path for path in pkg.rglob("*") if path.name == "schema.sql" and path.is_symlink()]:
         link.unlink()
         shutil.copyfile(src / "schema.sql", link)
     shutil.copytree(src / "projections", pkg / "projections")

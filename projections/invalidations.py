@@ -155,7 +155,7 @@ class InvalidationProjection:
 
     async def run(self) -> None:
         checkpoints = [asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever)),
-                       asyncio.ensure_future(run_forever(f"{self.name} relay checkpoints", self._take_checkpoints))]
+                       asyncio.ensure_future(self.bus.listen(self.bus.topology.relay_checkpoint_subject, self._hold))]
         try:
             await run_forever(f"{self.name} projection", self._consume)
         finally:
@@ -181,8 +181,7 @@ class InvalidationProjection:
         self.fence()
         todo: list[tuple[Any, dict[str, Any] | None, str | None]] = []
         for msg in msgs:
-            with contextlib.suppress(Exception):
-                self._unacked.add(msg.metadata.sequence.stream)
+            self._unacked.add(msg.metadata.sequence.stream)
             try:
                 recorded = decode_envelope(msg.data)
                 reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
@@ -236,8 +235,7 @@ class InvalidationProjection:
 
     async def _ack(self, msg: Any) -> None:
         await msg.ack()
-        with contextlib.suppress(Exception):
-            self._unacked.discard(msg.metadata.sequence.stream)
+        self._unacked.discard(msg.metadata.sequence.stream)
         self._acked.set()
 
     async def _stream_exists(self, js: Any) -> bool:
@@ -252,21 +250,11 @@ class InvalidationProjection:
     # --------------------------------------------------------------------------------------------------
     # Checkpoints
     # --------------------------------------------------------------------------------------------------
-    async def _take_checkpoints(self) -> None:
-        await self.bus.ready()
-        sub = await self.bus.nc.subscribe(self.bus.topology.relay_checkpoint_subject,  # type: ignore[union-attr]
-                                          cb=self._hold)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def _hold(self, msg: Any) -> None:
+    def _hold(self, payload: bytes) -> None:
         """Keep the newest checkpoint until everything up to its stream sequence is acknowledged. A lost one
         (a crash before forwarding, a dropped core message) only delays the proof to the next checkpoint."""
         try:
-            checkpoint = decode_checkpoint(msg.data)
+            checkpoint = decode_checkpoint(payload)
         except Exception:
             return
         if self._held is not None:

@@ -119,6 +119,23 @@ class Bus:
     async def _on_reconnect(self) -> None:
         log.info("NATS reconnected")
 
+    async def listen(self, subject: str, handle: Callable[[bytes], None]) -> None:
+        """Call ``handle(payload)`` for each core-NATS message on ``subject``, resubscribing after failures."""
+        await self.ready()
+        while True:
+            try:
+                sub = await self.nc.subscribe(subject)  # type: ignore[union-attr]
+                try:
+                    async for msg in sub.messages:
+                        handle(msg.data)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
+
     async def close(self) -> None:
         self._closing = True
         await tasks.stop([self._task])

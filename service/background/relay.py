@@ -146,8 +146,7 @@ class OutboxRelay:
         checkpoint_due = 0.0
         begun = float("-inf")
         settling = 0  # looks at the pending horizon so far (a long transaction below it: back off)
-        sending: asyncio.Future[Any] = loop.create_future()  # the checkpoint in flight (one at a time)
-        sending.set_result(None)
+        sending: asyncio.Future[bool] | None = None  # the checkpoint in flight (one at a time)
         try:
             while True:
                 now = loop.time()
@@ -170,7 +169,7 @@ class OutboxRelay:
                     # A checkpoint follows every batch (at most one per CHECKPOINT_MIN_GAP under a steady stream).
                     checkpoint_due = min(checkpoint_due, begun + CHECKPOINT_MIN_GAP)
                 now = loop.time()
-                if pending is None and now >= checkpoint_due and sending.done():
+                if pending is None and now >= checkpoint_due and (sending is None or sending.done()):
                     # Probes first, THEN the horizon: an event committed before a probe arrived is <= the horizon.
                     probes, self._probes = self._probes, {}
                     pending, begun, settling = (await horizon.begin(conn), probes), now, 0

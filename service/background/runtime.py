@@ -144,7 +144,7 @@ class Runtime:
         workers: list[asyncio.Task[Any]] = []
         if self.settings.run_relay:
             workers.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
-            workers.append(asyncio.create_task(self._listen(self.settings.topology.probe_subject,
+            workers.append(asyncio.create_task(self.bus.listen(self.settings.topology.probe_subject,
                                                             self.relay.on_probe), name="probes"))
             sealer = AuditSealer(self.settings.database_url, self.bus, fence=fence,
                                  epoch=lambda: self.lease.epoch)
@@ -158,29 +158,12 @@ class Runtime:
             workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
             sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge, fence=fence)
             workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
-        workers.append(asyncio.create_task(self._listen(self._wake_subject, lambda _: self.relay.nudge()),
+        workers.append(asyncio.create_task(self.bus.listen(self._wake_subject, lambda _: self.relay.nudge()),
                                            name="relay-wake"))
         try:
             await asyncio.gather(*workers)
         finally:
             await tasks.stop(workers)
-
-    async def _listen(self, subject: str, handle: Any) -> None:
-        """Call ``handle(payload)`` for each core-NATS message on ``subject``, resubscribing after failures."""
-        await self.bus.ready()
-        while True:
-            try:
-                sub = await self.bus.nc.subscribe(subject)  # type: ignore[union-attr]
-                try:
-                    async for msg in sub.messages:
-                        handle(msg.data)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.5)
 
     async def _probe_forever(self) -> None:
         """Probe the pipeline every PROBE_EVERY_S and take the checkpoints' echoes (freshness.py)."""

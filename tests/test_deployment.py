@@ -146,6 +146,70 @@ def test_tls_with_client_certificates_and_a_password(db_factory: Any, tmp_path: 
             asyncio.run(cache_over_tls())
 
 
+# --------------------------------------------------------------------------------------------------------
+# nkey authentication: a server that knows only public keys; the service and a cache sign its challenge
+# --------------------------------------------------------------------------------------------------------
+def _nkey_user(where: Path, name: str) -> tuple[str, Path]:
+    """A fresh user nkey: its public key (for the server) and a file holding its seed (for the client)."""
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path = where / f"{name}.nk"
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return nkeys.from_seed(bytearray(seed)).public_key.decode(), path
+
+
+@contextlib.contextmanager
+def nkey_nats(tmp_path: Path, public_keys: list[str]) -> Iterator[str]:
+    port = free_port()
+    config = tmp_path / "nats-nkey.conf"
+    users = ", ".join(f'{{ nkey: "{key}" }}' for key in public_keys)
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{tmp_path / 'js-nkey'}" }}
+authorization {{ users: [ {users} ] }}
+""")
+    proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="the nkey nats-server")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_nkey_authentication(db_factory: Any, tmp_path: Path) -> None:
+    service_key, service_seed = _nkey_user(tmp_path, "service")
+    cache_key, cache_seed = _nkey_user(tmp_path, "cache")
+    _, stranger_seed = _nkey_user(tmp_path, "stranger")
+    with nkey_nats(tmp_path, [service_key, cache_key]) as url:
+        # A seed the server does not know: refused, so the service runs but is not ready, and says why.
+        with serving(db_factory.create("deploy_nkey_no"), url, "nkeyno", tmp_path,
+                     extra_env={"NATS_NKEY_SEED_FILE": str(stranger_seed)}, shared_nats=False) as svc:
+            wait_until(lambda: "NATS not reachable" in svc.log_tail(200), timeout=15, what="a WARNING about NATS")
+            assert ready(svc).status_code == 503
+            assert stranger_seed.read_text().strip() not in svc.log_tail(400)  # the seed never in the log
+        with serving(db_factory.create("deploy_nkey"), url, "nkey", tmp_path,
+                     extra_env={"NATS_NKEY_SEED_FILE": str(service_seed)}, shared_nats=False) as svc:
+            wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 with an nkey")
+            me = svc.session()
+            key = svc.create_key(me)
+
+            async def cache_with_an_nkey() -> None:
+                options = nats_connect_options({"NATS_NKEY_SEED_FILE": str(cache_seed)})
+                async with KeyCache(svc.url, url, topology=svc.topology, nats_options=options) as cache:
+                    await wait_for(lambda: cache.trusted, 15, "a freshness proof with an nkey")
+                    assert (await cache.verify(key["key"])).valid
+                    assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+                    await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation")
+
+            asyncio.run(cache_with_an_nkey())
+
+
 @pytest.mark.parametrize("env,message", [
     ({"NATS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "NATS_TLS_CA_FILE"),
     ({"NATS_TLS_CERT_FILE": "/etc/hostname"}, "go together"),

@@ -88,7 +88,9 @@ def machine_info(pg_version: str, pg_settings: dict[str, str]) -> dict[str, Any]
         for line in fh:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    # Benches that do not use wrk (the cluster bench) need not install it: "-" then.
+    wrk_version = (subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+                   if shutil.which("wrk") else ["-"])
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": model,
@@ -131,11 +133,25 @@ def free_port() -> int:
 
 
 class Servers:
-    def __init__(self) -> None:
-        db, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
+    def __init__(self, own_nats: str | None = None) -> None:
+        """``own_nats``: a NATS the caller started and stops (bench/cluster_bench.py's 3-node cluster; it may be a
+        comma-separated list). Then only PostgreSQL is chosen here: DATABASE_URL's server when set, else an
+        embedded one; NATS_URL is ignored, and the streams are left to the caller (they die with its cluster)."""
+        db, nats_url = os.environ.get("DATABASE_URL"), own_nats or os.environ.get("NATS_URL")
         self._embedded: list[Any] = []
         self._tmp: str | None = None
-        if db and nats_url:
+        self.keep_streams = own_nats is not None
+        if own_nats and not db:
+            self.mode = "embedded"
+            from keyledger.embedded import start_postgres
+
+            self._tmp = tempfile.mkdtemp(prefix="klb-")  # short: the PG unix socket path is limited
+            t = time.monotonic()
+            pg = start_postgres(Path(self._tmp) / "pg")
+            self._embedded.append(pg)
+            self.admin_url, self.nats_url = pg.url, own_nats
+            say(f"bench: embedded PostgreSQL started in {time.monotonic() - t:.1f} s")
+        elif db and nats_url:
             self.mode = "external"
             self.admin_url, self.nats_url = db, nats_url
         elif db or nats_url:

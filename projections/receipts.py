@@ -1,8 +1,12 @@
 """Revocation receipts: when did a revocation take effect in every cache that holds keys?
 
-Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` the log position through which it has applied
-invalidations (it learns that from the freshness checkpoints, freshness.py): at once after it applied an
-invalidation, else as a heartbeat every second. Positions only: no key ids, no hashes.
+Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` (positions only: no key ids, no hashes):
+
+* at once after it applied invalidations, their positions (``applied``): each such revocation is in effect in
+  that cache (the key evicted, and a verify in flight cannot put it back), no checkpoint awaited;
+* every second, as a heartbeat, the log position through which it has applied every invalidation (proven by
+  the freshness checkpoints, freshness.py): this keeps a cache live while nothing is revoked, and confirms
+  whatever an applied receipt left out (a lost message, a cache that predates ``applied``).
 
 This projection (in the background leader) keeps three tables (schema.sql):
 
@@ -11,7 +15,8 @@ This projection (in the background leader) keeps three tables (schema.sql):
 * ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
   event stream (its own durable consumer, consumer.py);
 * ``revocation_receipts``: per revocation, one row per cache that was live when the revocation was projected,
-  with ``effective_at`` = the moment keyledger received the first receipt covering the position.
+  with ``effective_at`` = the moment keyledger received the first receipt covering the position (naming it in
+  ``applied``, or proving every position up to it).
 
 Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt. When the last
 live cache confirms (or the last pending one is declared gone), ``effective_everywhere_at`` is set and
@@ -47,6 +52,7 @@ log = logging.getLogger("keyledger.projections.receipts")
 
 NAME = "receipts"
 GONE_AFTER_S = 10.0
+MAX_APPLIED = 1024  # applied positions taken from one (merged) receipt; the rest wait for the proven position
 RETENTION_DAYS = 30
 REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
@@ -64,7 +70,8 @@ INSERT INTO revocation_receipts (position, cache_id, effective_at)
 SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[])
 ON CONFLICT DO NOTHING
 """
-# One statement per receipt: note the cache, confirm its pending receipts up to the position, say when.
+# One statement per receipt: note the cache, confirm its pending receipts up to the position and at the applied
+# positions, say when.
 RECEIVE = """
 WITH seen AS (
     INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
@@ -74,10 +81,11 @@ WITH seen AS (
     RETURNING last_seen_at
 ), confirmed AS (
     UPDATE revocation_receipts SET effective_at = (SELECT last_seen_at FROM seen)
-    WHERE cache_id = %(cache)s AND effective_at IS NULL AND position <= %(position)s
+    WHERE cache_id = %(cache)s AND effective_at IS NULL
+      AND (position <= %(position)s OR position = ANY(%(applied)s::bigint[]))
     RETURNING position
 )
-SELECT (SELECT last_seen_at FROM seen), (SELECT count(*) FROM confirmed)
+SELECT (SELECT last_seen_at FROM seen), (SELECT max(position) FROM confirmed)
 """
 # Complete every pending revocation (up to a position, or all) that no live cache still blocks. The moment is the
 # last confirmation when every cache confirmed, else now (a pending cache was just declared gone).
@@ -152,8 +160,9 @@ class ReceiptsProjection:
         self.epoch = epoch
         self.received = 0
         self.completed = 0
-        # cache id -> its recent (position, database time) receipts, for revocations projected after them.
-        self._recent: dict[str, collections.deque[tuple[int, dt.datetime]]] = {}
+        # cache id -> its recent (position, applied positions, database time) receipts, for revocations projected
+        # after them (an applied-invalidation receipt usually outruns this projection's own copy of the event).
+        self._recent: dict[str, collections.deque[tuple[int, frozenset[int], dt.datetime]]] = {}
         self._lock = asyncio.Lock()  # one connection, shared by the three loops below
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -191,7 +200,8 @@ class ReceiptsProjection:
                 live = [r[0] for r in await (await self._conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()]
                 pairs = [(p, c) for p in recorded for c in live]
                 # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
-                effective = [next((t for q, t in self._recent.get(c, ()) if q >= p), None) for p, c in pairs]
+                effective = [next((t for q, applied, t in self._recent.get(c, ()) if q >= p or p in applied), None)
+                             for p, c in pairs]
                 if pairs:
                     await self._conn.execute(ADD_RECEIPTS, ([p for p, _ in pairs], [c for _, c in pairs], effective))
                 done = await self._completed_in(max(recorded))
@@ -208,20 +218,22 @@ class ReceiptsProjection:
         sub = await self.bus.nc.subscribe(self.bus.topology.receipts_subject, cb=arrived)  # type: ignore[union-attr]
         try:
             while True:
-                # Take all that arrived, newest position per cache: a cache's receipts only ever move forward,
-                # so its latest covers the earlier ones, and the batch costs one commit.
-                latest: dict[str, Receipt] = {}
+                # Take all that arrived, one receipt per cache: its newest position (a cache's proven position
+                # only moves forward) and every applied position; the batch costs one commit.
+                merged: dict[str, Receipt] = {}
                 for payload in [await queue.get(), *_drain(queue)]:
                     try:
                         receipt = decode_receipt(payload)
                     except msgspec.DecodeError:
                         continue
-                    seen = latest.get(receipt.cache_id)
-                    if seen is None or receipt.position >= seen.position:
-                        latest[receipt.cache_id] = receipt
                     self.received += 1
-                if latest:
-                    await self._receive(list(latest.values()))
+                    seen = merged.get(receipt.cache_id)
+                    if seen is not None:
+                        receipt = msgspec.structs.replace(receipt, position=max(seen.position, receipt.position),
+                                                          applied=[*seen.applied, *receipt.applied])
+                    merged[receipt.cache_id] = receipt
+                if merged:
+                    await self._receive(list(merged.values()))
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -234,14 +246,15 @@ class ReceiptsProjection:
             async with self._conn.transaction():
                 confirmed_upto = None
                 for receipt in receipts:
+                    applied = receipt.applied[:MAX_APPLIED]
                     at, confirmed = await (await self._conn.execute(RECEIVE, {
                         "cache": receipt.cache_id[:200], "service": receipt.service[:200],
-                        "position": receipt.position})).fetchone()
+                        "position": receipt.position, "applied": applied})).fetchone()
                     recent = self._recent.setdefault(receipt.cache_id, collections.deque(maxlen=64))
-                    if not recent or receipt.position > recent[-1][0]:
-                        recent.append((receipt.position, at))
-                    if confirmed:
-                        confirmed_upto = max(confirmed_upto or 0, receipt.position)
+                    if not recent or receipt.position > recent[-1][0] or applied:
+                        recent.append((receipt.position, frozenset(applied), at))
+                    if confirmed is not None:
+                        confirmed_upto = max(confirmed_upto or 0, confirmed)
                 if confirmed_upto is not None:
                     done = await self._completed_in(confirmed_upto)
         await self._announce(done)

@@ -69,6 +69,7 @@ UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 
 # Receipts (positions only): at once after an invalidation, else a heartbeat this often (liveness).
 RECEIPT_EVERY_S = 1.0
+RECEIPT_MAX_APPLIED = 256  # positions per receipt; older ones wait for the checkpoint that covers them
 
 _sha256 = hashlib.sha256
 _monotonic = time.monotonic
@@ -195,8 +196,10 @@ class KeyCache:
         self.cache_id = cache_id or f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10_000:04d}"
         self.service = service
         self.receipts = receipts
-        self._receipt_sent = (float("-inf"), -1)  # (monotonic time, position) of the last receipt
-        self._applied_position: int | None = None  # position of the newest invalidation applied
+        self._receipt_sent_at = float("-inf")  # monotonic time of the last receipt
+        # Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint).
+        self._unreported: collections.deque[int] = collections.deque(maxlen=RECEIPT_MAX_APPLIED)
+        self._receipt_task: asyncio.Task[None] | None = None
         self.topology = topology or Topology()
         self.staleness = staleness
         self.negative_ttl = negative_ttl
@@ -254,6 +257,8 @@ class KeyCache:
         if self._task is not None:
             await tasks.stop([self._task])
             self._task = None
+        if self._receipt_task is not None:
+            await tasks.stop([self._receipt_task])
         if self._nc is not None:
             try:
                 await asyncio.wait_for(self._nc.close(), 2)
@@ -477,8 +482,8 @@ class KeyCache:
             return
         self.invalidations_applied += 1
         self.last_invalidation = inv
-        if inv.position > (self._applied_position or -1):
-            self._applied_position = inv.position
+        if self.receipts:
+            self._unreported.append(inv.position)
         if self.on_invalidation is not None:
             try:
                 self.on_invalidation(inv)
@@ -487,6 +492,29 @@ class KeyCache:
 
     async def _on_message(self, msg: Any) -> None:
         self._apply(msg.data)
+        if self._unreported and self._receipt_task is None and self._nc is not None:
+            # One receipt per burst: sent on the next loop turn, once the rest of what arrived is applied too.
+            self._receipt_task = asyncio.get_running_loop().create_task(self._report_applied())
+
+    async def _report_applied(self) -> None:
+        """Receipt for the invalidations just applied: keyledger can date their revocations at once, without
+        waiting for the checkpoint that will cover them."""
+        try:
+            await asyncio.sleep(0)
+            applied = list(self._unreported)
+            self._unreported.clear()
+            await self._send_receipt(applied)
+        finally:
+            self._receipt_task = None
+
+    async def _send_receipt(self, applied: list[int] | None = None) -> None:
+        self._receipt_sent_at = _monotonic()
+        receipt = Receipt(cache_id=self.cache_id, service=self.service, position=self._prober.seen_position or 0,
+                          applied=applied or [])
+        try:
+            await self._nc.publish(self.topology.receipts_subject, encode_receipt(receipt))  # type: ignore[union-attr]
+        except Exception:  # a lost receipt is replaced by the next one
+            pass
 
     # ------------------------------------------------------------------------------------------------------
     # NATS: connection, proof round trips, catching up
@@ -543,19 +571,12 @@ class KeyCache:
     async def _on_checkpoint(self, msg: Any) -> None:
         # An echo counts only with no gap left to close (the probe's own session is checked by the prober).
         self._prober.on_checkpoint(msg.data, accept=not self._gap)
-        position, (sent_at, sent_position) = self._prober.seen_position, self._receipt_sent
-        now = _monotonic()
-        # A receipt at once when it confirms an invalidation applied since the last one (every revocation-like
-        # event has one), else a heartbeat every RECEIPT_EVERY_S: the cost follows the revocation rate.
-        confirms = self._applied_position is not None and sent_position < self._applied_position <= (position or -1)
-        if (self.receipts and position is not None and position > sent_position and self._nc is not None
-                and (confirms or now - sent_at >= RECEIPT_EVERY_S)):
-            self._receipt_sent = (now, position)
-            receipt = Receipt(cache_id=self.cache_id, service=self.service, position=position)
-            try:
-                await self._nc.publish(self.topology.receipts_subject, encode_receipt(receipt))
-            except Exception:  # a lost receipt is replaced by the next one
-                pass
+        # A heartbeat receipt every RECEIPT_EVERY_S, with the position proven so far: it keeps this cache "live"
+        # in keyledger's receipts even while no key is revoked (checkpoints come every 250 ms regardless), and
+        # confirms what an applied-invalidation receipt left out. Revocations are confirmed at once by those.
+        if (self.receipts and self._prober.seen_position is not None and self._nc is not None
+                and _monotonic() - self._receipt_sent_at >= RECEIPT_EVERY_S):
+            await self._send_receipt()
 
     async def _on_disconnect(self) -> None:
         self._epoch += 1

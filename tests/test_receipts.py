@@ -5,6 +5,7 @@ one in a process of its own, the example downstream service, which the test can 
 from __future__ import annotations
 
 import asyncio
+import json
 import datetime as dt
 import os
 import signal
@@ -154,3 +155,100 @@ def test_a_cache_that_joins_later_is_not_listed_and_strangers_get_404(deployment
     never = svc.create_key(me)
     not_revoked = receipt(svc, me, never["id"])
     assert not_revoked.status_code == 404 and not_revoked.json()["code"] == "NOT_REVOKED"
+
+
+def test_a_cache_reports_each_applied_invalidation_at_once(deployment: Service) -> None:
+    """The cache's receipt names the revocation's position as soon as it evicted the key, without waiting for a
+    checkpoint to cover it (the wire: ``<prefix>.cache.receipts``)."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+
+    async def scenario() -> list[dict[str, Any]]:
+        heard: list[dict[str, Any]] = []
+        nc = await nats.connect(svc.nats_url)
+
+        async def on_receipt(msg: Any) -> None:
+            receipt = json.loads(msg.data)
+            if receipt["cacheId"] == "reporter":
+                heard.append(receipt)
+
+        await nc.subscribe(svc.topology.receipts_subject, cb=on_receipt)
+        try:
+            async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="reporter") as cache:
+                await wait_for(lambda: cache.trusted, 15, "the cache trusted")
+                assert (await cache.verify(key["key"])).valid
+                assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+                await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "eviction")
+                position = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()["position"]
+                await wait_for(lambda: any(position in r.get("applied", []) for r in heard), 5,
+                               "a receipt naming the revocation's position")
+                return heard
+        finally:
+            await nc.close()
+
+    heard = asyncio.run(scenario())
+    assert all(set(r) <= {"cacheId", "service", "position", "applied"} for r in heard)  # positions only
+
+
+def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deployment: Service) -> None:
+    """A cache that speaks the wire format by hand: live by one heartbeat, then it confirms a revocation only by
+    naming its position in ``applied``, its proven position never reaching it. keyledger counts it confirmed
+    (a cache that never confirmed would be listed "gone" after GONE_AFTER_S, not "confirmed")."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+
+    async def scenario() -> dict[str, Any]:
+        nc = await nats.connect(svc.nats_url)
+        positions: list[int] = []
+
+        async def on_invalidation(msg: Any) -> None:
+            positions.append(json.loads(msg.data)["position"])
+
+        async def send(applied: list[int]) -> None:
+            await nc.publish(svc.topology.receipts_subject,
+                             json.dumps({"cacheId": "by-hand", "position": 0, "applied": applied}).encode())
+            await nc.flush()
+
+        await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
+        try:
+            await send([])
+            await wait_for(lambda: "by-hand" in live_caches(svc), 10, "the hand-made cache live")
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            await send(positions)
+            deadline = time.monotonic() + GONE_AFTER_S - 2
+            while True:
+                answer = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
+                if answer["effectiveEverywhereAt"]:
+                    return answer
+                assert time.monotonic() < deadline, answer
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+
+    answer = asyncio.run(scenario())
+    states = {c["cacheId"]: c["state"] for c in answer["caches"]}
+    assert states["by-hand"] == "confirmed", answer
+
+
+def test_a_quiet_cache_stays_live(deployment: Service) -> None:
+    """With nothing revoked for longer than GONE_AFTER_S, a running cache is still live (its heartbeats go on),
+    so the next revocation waits for its confirmation instead of calling it gone."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+
+    async def scenario() -> None:
+        async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="quiet"):
+            await wait_for(lambda: "quiet" in live_caches(svc), 15, "the cache reporting")
+            await asyncio.sleep(GONE_AFTER_S + 2)
+            assert "quiet" in live_caches(svc), "a running cache went silent while nothing was revoked"
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: receipt(svc, me, key["id"]).json().get("effectiveEverywhereAt"), 10,
+                           "completion")
+
+    asyncio.run(scenario())
+    states = {c["cacheId"]: c["state"] for c in receipt(svc, me, key["id"]).json()["caches"]}
+    assert states["quiet"] == "confirmed"

@@ -65,11 +65,14 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What a cache reports on ``<prefix>.cache.receipts``: it has applied the invalidations of every event up to
-    ``position`` (positions only: no key ids, no hashes)."""
+    ``position`` (proven by a checkpoint), and also those of the events at ``applied`` (invalidations it applied
+    since its last receipt, before a checkpoint covers them: each one's key is evicted, and a verify in flight
+    cannot put it back). Positions only: no key ids, no hashes."""
 
     cache_id: str
     service: str = ""
     position: int
+    applied: list[int] = []  # (a later field: caches that predate it send only ``position``)
 
 
 _encoder = msgspec.json.Encoder()

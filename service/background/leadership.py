@@ -9,7 +9,9 @@ sweeper). The lease lives in ``keyledger_leader`` (schema.sql):
   stops renewing although its database connection is fine, and releases the lease for a process that can.
 * **Lost** when a renewal fails or is skipped: killed (nothing renews), hung (SIGSTOP: nothing renews), cut from
   NATS (not healthy) or from the database. Another process takes over as soon as the lease has expired,
-  within ``ttl`` + one poll (about 1.75 s by default), drawing the next epoch.
+  within ``ttl`` + one poll (about 1.75 s by default), drawing the next epoch, if it is ``eligible()``: the
+  runtime passes "JetStream answered me within the last second", so while the events stream elects a leader
+  (a NATS node lost) the lease is not handed around to processes that cannot publish either.
 * **Fenced**: a deposed leader may wake up (SIGCONT) with tasks mid-flight. ``valid()`` is a local check with
   no round trip: the lease counts as held until ``ttl`` after the *start* of the last successful renewal, on
   this process's monotonic clock, which keeps running while a process is stopped; a renewal starts before the

@@ -210,6 +210,109 @@ def test_nkey_authentication(db_factory: Any, tmp_path: Path) -> None:
             asyncio.run(cache_with_an_nkey())
 
 
+# --------------------------------------------------------------------------------------------------------
+# A .creds file: a server in operator (JWT) mode, with an account and users signed as nsc would sign them
+# --------------------------------------------------------------------------------------------------------
+def _jwt(issuer: Any, subject: str, name: str, nats_claims: dict[str, Any]) -> str:
+    """A NATS v2 JWT: ``header.claims`` signed with the issuer's nkey (ed25519), base64url without padding."""
+    import base64
+    import hashlib
+    import json
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims: dict[str, Any] = {"jti": "", "iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name,
+                              "sub": subject, "nats": {**nats_claims, "version": 2}}
+    digest = hashlib.new("sha512_256", json.dumps(claims).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).rstrip(b"=").decode()
+    signed = f"{b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{b64(json.dumps(claims).encode())}"
+    return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+
+def _keypair(prefix: int) -> tuple[Any, bytes]:
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return nkeys.from_seed(bytearray(seed)), seed
+
+
+@contextlib.contextmanager
+def operator_nats(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A nats-server in operator mode (JetStream on for one account); yields its URL and a function that
+    writes a ``.creds`` file for a new user of that account."""
+    import nkeys
+
+    operator, _ = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    account, _ = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    system, _ = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)  # JetStream needs the server's system account
+    account_id, system_id = account.public_key.decode(), system.public_key.decode()
+    unlimited = {name: -1 for name in ("subs", "data", "payload", "imports", "exports", "conn", "leaf",
+                                       "mem_storage", "disk_storage", "streams", "consumer")}
+    operator_jwt = tmp_path / "operator.jwt"
+    operator_jwt.write_text(_jwt(operator, operator.public_key.decode(), "op", {"type": "operator"}))
+    account_jwt = _jwt(operator, account_id, "keyledger", {
+        "type": "account", "limits": {**unlimited, "wildcards": True}, "default_permissions": {"pub": {}, "sub": {}}})
+    system_jwt = _jwt(operator, system_id, "SYS", {"type": "account"})
+    port = free_port()
+    config = tmp_path / "nats-operator.conf"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+operator: "{operator_jwt}"
+system_account: {system_id}
+resolver: MEMORY
+resolver_preload: {{ {account_id}: "{account_jwt}", {system_id}: "{system_jwt}" }}
+jetstream {{ store_dir: "{tmp_path / 'js-operator'}" }}
+""")
+
+    def creds(name: str) -> Path:
+        user, seed = _keypair(nkeys.PREFIX_BYTE_USER)
+        token = _jwt(account, user.public_key.decode(), name,
+                     {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+        path = tmp_path / f"{name}.creds"
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+                        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n")
+        path.chmod(0o600)
+        return path
+
+    proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _listening(port), timeout=10, what="the operator-mode nats-server")
+        yield f"nats://127.0.0.1:{port}", creds
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_creds_file_against_an_operator_mode_server(db_factory: Any, tmp_path: Path) -> None:
+    with operator_nats(tmp_path) as (url, creds):
+        # Without credentials the server refuses: the service runs, but is not ready.
+        with serving(db_factory.create("deploy_nocreds"), url, "nocreds", tmp_path, shared_nats=False) as svc:
+            wait_until(lambda: "NATS not reachable" in svc.log_tail(200), timeout=15, what="a WARNING about NATS")
+            assert ready(svc).status_code == 503
+        service_creds = creds("service")
+        with serving(db_factory.create("deploy_creds"), url, "creds", tmp_path,
+                     extra_env={"NATS_CREDS_FILE": str(service_creds)}, shared_nats=False) as svc:
+            wait_until(lambda: ready(svc).status_code == 200, timeout=30, what="/ready 200 with a .creds file")
+            seed = service_creds.read_text().split("SEED-----\n")[1].split("\n")[0]
+            assert seed not in svc.log_tail(400)
+            me = svc.session()
+            key = svc.create_key(me)
+
+            async def cache_with_creds() -> None:
+                options = nats_connect_options({"NATS_CREDS_FILE": str(creds("cache"))})
+                async with KeyCache(svc.url, url, topology=svc.topology, nats_options=options) as cache:
+                    await wait_for(lambda: cache.trusted, 15, "a freshness proof with a .creds file")
+                    assert (await cache.verify(key["key"])).valid
+                    assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+                    await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation")
+
+            asyncio.run(cache_with_creds())
+
+
 @pytest.mark.parametrize("env,message", [
     ({"NATS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "NATS_TLS_CA_FILE"),
     ({"NATS_TLS_CERT_FILE": "/etc/hostname"}, "go together"),

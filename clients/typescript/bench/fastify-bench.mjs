@@ -111,6 +111,9 @@ async function measure(side, url, key, cache) {
     // This process (the services and the cache), as % of one core: near 100 means the service is the limit,
     // well below it that the load generator or the rest of the machine is.
     own: (own.user + own.system) / 10 / wallMs,
+    // CPU time this process spent per answered request: what the plugin adds per request, and far less moved by
+    // other work on the machine than req/s is (another process taking a core lowers req/s, not this).
+    cpuPerReq: (own.user + own.system) / r.requests.total,
   };
 }
 
@@ -150,8 +153,9 @@ try {
 
   const runs = { plain: [], plugin: [] };
   const ratios = [];
+  const cpuRatios = [];
   // p50/p99: autocannon's, in whole milliseconds; mean: connections / req/s (exact).
-  console.log("round  service  req/s      mean ms  p50 ms  p99 ms  non-2xx  HTTP verifies  service CPU  machine CPU");
+  console.log("round  service  req/s      mean ms  p50 ms  p99 ms  non-2xx  HTTP verifies  service CPU  µs CPU/req  machine CPU");
   for (let round = 1; round <= ROUNDS; round++) {
     const order = round % 2 ? ["plain", "plugin"] : ["plugin", "plain"];
     const got = {};
@@ -161,9 +165,10 @@ try {
       runs[side].push(m);
       console.log(`${String(round).padEnd(7)}${side.padEnd(9)}${fmt(m.rps, 0).padEnd(11)}${fmt(m.mean).padEnd(9)}` +
         `${fmt(m.p50, 0).padEnd(8)}${fmt(m.p99, 0).padEnd(8)}${String(m.non2xx).padEnd(9)}${String(m.http).padEnd(15)}` +
-        `${(fmt(m.own, 0) + "%").padEnd(13)}${fmt(m.busy, 0)}%`);
+        `${(fmt(m.own, 0) + "%").padEnd(13)}${fmt(m.cpuPerReq, 1).padEnd(12)}${fmt(m.busy, 0)}%`);
     }
     ratios.push(got.plugin.rps / got.plain.rps);
+    cpuRatios.push(got.plugin.cpuPerReq / got.plain.cpuPerReq);
   }
 
   const summary = (side) => {
@@ -171,13 +176,15 @@ try {
     return `req/s ${fmt(median(xs.map((m) => m.rps)), 0)} (${fmt(Math.min(...xs.map((m) => m.rps)), 0)}-` +
       `${fmt(Math.max(...xs.map((m) => m.rps)), 0)}), mean ${fmt(median(xs.map((m) => m.mean)))} ms, ` +
       `p50 ${fmt(median(xs.map((m) => m.p50)), 0)} ms, ` +
-      `p99 ${fmt(median(xs.map((m) => m.p99)), 0)} ms`;
+      `p99 ${fmt(median(xs.map((m) => m.p99)), 0)} ms, ${fmt(median(xs.map((m) => m.cpuPerReq)), 1)} µs CPU/req`;
   };
   console.log(`\nmedians of ${ROUNDS} rounds (load average now ${loadavg()}):`);
   console.log(`  plain    ${summary("plain")}`);
   console.log(`  plugin   ${summary("plugin")}`);
   console.log(`  plugin/plain req/s: median ${fmt(median(ratios), 3)} ` +
     `(rounds: ${ratios.map((r) => fmt(r, 3)).join(" ")})`);
+  console.log(`  plugin/plain service CPU per request: median ${fmt(median(cpuRatios), 3)} ` +
+    `(rounds: ${cpuRatios.map((r) => fmt(r, 3)).join(" ")})`);
   const bad = [...runs.plain, ...runs.plugin].reduce((n, m) => n + m.non2xx, 0);
   const http = runs.plugin.reduce((n, m) => n + m.http, 0);
   if (bad > 0 || http > 0) {

@@ -5,14 +5,19 @@
 //    (each call hashes the key, as a request would).
 // 2. delete's 200 -> eviction: REVOCATIONS keys are created and verified (warm in the cache), then revoked one at a
 //    time; for each, the time from the moment keyledger's 200 was read to the moment the cache's onInvalidation hook
-//    ran (right after the eviction), both on this process's monotonic clock. p50/p99/max.
+//    ran (right after the eviction), both on this process's monotonic clock. p50/p99/max. A second NATS
+//    connection in this process (a "tap", as bench/invalidation_bench.py has) timestamps the relay's event
+//    (`<prefix>.events.revoked.<keyId>`) and the invalidation as they arrive, which splits the path into the
+//    service's part (200 -> event -> invalidation on the bus) and the client's (invalidation -> eviction).
 //
 // By default it starts its own keyledger (`keyledger serve` in embedded mode, like the tests; KEYLEDGER_PYTHON
 // names the Python). Figures only: nothing is asserted.
 import os from "node:os";
 import { performance } from "node:perf_hooks";
 
-import { KeyCache } from "../dist/index.js";
+import { connect } from "nats";
+
+import { KeyCache, Topology } from "../dist/index.js";
 import { createKey, devSession, quiet, revokeKey, startKeyledger, waitFor } from "../test/harness.mjs";
 
 const REVOCATIONS = Number(process.env.BENCH_REVOCATIONS || 200);
@@ -37,6 +42,7 @@ const fmt = (n, d = 2) => n.toLocaleString("en-US", { maximumFractionDigits: d, 
 const started = performance.now();
 const kl = await startKeyledger();
 let cache;
+let tap;
 try {
   const session = devSession(kl);
   const evictedAt = new Map();
@@ -47,6 +53,25 @@ try {
     },
   });
   await cache.start();
+  // The tap: its own connection, so nothing in it waits behind the cache's subscriptions (or the reverse).
+  const topology = new Topology();
+  const tapEvent = new Map();
+  const tapInvalidation = new Map();
+  tap = await connect({ servers: kl.natsUrl });
+  tap.subscribe(`${topology.prefix}.events.revoked.*`, {
+    callback: (err, msg) => {
+      const keyId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
+      if (err === null && !tapEvent.has(keyId)) tapEvent.set(keyId, performance.now());
+    },
+  });
+  tap.subscribe(topology.invalidationSubject, {
+    callback: (err, msg) => {
+      if (err !== null) return;
+      const keyId = msg.json().keyId;
+      if (!tapInvalidation.has(keyId)) tapInvalidation.set(keyId, performance.now());
+    },
+  });
+  await tap.flush();
   await waitFor(() => cache.caughtUp, 30_000, "cache caught up");
   console.log(`keyledger up and cache trusted in ${fmt((performance.now() - started) / 1000)} s; node ${process.version}, ` +
     `${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? "?"}), load average ${os.loadavg().map((l) => l.toFixed(2)).join(" ")}`);
@@ -91,6 +116,9 @@ try {
   for (const k of keys) if (!(await cache.verify(k.key)).valid) throw new Error("a fresh key did not verify");
   await waitFor(() => cache.caughtUp, 30_000, "cache trusted");
   const lat = [];
+  const toEvent = [];
+  const toInvalidation = [];
+  const toEviction = [];
   let warm = 0;
   let evictedOk = 0;
   let missing = 0;
@@ -107,6 +135,13 @@ try {
       continue;
     }
     lat.push(evictedAt.get(k.id) - ok);
+    // The tap's connection may be read a moment after the cache's: wait (briefly) for it too.
+    await waitFor(() => tapInvalidation.has(k.id) && tapEvent.has(k.id), 1_000, "tap", 0).catch(() => undefined);
+    if (tapEvent.has(k.id)) toEvent.push(tapEvent.get(k.id) - ok);
+    if (tapInvalidation.has(k.id)) {
+      toInvalidation.push(tapInvalidation.get(k.id) - ok);
+      toEviction.push(evictedAt.get(k.id) - tapInvalidation.get(k.id));
+    }
     if (cache.verifyCached(k.key) === null) evictedOk++;
   }
   const wall = (performance.now() - t0) / 1000;
@@ -118,7 +153,17 @@ try {
   console.log(`  p50 ${fmt(pct(lat, 50))} ms   p90 ${fmt(pct(lat, 90))} ms   p99 ${fmt(pct(lat, 99))} ms   ` +
     `min ${fmt(lat[0] ?? NaN)} ms   max ${fmt(lat[lat.length - 1] ?? NaN)} ms`);
   console.log("  (negative: the invalidation reached the cache before the client had read delete's 200)");
+  const line = (label, xs) => {
+    xs.sort((a, b) => a - b);
+    console.log(`  ${label.padEnd(40)} p50 ${fmt(pct(xs, 50))} ms   p99 ${fmt(pct(xs, 99))} ms   ` +
+      `max ${fmt(xs[xs.length - 1] ?? NaN)} ms   (${xs.length})`);
+  };
+  console.log("  where it goes (the tap, a second NATS connection in this process):");
+  line("200 -> relay's event on the bus", toEvent);
+  line("200 -> invalidation on the bus", toInvalidation);
+  line("invalidation on the bus -> eviction", toEviction);
 } finally {
   await cache?.close();
+  await tap?.close();
   await kl.stop();
 }

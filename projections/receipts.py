@@ -70,22 +70,25 @@ INSERT INTO revocation_receipts (position, cache_id, effective_at)
 SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[])
 ON CONFLICT DO NOTHING
 """
-# One statement per receipt: note the cache, confirm its pending receipts up to the position and at the applied
-# positions, say when.
+# One statement for a batch of receipts (at most one per cache): note each cache, confirm its pending receipts up
+# to its proven position and at its applied positions, say when; and the highest position confirmed.
 RECEIVE = """
-WITH seen AS (
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint, applied bigint[])
+), seen AS (
     INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
-    VALUES (%(cache)s, %(service)s, %(position)s, clock_timestamp())
+    SELECT cache, service, position, clock_timestamp() FROM r
     ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
         position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
-    RETURNING last_seen_at
+    RETURNING cache_id, last_seen_at
 ), confirmed AS (
-    UPDATE revocation_receipts SET effective_at = (SELECT last_seen_at FROM seen)
-    WHERE cache_id = %(cache)s AND effective_at IS NULL
-      AND (position <= %(position)s OR position = ANY(%(applied)s::bigint[]))
-    RETURNING position
+    UPDATE revocation_receipts rr SET effective_at = seen.last_seen_at
+    FROM r JOIN seen ON seen.cache_id = r.cache
+    WHERE rr.cache_id = r.cache AND rr.effective_at IS NULL
+      AND (rr.position <= r.position OR rr.position = ANY(r.applied))
+    RETURNING rr.position
 )
-SELECT (SELECT last_seen_at FROM seen), (SELECT max(position) FROM confirmed)
+SELECT seen.cache_id, seen.last_seen_at, (SELECT max(position) FROM confirmed) FROM seen
 """
 # Complete every pending revocation (up to a position, or all) that no live cache still blocks. The moment is the
 # last confirmation when every cache confirmed, else now (a pending cache was just declared gone).
@@ -227,11 +230,7 @@ class ReceiptsProjection:
                     except msgspec.DecodeError:
                         continue
                     self.received += 1
-                    seen = merged.get(receipt.cache_id)
-                    if seen is not None:
-                        receipt = msgspec.structs.replace(receipt, position=max(seen.position, receipt.position),
-                                                          applied=[*seen.applied, *receipt.applied])
-                    merged[receipt.cache_id] = receipt
+                    _merge(merged, receipt)
                 if merged:
                     await self._receive(list(merged.values()))
         finally:
@@ -239,22 +238,27 @@ class ReceiptsProjection:
                 await sub.unsubscribe()
 
     async def _receive(self, receipts: list[Receipt]) -> None:
+        """Record a batch of receipts (one per cache) in one statement, then complete what they confirmed.
+
+        Its commit need not wait for the disk (``synchronous_commit = off``): a confirmation lost in a database
+        crash comes back with the cache's next heartbeat, which covers every position its checkpoints proved
+        (dated later, never wrongly earlier)."""
         self.fence()
+        rows = {r.cache_id: {"cache": r.cache_id, "service": r.service, "position": r.position, "applied": r.applied}
+                for r in receipts}
         done: list[tuple[Any, ...]] = []
         async with self._lock:
             assert self._conn is not None
             async with self._conn.transaction():
-                confirmed_upto = None
-                for receipt in receipts:
-                    applied = receipt.applied[:MAX_APPLIED]
-                    at, confirmed = await (await self._conn.execute(RECEIVE, {
-                        "cache": receipt.cache_id[:200], "service": receipt.service[:200],
-                        "position": receipt.position, "applied": applied})).fetchone()
-                    recent = self._recent.setdefault(receipt.cache_id, collections.deque(maxlen=64))
-                    if not recent or receipt.position > recent[-1][0] or applied:
-                        recent.append((receipt.position, frozenset(applied), at))
-                    if confirmed is not None:
-                        confirmed_upto = max(confirmed_upto or 0, confirmed)
+                await self._conn.execute("SET LOCAL synchronous_commit = off")
+                payload = _encoder.encode(list(rows.values())).decode()
+                seen = await (await self._conn.execute(RECEIVE, (payload,))).fetchall()
+                for cache_id, at, _ in seen:
+                    row = rows[cache_id]
+                    recent = self._recent.setdefault(cache_id, collections.deque(maxlen=64))
+                    if not recent or row["position"] > recent[-1][0] or row["applied"]:
+                        recent.append((row["position"], frozenset(row["applied"]), at))
+                confirmed_upto = seen[0][2] if seen else None
                 if confirmed_upto is not None:
                     done = await self._completed_in(confirmed_upto)
         await self._announce(done)
@@ -304,6 +308,18 @@ def _revocation(msg: Any) -> tuple[int, str, str, dt.datetime] | None:
     if recorded.type == "ApiKeyRotated" and getattr(recorded.event, "grace_until", None) is not None:
         return None  # the old secret keeps working for a while: not a revocation yet
     return recorded.position, recorded.stream_id, recorded.type, recorded.recorded_at
+
+
+def _merge(merged: dict[str, Receipt], receipt: Receipt) -> None:
+    """Fold ``receipt`` into ``merged`` (by cache id as stored, 200 characters): the newest proven position and
+    every applied position (at most MAX_APPLIED)."""
+    cache_id = receipt.cache_id[:200]
+    earlier = merged.get(cache_id)
+    position, applied = receipt.position, receipt.applied
+    if earlier is not None:
+        position, applied = max(earlier.position, position), [*earlier.applied, *applied]
+    merged[cache_id] = msgspec.structs.replace(receipt, cache_id=cache_id, service=receipt.service[:200],
+                                               position=position, applied=applied[:MAX_APPLIED])
 
 
 def _drain(queue: asyncio.Queue[bytes]) -> list[bytes]:

@@ -495,6 +495,8 @@ CREATE TABLE IF NOT EXISTS keyledger_leader (
     epoch      bigint      NOT NULL,  -- +1 at every takeover
     expires_at timestamptz NOT NULL
 );
+-- Set by a process that JetStream answers while it sees no checkpoint: a leader without progress gives up only then.
+ALTER TABLE keyledger_leader ADD COLUMN IF NOT EXISTS challenged_at timestamptz;
 
 -- Raise KL410 unless p_epoch is the current, unexpired term. Called inside a writer's transaction (the sealer)
 -- so that a write by a deposed leader aborts instead of committing.

@@ -4,11 +4,14 @@ One process at a time runs the background work (outbox relay, subscriber project
 sweeper). The lease lives in ``keyledger_leader`` (schema.sql):
 
 * **Held** by renewing it every ``renew_every`` seconds for ``ttl`` seconds, on the database's clock only (the
-  hosts' clocks never have to agree). The leader renews only while ``healthy()`` says its work progresses (the
-  runtime passes "JetStream acknowledged something within the last second"): a leader that cannot reach NATS
-  stops renewing although its database connection is fine, and releases the lease for a process that can.
+  hosts' clocks never have to agree). While ``healthy()`` says its work progresses (the runtime passes
+  "JetStream acknowledged something within the last second") the leader renews. Without progress it releases
+  the lease if another process *challenged* it within the last second (``challenger()``: the runtime passes
+  "JetStream answers me, and my freshness proof is over a second old"), so a leader cut from NATS hands over to
+  a process that reaches it; unchallenged (nobody can do better: a stream-leader election, NATS down
+  everywhere) it keeps the lease, and its consumers, and resumes as soon as JetStream does.
 * **Lost** when a renewal fails or is skipped: killed (nothing renews), hung (SIGSTOP: nothing renews), cut from
-  NATS (not healthy) or from the database. Another process takes over as soon as the lease has expired,
+  NATS (not healthy, and challenged) or from the database. Another process takes over as soon as the lease has expired,
   within ``ttl`` + one poll (about 1.75 s by default), drawing the next epoch, if it is ``eligible()``: the
   runtime passes "JetStream answered me within the last second", so while the events stream elects a leader
   (a NATS node lost) the lease is not handed around to processes that cannot publish either.
@@ -53,6 +56,13 @@ WHERE holder = %(holder)s AND epoch = %(epoch)s AND expires_at > clock_timestamp
 RETURNING epoch
 """
 RELEASE = "UPDATE keyledger_leader SET expires_at = '-infinity' WHERE holder = %(holder)s AND epoch = %(epoch)s"
+# A process that could do the leader's work (JetStream answers it) but sees no proof that the leader does it
+# says so on the lease. The leader, when it makes no progress, gives up only if challenged recently: if no other
+# process reaches JetStream either (the events stream electing a leader, NATS down everywhere), handing the lease
+# around helps nobody and restarts every projection's consumers each time.
+CHALLENGE = "UPDATE keyledger_leader SET challenged_at = clock_timestamp() WHERE expires_at > clock_timestamp()"
+CHALLENGED = "SELECT challenged_at > clock_timestamp() - %(within)s * interval '1 second' FROM keyledger_leader"
+CHALLENGE_VALID_S = 1.0
 
 
 class Deposed(Exception):
@@ -80,9 +90,10 @@ class Lease:
             raise Deposed(f"leadership epoch {self.epoch} is over")
 
     async def hold(self, lead: Callable[[], Any], *, eligible: Callable[[], bool],
-                   healthy: Callable[[], bool]) -> None:
+                   healthy: Callable[[], bool], challenger: Callable[[], bool] = lambda: False) -> None:
         """Forever: wait until ``eligible()`` and the lease is free, take it, run ``lead()`` while renewing it,
-        and cancel ``lead()`` the moment the lease is lost. Never returns; cancel it to stop."""
+        and cancel ``lead()`` the moment the lease is lost. While another process leads, challenge it whenever
+        ``challenger()`` (this process could do its work and sees it undone). Never returns; cancel it to stop."""
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -92,6 +103,8 @@ class Lease:
                     while True:
                         if eligible() and await self._acquire(conn):
                             await self._lead(conn, lead, healthy)
+                        elif challenger():
+                            await conn.execute(CHALLENGE)
                         await asyncio.sleep(self.poll)
             except asyncio.CancelledError:
                 raise
@@ -113,6 +126,7 @@ class Lease:
                     healthy: Callable[[], bool]) -> None:
         work = asyncio.ensure_future(lead())
         why = "stopped"
+        stalled = False
         try:
             while not work.done():
                 await asyncio.wait([work], timeout=self.renew_every)
@@ -120,8 +134,15 @@ class Lease:
                     why = "background work ended"
                     break
                 if not healthy():
-                    why = "no progress (NATS unreachable?)"
-                    break
+                    if await (await conn.execute(CHALLENGED, {"within": CHALLENGE_VALID_S})).fetchone() == (True,):
+                        why = "no progress (NATS unreachable?), and another process reaches JetStream"
+                        break
+                    if not stalled:
+                        stalled = True
+                        log.warning("background work makes no progress, and no other process reaches JetStream "
+                                    "either: keeping the lease (epoch %d)", self.epoch)
+                else:
+                    stalled = False
                 started = time.monotonic()
                 try:
                     row = await (await conn.execute(RENEW, {"holder": self._holder, "ttl": self.ttl,

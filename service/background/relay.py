@@ -132,7 +132,7 @@ class OutboxRelay:
             except Exception as exc:
                 log.warning("outbox relay: %s: %s; retrying", type(exc).__name__, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)  # soon after NATS is back (a stream-leader election: 5-8 s)
 
     async def _relay(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """One pass of the loop: publish the next batch FIRST (an event never waits behind checkpoint work),

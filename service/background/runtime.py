@@ -40,6 +40,9 @@ LEADER_STARTUP_GRACE_S = 1.0
 # (measured before: 3-4 terms per lost node, invalidations back a median 14.7 s after the kill).
 JETSTREAM_CHECK_EVERY_S = 0.25
 JETSTREAM_ANSWERED_WITHIN_S = 1.0
+# ... and challenge the leader (leadership.py) when its own freshness proof is older than this: the leader's
+# relay checkpoints every 250 ms, so a proof this old means propagation stopped.
+CHALLENGE_AFTER_S = 1.0
 
 # jsonb parameters and results through msgspec rather than the stdlib json module: same JSON, less CPU on
 # the hot path (event metadata is a jsonb parameter of every append).
@@ -134,7 +137,8 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._probe_forever(), name="freshness-prober"))
         if self.settings.run_relay or self.settings.run_projections:
             self._tasks.append(asyncio.create_task(
-                self.lease.hold(self._lead, eligible=self._eligible, healthy=self._progressing),
+                self.lease.hold(self._lead, eligible=self._eligible, healthy=self._progressing,
+                                challenger=self._challenger),
                 name="background-leadership"))
             self._tasks.append(asyncio.create_task(self._check_jetstream_forever(), name="jetstream-check"))
 
@@ -149,6 +153,10 @@ class Runtime:
     def _eligible(self) -> bool:
         """Take the lead only with JetStream answering now: a leader that cannot publish helps nobody."""
         return self.bus.is_ready and time.monotonic() - self._jetstream_answered < JETSTREAM_ANSWERED_WITHIN_S
+
+    def _challenger(self) -> bool:
+        """This process could do the leader's work, and sees no proof that it is being done."""
+        return self._eligible() and self.freshness.age() > CHALLENGE_AFTER_S
 
     async def _check_jetstream_forever(self) -> None:
         """While this process does not lead: ask for the events stream's info (its stream leader answers)."""

@@ -11,9 +11,9 @@ revision is extracted with ``git archive`` into a temporary directory laid out a
 checks that the service's ``keyledger`` comes from DIR with no module from elsewhere.
 
 Runs ``bench/run.py --phases revoke_c16`` (every request revokes a different fresh key; a fresh database and
-streams per run) for A, B, A, B, ... with the same duration. Before each calibration and measured phase run.py
-waits until ``pgrep -f pytest`` finds nothing and the machine is idle (``--quiet-wait``, ``--quiet-cpu``) and
-notes the load average. A pair with a run that was not quiet (other processes >= 15% CPU during the phase, or
+streams per run) for A, B, then B, A, then A, B, ... with the same duration. Before each calibration and
+measured phase run.py waits until ``pgrep -f pytest`` finds nothing and the machine is idle (``--quiet-wait``,
+``--quiet-cpu``) and notes the load average. A pair with a run that was not quiet (other processes >= 15% CPU during the phase, or
 the wait ran out) or not valid (errors, keys exhausted, log and stream disagreeing) is reported and another pair
 is run, until ``--pairs`` quiet pairs or ``--max-pairs``. Prints each run, each pair's ratio A/B of revokes per
 second and the median ratio of the quiet pairs; ``bench/results/revoke-ab-latest.json`` keeps it all, and each
@@ -153,8 +153,8 @@ def main() -> int:
             s = sides[side]
             say(f"{side}: {s['rev']} = {s['commit'][:12]} {s['subject'][:80]}"
                 + (f"  (PYTHONPATH {s['pythonpath']})" if s["pythonpath"] else ""))
-        say(f"{args.pairs} quiet pairs (at most {args.max_pairs or 2 * args.pairs} in all), A then B, revoke c=16 for "
-            f"{args.duration:g} s each; full outputs in {logs}")
+        say(f"{args.pairs} quiet pairs (at most {args.max_pairs or 2 * args.pairs} in all), A B then B A, "
+            f"revoke c=16 for {args.duration:g} s each; full outputs in {logs}")
         extra = ["--quiet-wait", args.quiet_wait]
         pairs = []
         max_pairs = args.max_pairs or 2 * args.pairs
@@ -162,8 +162,14 @@ def main() -> int:
         while sum(1 for p in pairs if p["valid"] and not p["noisy"]) < args.pairs and i < max_pairs:
             i += 1
             say(f"pair {i}")
-            a = one_run("A", sides["A"], args.duration, logs / f"{i:02d}-A.log", extra)
-            b = one_run("B", sides["B"], args.duration, logs / f"{i:02d}-B.log", extra)
+            # A B, then B A, ...: whatever the run before leaves behind (the previous database being dropped, the
+            # WAL it wrote) falls on each side equally often.
+            if i % 2:
+                a = one_run("A", sides["A"], args.duration, logs / f"{i:02d}-A.log", extra)
+                b = one_run("B", sides["B"], args.duration, logs / f"{i:02d}-B.log", extra)
+            else:
+                b = one_run("B", sides["B"], args.duration, logs / f"{i:02d}-B.log", extra)
+                a = one_run("A", sides["A"], args.duration, logs / f"{i:02d}-A.log", extra)
             pairs.append({"a": a, "b": b, "ratio": round(a["rps"] / b["rps"], 4), "valid": a["valid"] and b["valid"],
                           "noisy": a["noisy"] or b["noisy"]})
             say(f"  ratio A/B {pairs[-1]['ratio']:.3f}" + ("" if pairs[-1]["valid"] else "  (a run was invalid)")

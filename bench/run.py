@@ -411,6 +411,70 @@ class Service(ServedProcess):
         raise RuntimeError(f"dev-session printed no cookie (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
+class CacheFleet:
+    """``--caches N``: N reporting ``KeyCache`` instances in ONE separate process (bench/caches.py), so they share
+    neither the service's event loop nor the load generator's. It runs with the service's environment: the same
+    topology (KEYLEDGER_SUBJECT_PREFIX, KEYLEDGER_*_STREAM, read with ``Topology.from_env()``), NATS and
+    ``keyledger`` (``--pythonpath``). ``wait_live`` waits until all N are live in ``receipt_caches`` (last seen
+    within 5 s), as keyledger's receipts count them."""
+
+    ID_PREFIX = "bench-cache-"
+
+    def __init__(self, service: "Service", db_url: str, n: int, log_path: Path) -> None:
+        self.n, self.db_url, self.log_path = n, db_url, log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "caches.py"), "--base", service.base,
+                                      "--caches", str(n), "--id-prefix", self.ID_PREFIX],
+                                     env=service.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.stats: dict[str, Any] | None = None
+
+    def live(self) -> int:
+        with psycopg.connect(self.db_url, autocommit=True, connect_timeout=5) as conn:
+            return conn.execute("SELECT count(*) FROM receipt_caches WHERE cache_id LIKE %s "
+                                "AND last_seen_at > now() - interval '5 seconds'",
+                                (self.ID_PREFIX + "%",)).fetchone()[0]
+
+    def wait_live(self, timeout: float = 60.0) -> float:
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cache process exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                live = self.live()
+            except psycopg.Error:
+                live = -1
+            if live >= self.n:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"only {live} of {self.n} caches live in receipt_caches after {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> dict[str, Any] | None:
+        """SIGTERM: the caches close and print their counters (``CACHES STATS {json}``), returned here."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
+        for line in self.log_tail(200).splitlines():
+            if line.startswith("CACHES STATS "):
+                self.stats = json.loads(line[len("CACHES STATS "):])
+        return self.stats
+
+
 class RssSampler(threading.Thread):
     """Samples VmRSS every 100 ms; reads VmHWM (kernel's peak) on demand.
 
@@ -461,7 +525,8 @@ PG_BACKGROUND = ("checkpointer", "background writer", "walwriter", "autovacuum",
 class CpuMeter:
     """CPU used during a phase, by group: the service, OUR PostgreSQL (its postmaster's background processes
     plus the backends connected to the bench database), OUR nats-server, wrk (rusage of the reaped child),
-    and everything else on the machine ("other", broken down by process name: a busy neighbour shows here).
+    the reporting caches of ``--caches`` ("caches"), and everything else on the machine ("other", broken down
+    by process name: a busy neighbour shows here).
     """
 
     def __init__(self, service_pid: int, dbname: str, nats_url: str) -> None:
@@ -470,6 +535,7 @@ class CpuMeter:
         self.nats_port = urllib.parse.urlsplit(nats_url).port or 4222
         self.nats_pid = self._listener(self.nats_port)
         self.postmaster: int | None = None
+        self.caches_pid: int | None = None  # --caches: the process of the reporting caches ("caches")
 
     @staticmethod
     def _listener(port: int) -> int | None:
@@ -486,6 +552,8 @@ class CpuMeter:
             return "service"  # with --workers, the worker processes are the service's children
         if pid == self.nats_pid:
             return "nats"
+        if self.caches_pid is not None and pid == self.caches_pid:
+            return "caches"
         if name.startswith("postgres") or cmd.startswith("postgres"):
             if f" {self.dbname} " in cmd:
                 self.postmaster = ppid
@@ -530,7 +598,8 @@ class CpuMeter:
 
 def cpu_line(cpu: dict[str, Any]) -> str:
     groups = "  ".join(f"{g} {cpu.get(g, 0):.0f}%" + (f" (sys {cpu.get('service_sys', 0):.0f}%)" if g == "service" else "")
-                       for g in ("service", "postgres", "nats", "wrk", "other"))
+                       for g in ("service", "postgres", "nats", "wrk", "caches", "other")
+                       if g != "caches" or "caches" in cpu)
     top = cpu.get("other_top") or {}
     return groups + (f"  (other: {', '.join(f'{n} {v:.0f}%' for n, v in top.items())})" if top else "")
 
@@ -876,6 +945,17 @@ def outbox_and_log(db_url: str, timeout: float = 10.0) -> dict[str, Any]:
             "events": events, "events_by_type": by_type}
 
 
+def revocation_receipts(db_url: str) -> dict[str, int] | None:
+    """Revocations (the receipts projection's table) and how many of them every live cache confirmed; None
+    where this revision has no such table."""
+    try:
+        with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+            total, done = conn.execute("SELECT count(*), count(effective_everywhere_at) FROM revocations").fetchone()
+        return {"revocations": total, "effective_everywhere": done}
+    except psycopg.Error:
+        return None
+
+
 def hottest_frames(path: Path, top: int = 15) -> list[tuple[float, float, str]]:
     """(self %, inclusive %, frame) from a py-spy raw (folded) file."""
     if not path.exists():
@@ -936,7 +1016,13 @@ def main() -> int:
     ap.add_argument("--quiet-cpu", type=float, default=15.0,
                     help="%% of the whole machine busy over 2 s that still counts as quiet (default 15; 0: no check)")
     ap.add_argument("--quiet-timeout", type=float, default=600.0)
+    ap.add_argument("--caches", type=int, default=0, metavar="N",
+                    help="before the revoke phases start N reporting KeyCache instances (cache_id bench-cache-<i>) "
+                         "in one separate process (bench/caches.py) with the service's topology; the phases wait "
+                         "until all N are live in receipt_caches; their CPU is counted as 'caches' (default 0)")
     args = ap.parse_args()
+    if args.caches < 0:
+        ap.error("--caches: N >= 0")
     wanted = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not wanted or wanted - set(PHASES):
         ap.error(f"--phases: choose among {', '.join(PHASES)}")
@@ -953,8 +1039,9 @@ def main() -> int:
     servers = Servers()
     service: Service | None = None
     sampler: RssSampler | None = None
+    fleet: CacheFleet | None = None
     result: dict[str, Any] = {"mode": servers.mode, "database": servers.dbname,
-                              "streams": [servers.events_stream, servers.inv_stream]}
+                              "streams": [servers.events_stream, servers.inv_stream], "caches": args.caches}
     rc = 1
     try:
         machine = machine_info(servers.pg_version, servers.pg_settings)
@@ -1013,6 +1100,12 @@ def main() -> int:
         revokes = [(16, d16, 2.0)] if wanted & {"revoke", "revoke_c16"} else []
         if "revoke" in wanted:
             revokes.append((1, d1, 1.0))
+        if args.caches and revokes:
+            fleet = CacheFleet(service, servers.db_url, args.caches, work / "caches.log")
+            runner.cpu.caches_pid = fleet.pid
+            took = fleet.wait_live()
+            say(f"  caches    {args.caches} reporting KeyCache instances in pid {fleet.pid} (topology "
+                f"{servers.prefix}/{servers.inv_stream}), all live in receipt_caches after {took:.1f} s")
         for conc, dur, calib in revokes:
             # Calibrate: a short run on a generous batch gives the rate; the real seed is sized from it. On a
             # quiet machine, like the phase: a rate calibrated beside a busy neighbour runs out of keys.
@@ -1033,6 +1126,20 @@ def main() -> int:
         say("")
         say("after the revokes")
         log = outbox_and_log(servers.db_url)
+        caches_info: dict[str, Any] = {"n": args.caches}
+        if fleet is not None:
+            time.sleep(1.0)  # the outbox is drained: let the last invalidations reach the caches and their receipts
+            live_end = fleet.live()
+            caches_info["revocations"] = revocation_receipts(servers.db_url)
+            stats = fleet.stop() or {}
+            applied = [c["invalidations_applied"] for c in stats.values()]
+            caches_info.update(live_at_end=live_end, stats=stats,
+                               invalidations_applied_min=min(applied) if applied else None,
+                               invalidations_applied_max=max(applied) if applied else None)
+            say(f"  caches    {live_end} of {args.caches} live in receipt_caches at the end; invalidations applied "
+                f"per cache {caches_info['invalidations_applied_min']}..{caches_info['invalidations_applied_max']}"
+                f", flushes {sum(c['flushes'] for c in stats.values())} (one per cache at its first connect, empty)")
+        result["caches_detail"] = caches_info
         try:
             stream_msgs = asyncio.run(servers.stream_messages())
         except Exception as exc:
@@ -1051,6 +1158,14 @@ def main() -> int:
         say(f"  outbox    {'drained in %.2f s' % log['outbox_drained_s'] if log['outbox_pending'] == 0 else 'NOT drained: %d rows left after 10 s' % log['outbox_pending']}")
         say(f"  JetStream {stream_msgs} event messages in {servers.events_stream}, {log['events']} events in the log: "
             f"{'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
+        if fleet is not None:
+            # every revoke is one invalidation; each cache must have applied all of them
+            caches_info["received_every_revoke"] = (caches_info["invalidations_applied_min"] or 0) >= revoked
+            rv = caches_info["revocations"]
+            say(f"  caches    every cache applied >= {revoked:,} invalidations (one per revoke): "
+                f"{'yes' if caches_info['received_every_revoke'] else 'NO'}; receipts: "
+                + (f"{rv['effective_everywhere']:,} of {rv['revocations']:,} revocations effective everywhere"
+                   if rv else "n/a"))
         say(f"  revokes   {revoked:,} ApiKeyRevoked events, wrk counted {runner.revoke_2xx:,} 200s "
             f"(<= {runner.revoke_runs_conns} may be uncounted in flight): "
             f"{'consistent' if integrity['revoked_matches_200s'] else 'INCONSISTENT'}")
@@ -1068,7 +1183,8 @@ def main() -> int:
         say("")
         say("=" * 110)
         say(f"keyledger bench  {machine['date']}  {machine['nproc']} CPUs {machine['cpu_model']}  "
-            f"PostgreSQL {machine['postgres']}  ({servers.mode} servers)")
+            f"PostgreSQL {machine['postgres']}  ({servers.mode} servers)"
+            + (f"  caches: {args.caches} reporting" if args.caches else ""))
         say("-" * 110)
         for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1"):
             if name not in phases:
@@ -1135,7 +1251,8 @@ def main() -> int:
         result.update(phases=phases, rss=rss, integrity=integrity, seeding=seeding, checks=checks,
                       passed=all_ok, targets=TARGETS, profiled=args.profile,
                       config={"duration_c16": d16, "duration_c1": d1, "warmup": args.warmup,
-                              "seed_concurrency": args.seed_concurrency, "verify_keys": args.verify_keys})
+                              "seed_concurrency": args.seed_concurrency, "verify_keys": args.verify_keys,
+                              "caches": args.caches})
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         text = json.dumps(result, indent=2, default=str)
         (RESULTS / "latest.json").write_text(text)
@@ -1153,6 +1270,8 @@ def main() -> int:
     finally:
         if sampler is not None:
             sampler.stop()
+        if fleet is not None:
+            fleet.stop()
         if service is not None:
             service.stop()
         if args.keep_db:

@@ -41,6 +41,8 @@ export const VERIFY_PATH = "/api/auth/api-key/verify";
 
 /** Receipts (positions only): at once after an invalidation, else a heartbeat this often (ms). */
 const RECEIPT_EVERY_MS = 1000;
+/** Positions per receipt of applied invalidations; older ones wait for the checkpoint that covers them. */
+const RECEIPT_MAX_APPLIED = 256;
 /** Replay reads this many stream messages at a time. */
 const REPLAY_BATCH = 64;
 /** Evictions remembered for the "no fill after eviction" rule. */
@@ -305,8 +307,10 @@ export class KeyCache {
   private readonly log: Logger;
   private readonly fetchImpl: typeof fetch;
   private current = 0;
-  private receiptSent: { at: number; position: number } = { at: Number.NEGATIVE_INFINITY, position: -1 };
-  private appliedPosition: number | null = null;
+  private receiptSentAt = Number.NEGATIVE_INFINITY;
+  /** Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint). */
+  private unreported: number[] = [];
+  private receiptQueued = false;
 
   private nc: NatsConnection | null = null;
   private jsm: JetStreamManager | null = null;
@@ -618,7 +622,15 @@ export class KeyCache {
     }
     this.invalidationsApplied += 1;
     this.lastInvalidation = inv;
-    if (inv.position > (this.appliedPosition ?? -1)) this.appliedPosition = inv.position;
+    if (this.receipts) {
+      this.unreported.push(inv.position);
+      if (this.unreported.length > RECEIPT_MAX_APPLIED) this.unreported.shift();
+      if (!this.receiptQueued) {
+        // One receipt per burst: sent once the rest of what arrived in this read is applied too.
+        this.receiptQueued = true;
+        setImmediate(() => this.reportApplied());
+      }
+    }
     if (this.onInvalidation !== undefined) {
       try {
         this.onInvalidation(inv);
@@ -768,23 +780,31 @@ export class KeyCache {
   private onCheckpoint(payload: Uint8Array): void {
     // An echo counts only with no gap left to close (the probe's own session is checked by the prober).
     this.prober.onCheckpoint(payload, !this.gap);
-    const position = this.prober.seenPosition;
-    const { at: sentAt, position: sentPosition } = this.receiptSent;
-    const now = performance.now();
-    // A receipt at once when it confirms an invalidation applied since the last one, else a heartbeat every
-    // second: the cost follows the revocation rate.
-    const applied = this.appliedPosition;
-    const confirms = applied !== null && sentPosition < applied && applied <= (position ?? -1);
+    // A heartbeat receipt every second with the position proven so far: it keeps this cache "live" in keyledger's
+    // receipts while nothing is revoked (checkpoints come every 250 ms regardless). Revocations are confirmed at
+    // once by the receipts of applied invalidations.
+    const due = performance.now() - this.receiptSentAt >= RECEIPT_EVERY_MS;
+    if (this.receipts && this.prober.seenPosition !== null && due) this.sendReceipt([]);
+  }
+
+  /** Receipt for the invalidations just applied: keyledger dates their revocations without awaiting a checkpoint. */
+  private reportApplied(): void {
+    this.receiptQueued = false;
+    const applied = this.unreported;
+    this.unreported = [];
+    if (applied.length > 0) this.sendReceipt(applied);
+  }
+
+  private sendReceipt(applied: number[]): void {
     const nc = this.nc;
-    if (this.receipts && position !== null && position > sentPosition && nc !== null &&
-        (confirms || now - sentAt >= RECEIPT_EVERY_MS)) {
-      this.receiptSent = { at: now, position };
-      try {
-        nc.publish(this.topology.receiptsSubject,
-          encodeReceipt({ cacheId: this.cacheId, service: this.service, position }));
-      } catch {
-        // a lost receipt is replaced by the next one
-      }
+    if (nc === null) return;
+    this.receiptSentAt = performance.now();
+    try {
+      nc.publish(this.topology.receiptsSubject, encodeReceipt({
+        cacheId: this.cacheId, service: this.service, position: this.prober.seenPosition ?? 0, applied,
+      }));
+    } catch {
+      // a lost receipt is replaced by the next one
     }
   }
 

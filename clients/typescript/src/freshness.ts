@@ -29,11 +29,16 @@ export interface Checkpoint {
   createdAt: string | null;
 }
 
-/** What a cache reports on `<prefix>.cache.receipts`: positions only (no key ids, no hashes). */
+/**
+ * What a cache reports on `<prefix>.cache.receipts`: positions only (no key ids, no hashes). `position`: every
+ * invalidation up to it is applied (proven by a checkpoint); `applied`: invalidations applied since the last
+ * receipt, not yet covered by a checkpoint (each one's key is evicted, and a verify in flight cannot put it back).
+ */
 export interface Receipt {
   cacheId: string;
   service: string;
   position: number;
+  applied?: number[];
 }
 
 const decoder = new TextDecoder();
@@ -45,7 +50,9 @@ export function encodeProbe(probe: Probe): Uint8Array {
 
 export function encodeReceipt(receipt: Receipt): Uint8Array {
   return encoder.encode(
-    JSON.stringify({ cacheId: receipt.cacheId, service: receipt.service, position: receipt.position }),
+    JSON.stringify({
+      cacheId: receipt.cacheId, service: receipt.service, position: receipt.position, applied: receipt.applied ?? [],
+    }),
   );
 }
 

@@ -67,7 +67,8 @@ test("a revocation reaches the cache: evicted, then refused; its receipt confirm
     assert.equal(cache.size, 2);
     // keyledger lists this cache among the live ones only after a first (heartbeat) receipt.
     await waitFor(() => receipts.some((r) => r.cacheId === cache.cacheId), WAIT_MS, "a heartbeat receipt");
-    assert.deepEqual(Object.keys(receipts.find((r) => r.cacheId === cache.cacheId)), ["cacheId", "service", "position"]);
+    assert.deepEqual(Object.keys(receipts.find((r) => r.cacheId === cache.cacheId)),
+      ["cacheId", "service", "position", "applied"]);
 
     const evictions = cache.evictions;
     await revokeKey(kl, session, k.id);
@@ -86,9 +87,10 @@ test("a revocation reaches the cache: evicted, then refused; its receipt confirm
     // The other key is untouched and still answered from memory.
     assert.ok(cache.verifyCached(other.key)?.valid);
 
-    // A receipt covering the revocation's position, at once, and keyledger's verdict: confirmed in this cache.
-    await waitFor(() => receipts.some((r) => r.cacheId === cache.cacheId && r.position >= inv.position), WAIT_MS,
-      "a receipt covering the revocation");
+    // A receipt naming the revocation's position as applied, at once (no checkpoint awaited), and keyledger's
+    // verdict: confirmed in this cache.
+    await waitFor(() => receipts.some((r) => r.cacheId === cache.cacheId && r.applied.includes(inv.position)), WAIT_MS,
+      "a receipt naming the applied invalidation");
     const mine = receipts.filter((r) => r.cacheId === cache.cacheId);
     assert.ok(mine.every((r) => r.service === "ts-test"));
     let verdict;

@@ -43,7 +43,10 @@ test("the prober remembers at most 256 outstanding probes", () => {
 
 test("wire formats", () => {
   assert.equal(text(encodeProbe({ i: "abc", n: 7 })), '{"i":"abc","n":7}');
-  assert.equal(text(encodeReceipt({ cacheId: "c", service: "s", position: 9 })), '{"cacheId":"c","service":"s","position":9}');
+  assert.equal(text(encodeReceipt({ cacheId: "c", service: "s", position: 9 })),
+    '{"cacheId":"c","service":"s","position":9,"applied":[]}');
+  assert.equal(text(encodeReceipt({ cacheId: "c", service: "s", position: 9, applied: [12, 14] })),
+    '{"cacheId":"c","service":"s","position":9,"applied":[12,14]}');
   assert.deepEqual(decodeCheckpoint('{"position":3}'), { position: 3, probes: {}, epoch: 0, createdAt: null });
   assert.equal(decodeCheckpoint('{"position":3,"probes":{"a":"x"}}'), null);
   assert.equal(decodeCheckpoint('{"position":1.5}'), null);

@@ -7,7 +7,7 @@ sweeper). The lease lives in ``keyledger_leader`` (schema.sql):
   hosts' clocks never have to agree). While ``healthy()`` says its work progresses (the runtime passes
   "JetStream acknowledged something within the last second") the leader renews. Without progress it releases
   the lease if another process *challenged* it within the last second (``challenger()``: the runtime passes
-  "JetStream answers me, and my freshness proof is over a second old"), so a leader cut from NATS hands over to
+  "JetStream has answered me for 2 s, and my freshness proof is over a second old"), so a leader cut from NATS hands over to
   a process that reaches it; unchallenged (nobody can do better: a stream-leader election, NATS down
   everywhere) it keeps the lease, and its consumers, and resumes as soon as JetStream does.
 * **Lost** when a renewal fails or is skipped: killed (nothing renews), hung (SIGSTOP: nothing renews), cut from

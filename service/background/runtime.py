@@ -40,9 +40,12 @@ LEADER_STARTUP_GRACE_S = 1.0
 # (measured before: 3-4 terms per lost node, invalidations back a median 14.7 s after the kill).
 JETSTREAM_CHECK_EVERY_S = 0.25
 JETSTREAM_ANSWERED_WITHIN_S = 1.0
-# ... and challenge the leader (leadership.py) when its own freshness proof is older than this: the leader's
-# relay checkpoints every 250 ms, so a proof this old means propagation stopped.
+# ... and challenge the leader (leadership.py) when its own freshness proof is older than this (the leader's
+# relay checkpoints every 250 ms, so a proof this old means propagation stopped) while JetStream has answered it
+# for longer than that: right after an election JetStream answers everyone, and the leader needs a moment to get
+# its first acknowledgement (handing over then cost a median 2 s more, per round, in bench/cluster_bench.py).
 CHALLENGE_AFTER_S = 1.0
+CHALLENGE_AFTER_ANSWERED_FOR_S = 2.0
 
 # jsonb parameters and results through msgspec rather than the stdlib json module: same JSON, less CPU on
 # the hot path (event metadata is a jsonb parameter of every append).
@@ -113,6 +116,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._term_started = float("-inf")
         self._jetstream_answered = float("-inf")  # monotonic; the last time JetStream answered this process
+        self._jetstream_answering_since = float("inf")  # ... and since when, without a miss in between
         self._wake_subject = f"{settings.topology.prefix}.internal.wake"
 
     @property
@@ -156,7 +160,8 @@ class Runtime:
 
     def _challenger(self) -> bool:
         """This process could do the leader's work, and sees no proof that it is being done."""
-        return self._eligible() and self.freshness.age() > CHALLENGE_AFTER_S
+        return (self._eligible() and self.freshness.age() > CHALLENGE_AFTER_S
+                and time.monotonic() - self._jetstream_answering_since > CHALLENGE_AFTER_ANSWERED_FOR_S)
 
     async def _check_jetstream_forever(self) -> None:
         """While this process does not lead: ask for the events stream's info (its stream leader answers)."""
@@ -166,8 +171,11 @@ class Runtime:
                 try:
                     await asyncio.wait_for(asked, JETSTREAM_ANSWERED_WITHIN_S)
                     self._jetstream_answered = time.monotonic()
+                    self._jetstream_answering_since = min(self._jetstream_answering_since, self._jetstream_answered)
                 except Exception:  # no stream leader (an election), NATS gone: not eligible
-                    pass
+                    self._jetstream_answering_since = float("inf")
+            else:
+                self._jetstream_answering_since = float("inf")
             await asyncio.sleep(JETSTREAM_CHECK_EVERY_S)
 
     async def _lead(self) -> None:

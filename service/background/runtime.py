@@ -159,8 +159,11 @@ class Runtime:
         return self.bus.is_ready and time.monotonic() - self._jetstream_answered < JETSTREAM_ANSWERED_WITHIN_S
 
     def _challenger(self) -> bool:
-        """This process could do the leader's work, and sees no proof that it is being done."""
+        """This process could do the leader's work, and sees no proof that it is being done: JetStream answered
+        it after its proof had gone stale (an answer to a question asked before the leader's NATS node died does
+        not count), and has kept answering for a while (not just back from an election)."""
         return (self._eligible() and self.freshness.age() > CHALLENGE_AFTER_S
+                and self._jetstream_answered - self.freshness.proven_at > CHALLENGE_AFTER_S
                 and time.monotonic() - self._jetstream_answering_since > CHALLENGE_AFTER_ANSWERED_FOR_S)
 
     async def _check_jetstream_forever(self) -> None:

@@ -70,9 +70,6 @@ UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 # Receipts (positions only): at once after an invalidation, else a heartbeat this often (liveness).
 RECEIPT_EVERY_S = 1.0
 RECEIPT_MAX_APPLIED = 256  # positions per receipt; older ones wait for the checkpoint that covers them
-# Receipts of applied invalidations: the first at once, then at most one per this many seconds, so a burst of
-# revocations costs keyledger a receipt per cache every 5 ms rather than one per invalidation.
-RECEIPT_MIN_GAP_S = 0.005
 
 _sha256 = hashlib.sha256
 _monotonic = time.monotonic
@@ -203,7 +200,6 @@ class KeyCache:
         # Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint).
         self._unreported: collections.deque[int] = collections.deque(maxlen=RECEIPT_MAX_APPLIED)
         self._receipt_task: asyncio.Task[None] | None = None
-        self._applied_sent_at = float("-inf")  # monotonic time of the last receipt of applied invalidations
         self.topology = topology or Topology()
         self.staleness = staleness
         self.negative_ttl = negative_ttl
@@ -497,19 +493,16 @@ class KeyCache:
     async def _on_message(self, msg: Any) -> None:
         self._apply(msg.data)
         if self._unreported and self._receipt_task is None and self._nc is not None:
-            # One receipt per burst (see _report_applied).
+            # One receipt per burst: sent on the next loop turn, once the rest of what arrived is applied too.
             self._receipt_task = asyncio.get_running_loop().create_task(self._report_applied())
 
     async def _report_applied(self) -> None:
         """Receipt for the invalidations just applied: keyledger can date their revocations at once, without
         waiting for the checkpoint that will cover them."""
         try:
-            # The next loop turn at the earliest (the rest of a burst is applied meanwhile), RECEIPT_MIN_GAP_S
-            # after the previous one at the latest.
-            await asyncio.sleep(max(0.0, self._applied_sent_at + RECEIPT_MIN_GAP_S - _monotonic()))
+            await asyncio.sleep(0)
             applied = list(self._unreported)
             self._unreported.clear()
-            self._applied_sent_at = _monotonic()
             await self._send_receipt(applied)
         finally:
             self._receipt_task = None

@@ -43,9 +43,6 @@ export const VERIFY_PATH = "/api/auth/api-key/verify";
 const RECEIPT_EVERY_MS = 1000;
 /** Positions per receipt of applied invalidations; older ones wait for the checkpoint that covers them. */
 const RECEIPT_MAX_APPLIED = 256;
-/** Receipts of applied invalidations: the first at once, then at most one per this many ms (a burst of revocations
- * costs keyledger a receipt per cache every 5 ms rather than one per invalidation). */
-const RECEIPT_MIN_GAP_MS = 5;
 /** Replay reads this many stream messages at a time. */
 const REPLAY_BATCH = 64;
 /** Evictions remembered for the "no fill after eviction" rule. */
@@ -314,7 +311,6 @@ export class KeyCache {
   /** Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint). */
   private unreported: number[] = [];
   private receiptQueued = false;
-  private appliedSentAt = Number.NEGATIVE_INFINITY;
 
   private nc: NatsConnection | null = null;
   private jsm: JetStreamManager | null = null;
@@ -630,12 +626,9 @@ export class KeyCache {
       this.unreported.push(inv.position);
       if (this.unreported.length > RECEIPT_MAX_APPLIED) this.unreported.shift();
       if (!this.receiptQueued) {
-        // One receipt per burst: sent once the rest of what arrived in this read is applied too, and at most one
-        // per RECEIPT_MIN_GAP_MS.
+        // One receipt per burst: sent once the rest of what arrived in this read is applied too.
         this.receiptQueued = true;
-        const wait = this.appliedSentAt + RECEIPT_MIN_GAP_MS - performance.now();
-        if (wait > 0) setTimeout(() => this.reportApplied(), wait).unref();
-        else setImmediate(() => this.reportApplied());
+        setImmediate(() => this.reportApplied());
       }
     }
     if (this.onInvalidation !== undefined) {
@@ -799,7 +792,6 @@ export class KeyCache {
     this.receiptQueued = false;
     const applied = this.unreported;
     this.unreported = [];
-    this.appliedSentAt = performance.now();
     if (applied.length > 0) this.sendReceipt(applied);
   }
 

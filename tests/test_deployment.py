@@ -101,11 +101,18 @@ tls {{
 }}
 authorization {{ user: keyledger, password: "s3cret-pw" }}
 """)
+    with private_nats(config, port, "the TLS nats-server"):
+        yield f"tls://keyledger:s3cret-pw@127.0.0.1:{port}", certs
+
+
+@contextlib.contextmanager
+def private_nats(config: Path, port: int, what: str) -> Iterator[None]:
+    """A nats-server of our own with ``config``, listening on ``port``, stopped afterwards."""
     proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _listening(port), timeout=10, what="the TLS nats-server")
-        yield f"tls://keyledger:s3cret-pw@127.0.0.1:{port}", certs
+        wait_until(lambda: _listening(port), timeout=10, what=what)
+        yield
     finally:
         proc.terminate()
         proc.wait(10)
@@ -172,14 +179,8 @@ listen: 127.0.0.1:{port}
 jetstream {{ store_dir: "{tmp_path / 'js-nkey'}" }}
 authorization {{ users: [ {users} ] }}
 """)
-    proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _listening(port), timeout=10, what="the nkey nats-server")
+    with private_nats(config, port, "the nkey nats-server"):
         yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_nkey_authentication(db_factory: Any, tmp_path: Path) -> None:
@@ -277,14 +278,8 @@ jetstream {{ store_dir: "{tmp_path / 'js-operator'}" }}
         path.chmod(0o600)
         return path
 
-    proc = subprocess.Popen([find_nats_server(), "-c", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _listening(port), timeout=10, what="the operator-mode nats-server")
+    with private_nats(config, port, "the operator-mode nats-server"):
         yield f"nats://127.0.0.1:{port}", creds
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_creds_file_against_an_operator_mode_server(db_factory: Any, tmp_path: Path) -> None:

@@ -29,6 +29,17 @@ def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Respons
     return svc.get("api-key/revocation", headers, params={"id": key_id})
 
 
+async def effective_everywhere(svc: Service, headers: dict[str, str], key_id: str, *, within: float) -> dict[str, Any]:
+    """The key's receipt once ``effectiveEverywhereAt`` is set (failing with the last answer after ``within`` s)."""
+    deadline = time.monotonic() + within
+    while True:
+        answer = (await asyncio.to_thread(receipt, svc, headers, key_id)).json()
+        if answer["effectiveEverywhereAt"]:
+            return answer
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.05)
+
+
 def at(iso: str) -> dt.datetime:
     return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
@@ -91,13 +102,7 @@ def test_every_cache_confirms_and_the_revocation_completes_everywhere(
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
             for cache in caches:
                 await wait_for(lambda c=cache: c.verify_cached(key["key"]) is None, 5, "eviction")
-            deadline = time.monotonic() + 10
-            while True:
-                answer = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
-                if answer["effectiveEverywhereAt"]:
-                    return answer
-                assert time.monotonic() < deadline, answer
-                await asyncio.sleep(0.05)
+            return await effective_everywhere(svc, me, key["id"], within=10)
         finally:
             for cache in caches:
                 await cache.close()
@@ -218,13 +223,7 @@ def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deploym
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
             await wait_for(lambda: positions, 5, "the invalidation")
             await send(positions)
-            deadline = time.monotonic() + GONE_AFTER_S - 2
-            while True:
-                answer = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
-                if answer["effectiveEverywhereAt"]:
-                    return answer
-                assert time.monotonic() < deadline, answer
-                await asyncio.sleep(0.05)
+            return await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
         finally:
             await nc.close()
 

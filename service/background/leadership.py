@@ -7,12 +7,12 @@ sweeper). The lease lives in ``keyledger_leader`` (schema.sql):
   hosts' clocks never have to agree). While ``healthy()`` says its work progresses (the runtime passes
   "JetStream acknowledged something within the last second") the leader renews. Without progress it releases
   the lease if another process *challenged* it within the last second (``challenger()``: the runtime passes
-  "JetStream has answered me for 2 s, and my freshness proof is over a second old"), so a leader cut from NATS hands over to
-  a process that reaches it; unchallenged (nobody can do better: a stream-leader election, NATS down
-  everywhere) it keeps the lease, and its consumers, and resumes as soon as JetStream does.
+  "JetStream has answered me for 2 s, also since my freshness proof went over a second old"), so a leader cut
+  from NATS hands over to a process that reaches it; unchallenged (nobody can do better: a stream-leader
+  election, NATS down everywhere) it keeps the lease, and its consumers, and resumes as soon as JetStream does.
 * **Lost** when a renewal fails or is skipped: killed (nothing renews), hung (SIGSTOP: nothing renews), cut from
-  NATS (not healthy, and challenged) or from the database. Another process takes over as soon as the lease has expired,
-  within ``ttl`` + one poll (about 1.75 s by default), drawing the next epoch, if it is ``eligible()``: the
+  NATS (not healthy, and challenged) or from the database. Another process takes over as soon as the lease has
+  expired, within ``ttl`` + one poll (about 1.75 s by default), drawing the next epoch, if it is ``eligible()``: the
   runtime passes "JetStream answered me within the last second", so while the events stream elects a leader
   (a NATS node lost) the lease is not handed around to processes that cannot publish either.
 * **Fenced**: a deposed leader may wake up (SIGCONT) with tasks mid-flight. ``valid()`` is a local check with

@@ -156,6 +156,18 @@ def test_tls_with_client_certificates_and_a_password(db_factory: Any, tmp_path: 
 # --------------------------------------------------------------------------------------------------------
 # nkey authentication: a server that knows only public keys; the service and a cache sign its challenge
 # --------------------------------------------------------------------------------------------------------
+async def a_revocation_reaches_a_cache(svc: Service, nats_url: str, cache_env: dict[str, str]) -> None:
+    """A cache logged in with ``cache_env``'s credentials gets a proof, caches a key, and evicts it on revoke."""
+    me = await asyncio.to_thread(svc.session)
+    key = await asyncio.to_thread(svc.create_key, me)
+    options = nats_connect_options(cache_env)
+    async with KeyCache(svc.url, nats_url, topology=svc.topology, nats_options=options) as cache:
+        await wait_for(lambda: cache.trusted, 15, "a freshness proof with these credentials")
+        assert (await cache.verify(key["key"])).valid
+        assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+        await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation")
+
+
 def _nkey_user(where: Path, name: str) -> tuple[str, Path]:
     """A fresh user nkey: its public key (for the server) and a file holding its seed (for the client)."""
     import os
@@ -197,18 +209,7 @@ def test_nkey_authentication(db_factory: Any, tmp_path: Path) -> None:
         with serving(db_factory.create("deploy_nkey"), url, "nkey", tmp_path,
                      extra_env={"NATS_NKEY_SEED_FILE": str(service_seed)}, shared_nats=False) as svc:
             wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 with an nkey")
-            me = svc.session()
-            key = svc.create_key(me)
-
-            async def cache_with_an_nkey() -> None:
-                options = nats_connect_options({"NATS_NKEY_SEED_FILE": str(cache_seed)})
-                async with KeyCache(svc.url, url, topology=svc.topology, nats_options=options) as cache:
-                    await wait_for(lambda: cache.trusted, 15, "a freshness proof with an nkey")
-                    assert (await cache.verify(key["key"])).valid
-                    assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
-                    await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation")
-
-            asyncio.run(cache_with_an_nkey())
+            asyncio.run(a_revocation_reaches_a_cache(svc, url, {"NATS_NKEY_SEED_FILE": str(cache_seed)}))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,18 +295,7 @@ def test_a_creds_file_against_an_operator_mode_server(db_factory: Any, tmp_path:
             wait_until(lambda: ready(svc).status_code == 200, timeout=30, what="/ready 200 with a .creds file")
             seed = service_creds.read_text().split("SEED-----\n")[1].split("\n")[0]
             assert seed not in svc.log_tail(400)
-            me = svc.session()
-            key = svc.create_key(me)
-
-            async def cache_with_creds() -> None:
-                options = nats_connect_options({"NATS_CREDS_FILE": str(creds("cache"))})
-                async with KeyCache(svc.url, url, topology=svc.topology, nats_options=options) as cache:
-                    await wait_for(lambda: cache.trusted, 15, "a freshness proof with a .creds file")
-                    assert (await cache.verify(key["key"])).valid
-                    assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
-                    await wait_for(lambda: cache.verify_cached(key["key"]) is None, 5, "the invalidation")
-
-            asyncio.run(cache_with_creds())
+            asyncio.run(a_revocation_reaches_a_cache(svc, url, {"NATS_CREDS_FILE": str(creds("cache"))}))
 
 
 @pytest.mark.parametrize("env,message", [

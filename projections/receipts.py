@@ -62,8 +62,16 @@ INSERT INTO revocations (position, key_id, type, revoked_at)
 SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[])
 ON CONFLICT DO NOTHING RETURNING position
 """
+# With no live cache a revocation is in effect everywhere as it is recorded: one statement, nothing to wait for.
+RECORD_SETTLED = """
+INSERT INTO revocations (position, key_id, type, revoked_at, effective_everywhere_at)
+SELECT *, clock_timestamp() FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[])
+ON CONFLICT DO NOTHING RETURNING key_id, position, effective_everywhere_at, 0
+"""
+# Caches heard of within the last GONE_AFTER_S seconds, and how long ago (seeds a new term's view of them).
 LIVE_CACHES = """
-SELECT cache_id FROM receipt_caches WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
+SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM receipt_caches
+WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 """
 ADD_RECEIPTS = """
 INSERT INTO revocation_receipts (position, cache_id, effective_at)
@@ -166,6 +174,10 @@ class ReceiptsProjection:
         # cache id -> its recent (position, applied positions, database time) receipts, for revocations projected
         # after them (an applied-invalidation receipt usually outruns this projection's own copy of the event).
         self._recent: dict[str, collections.deque[tuple[int, frozenset[int], dt.datetime]]] = {}
+        # cache id -> when (event-loop clock) it was last heard of. Only this projection, in the fenced leader,
+        # writes receipt_caches, so after a term's first read of the table this is its current state; asking
+        # the database for the live caches on every revocation cost a round trip on the revoke path's machine.
+        self._heard: dict[str, float] = {}
         self._lock = asyncio.Lock()  # one connection, shared by the three loops below
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -176,6 +188,9 @@ class ReceiptsProjection:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
                                                          **PG_KEEPALIVES) as conn:
             self._conn = conn
+            now = asyncio.get_running_loop().time()
+            self._heard = {cache_id: now - age for cache_id, age in
+                           await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
             await asyncio.gather(
                 consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
                 self._receive_forever(), self._sweep_forever())
@@ -192,23 +207,37 @@ class ReceiptsProjection:
         if msgs:
             await msgs[-1].ack()  # AckAll: the batch, once recorded
 
+    def _live(self) -> list[str]:
+        """The caches heard of within GONE_AFTER_S (forgetting the others: cache ids come and go)."""
+        now = asyncio.get_running_loop().time()
+        self._heard = {cache_id: heard for cache_id, heard in self._heard.items() if now - heard < GONE_AFTER_S}
+        return list(self._heard)
+
     async def _record(self, rows: list[tuple[int, str, str, dt.datetime]]) -> None:
+        columns = [list(column) for column in zip(*rows)]
         async with self._lock:
             assert self._conn is not None
-            async with self._conn.transaction():
-                columns = [list(column) for column in zip(*rows)]
-                recorded = [r[0] for r in await (await self._conn.execute(RECORD, columns)).fetchall()]
-                if not recorded:
-                    return  # all recorded before (a redelivery)
-                live = [r[0] for r in await (await self._conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()]
-                pairs = [(p, c) for p in recorded for c in live]
-                # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
-                effective = [next((t for q, applied, t in self._recent.get(c, ()) if q >= p or p in applied), None)
-                             for p, c in pairs]
-                if pairs:
-                    await self._conn.execute(ADD_RECEIPTS, ([p for p, _ in pairs], [c for _, c in pairs], effective))
-                done = await self._completed_in(max(recorded))
+            live = self._live()
+            if not live:  # nobody to wait for (what a cache gone since still blocks, the sweeper completes)
+                done = await (await self._conn.execute(RECORD_SETTLED, columns)).fetchall()
+            else:
+                done = await self._record_pending(columns, live)
         await self._announce(done)
+
+    async def _record_pending(self, columns: list[list[Any]], live: list[str]) -> list[tuple[Any, ...]]:
+        """Record revocations with one pending receipt per live cache, and complete what is confirmed already;
+        the caller holds the lock."""
+        assert self._conn is not None
+        async with self._conn.transaction():
+            recorded = [r[0] for r in await (await self._conn.execute(RECORD, columns)).fetchall()]
+            if not recorded:
+                return []  # all recorded before (a redelivery)
+            pairs = [(p, c) for p in recorded for c in live]
+            # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
+            effective = [next((t for q, applied, t in self._recent.get(c, ()) if q >= p or p in applied), None)
+                         for p, c in pairs]
+            await self._conn.execute(ADD_RECEIPTS, ([p for p, _ in pairs], [c for _, c in pairs], effective))
+            return await self._completed_in(max(recorded))
 
     async def _receive_forever(self) -> None:
         await self.bus.ready()
@@ -253,7 +282,9 @@ class ReceiptsProjection:
                 await self._conn.execute("SET LOCAL synchronous_commit = off")
                 payload = _encoder.encode(list(rows.values())).decode()
                 seen = await (await self._conn.execute(RECEIVE, (payload,))).fetchall()
+                now = asyncio.get_running_loop().time()
                 for cache_id, at, _ in seen:
+                    self._heard[cache_id] = now
                     row = rows[cache_id]
                     recent = self._recent.setdefault(cache_id, collections.deque(maxlen=64))
                     if not recent or row["position"] > recent[-1][0] or row["applied"]:

@@ -251,3 +251,39 @@ def test_a_quiet_cache_stays_live(deployment: Service) -> None:
     asyncio.run(scenario())
     states = {c["cacheId"]: c["state"] for c in receipt(svc, me, key["id"]).json()["caches"]}
     assert states["quiet"] == "confirmed"
+
+
+def test_a_new_leader_waits_for_the_caches_its_predecessor_heard(deployment: Service) -> None:
+    """The projection keeps the live caches in memory (it alone writes them), so a new leadership term must start
+    from the table: a cache heard just before the restart, silent since, is still waited for (listed pending),
+    not skipped as if no cache existed."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+
+    async def heartbeat(nc: Any) -> None:
+        await nc.publish(svc.topology.receipts_subject, json.dumps({"cacheId": "before", "position": 0}).encode())
+        await nc.flush()
+
+    async def live_until_the_restart() -> float:
+        nc = await nats.connect(svc.nats_url)
+        try:
+            await heartbeat(nc)
+            await wait_for(lambda: "before" in live_caches(svc), 10, "the hand-made cache live")
+            await heartbeat(nc)
+            heard = time.monotonic()
+            await asyncio.to_thread(svc.stop)  # its heartbeats end with the old term
+            return heard
+        finally:
+            await nc.close()
+
+    heard = asyncio.run(live_until_the_restart())
+    svc.start()
+    wait_until(lambda: httpx.get(f"{svc.url}/ready", timeout=5).status_code == 200, timeout=20, what="ready again")
+    assert svc.delete(me, key["id"]).status_code == 200
+    answer = wait_until(lambda: (r := receipt(svc, me, key["id"])).status_code == 200 and r.json(), timeout=10,
+                        what="the revocation recorded")
+    if time.monotonic() - heard > GONE_AFTER_S - 1:
+        pytest.skip("the restart took longer than a cache stays live: nothing left to check")
+    states = {c["cacheId"]: c["state"] for c in answer["caches"]}
+    assert states.get("before") == "pending" and answer["effectiveEverywhereAt"] is None, answer

@@ -43,7 +43,7 @@ import psycopg
 from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
-from ..config import PG_KEEPALIVES
+from ..config import pg_keepalives
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
 from .consumer import consume, run_forever
@@ -186,7 +186,7 @@ class ReceiptsProjection:
 
     async def _run(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **PG_KEEPALIVES) as conn:
+                                                         **pg_keepalives(self.database_url)) as conn:
             self._conn = conn
             now = asyncio.get_running_loop().time()
             self._heard = {cache_id: now - age for cache_id, age in

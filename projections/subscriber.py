@@ -15,7 +15,7 @@ import psycopg
 from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
-from ..config import PG_KEEPALIVES
+from ..config import pg_keepalives
 from ..core.events import decode_envelope_head
 from . import active_keys
 from .consumer import consume, run_forever
@@ -40,7 +40,7 @@ class ActiveKeysSubscriber:
 
     async def _consume(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **PG_KEEPALIVES) as conn:
+                                                         **pg_keepalives(self.database_url)) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
                           ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -393,6 +395,52 @@ def test_a_read_only_database_is_a_503_and_ready_says_why(db_factory: Any, nats_
                 reconnect_everyone(False)
             wait_until(lambda: svc.delete(me, key["id"]).status_code == 200, timeout=20, what="writes again")
             wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200 again")
+
+
+def keepalive_timers(port: int) -> dict[int, float | None]:
+    """peer port -> seconds left on the keepalive timer of each established TCP socket whose local port is
+    ``port`` (the kernel's view, ``ss -o``); None when the socket shows no keepalive timer at that instant."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    timers: dict[int, float | None] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        peer = int(fields[3].rsplit(":", 1)[1])
+        match = re.search(r"timer:\(keepalive,(?:(\d+)min)?(?:([\d.]+)sec)?(?:(\d+)ms)?", line)
+        timers[peer] = None if match is None else (
+            60 * float(match[1] or 0) + float(match[2] or 0) + float(match[3] or 0) / 1000)
+    return timers
+
+
+def test_postgresql_ends_a_vanished_service_hosts_sessions_in_seconds(db_factory: Any, nats_url: str,
+                                                                      tmp_path: Path) -> None:
+    """Every connection ``keyledger serve`` holds asks PostgreSQL for TCP keepalives (10 s idle, then 3 probes
+    5 s apart: config.py), so when a service host vanishes without closing its sockets, PostgreSQL ends its
+    sessions, and what a transaction in flight held, in about 25 s, not the OS default of two hours. Seen from
+    the kernel: the server's end of each of the service's connections arms a keepalive timer of at most 10 s
+    (the default would read about 120 minutes)."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read the kernel's socket timers")
+    database_url = db_factory.create("deploy_keepalive")
+    with serving(database_url, nats_url, "keepalive", tmp_path) as svc:
+        wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            if conn.execute("SELECT inet_client_addr()").fetchone()[0] is None:
+                pytest.skip("PostgreSQL is reached over a Unix socket here (the embedded one): no TCP to keep alive")
+            server_port = int(conn.execute("SHOW port").fetchone()[0])
+            ports = {r[0] for r in conn.execute(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND client_port > 0").fetchall()}
+        # the request pool, the leader's lease, the relay, the projections, the sealer, the sweeper
+        assert len(ports) >= 5, ports
+
+        def armed() -> dict[int, float | None] | None:
+            timers = keepalive_timers(server_port)
+            seen = {port: timers.get(port) for port in ports if port in timers}
+            return seen if seen and all(t is not None for t in seen.values()) else None
+
+        timers = wait_until(armed, timeout=10, interval=0.1, what="keepalive timers on the server's sockets")
+        assert all(t <= 10.0 for t in timers.values()), timers
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 
 from .. import tasks
-from ..config import PG_KEEPALIVES
+from ..config import pg_keepalives
 
 log = logging.getLogger("keyledger.leadership")
 
@@ -96,8 +96,8 @@ class Lease:
         ``challenger()`` (this process could do its work and sees it undone). Never returns; cancel it to stop."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.database_url, autocommit=True, connect_timeout=3, **PG_KEEPALIVES) as conn:
+                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, connect_timeout=3,
+                                                                 **pg_keepalives(self.database_url)) as conn:
                     # A renewal that hangs must fail before the lease runs out, not block the loop.
                     await conn.execute(f"SET statement_timeout = {int(self.ttl * 1000 / 2)}")
                     while True:

@@ -45,7 +45,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 from .. import tasks
 from ..storage import horizon
 from .bus import Bus, ensure_streams
-from ..config import PG_KEEPALIVES
+from ..config import pg_keepalives
 from ..core.events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
 from ..core.freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
 from ..storage.log import EVENT_COLUMNS, row_to_event
@@ -123,8 +123,8 @@ class OutboxRelay:
                 # xid): losing one in a crash only republishes events JetStream deduplicates (``Nats-Msg-Id``),
                 # or takes a new xid. It keeps the relay's fsyncs from queueing beside the appends' own.
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                                 options="-c synchronous_commit=off",
-                                                                 **PG_KEEPALIVES) as conn:
+                                                                 **pg_keepalives(self.database_url,
+                                                                                 "-c synchronous_commit=off")) as conn:
                     backoff = 0.05
                     await self._relay(conn)
             except asyncio.CancelledError:

@@ -15,7 +15,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from .. import tasks
-from ..config import PG_KEEPALIVES, Settings, nats_connect_options
+from ..config import Settings, nats_connect_options, pg_keepalives
 from ..core.freshness import Prober
 from ..ops.audit import AuditSealer
 from ..projections.invalidations import InvalidationProjection
@@ -94,7 +94,7 @@ class Runtime:
             settings.database_url,
             min_size=settings.pool_min,
             max_size=settings.pool_max,
-            kwargs={"autocommit": True, "connect_timeout": 3, **PG_KEEPALIVES},
+            kwargs={"autocommit": True, "connect_timeout": 3, **pg_keepalives(settings.database_url)},
             timeout=5.0,
             check=_check_if_idle,
             # psycopg_pool's reconnect backoff doubles up to reconnect_timeout (300 s by default): after a 30 s

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from ..config import PG_KEEPALIVES
+from ..config import pg_keepalives
 from ..core.domain import Command, ExpireKey, RetireSecret
 from ..storage import store
 
@@ -82,7 +82,7 @@ class ExpirySweeper:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                                 **PG_KEEPALIVES) as conn:
+                                                                 **pg_keepalives(self.database_url)) as conn:
                     while True:
                         count = await sweep_once(conn, fence=self.fence)
                         if count:

@@ -61,6 +61,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from ..config import pg_keepalives
 from ..storage.horizon import final_horizon
 from ..storage.parallel import parallel
 
@@ -244,7 +245,7 @@ class AuditSealer:
 
     def _seal(self) -> tuple[int, tuple[int, str] | None]:
         if self._conn is None:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
+            self._conn = psycopg.connect(self.database_url, autocommit=True, **pg_keepalives(self.database_url))
         n = seal(self._conn, max_wait=max(self.interval * 4, 1.0), epoch=self.epoch())
         return n, head(self._conn)
 

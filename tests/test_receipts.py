@@ -287,3 +287,54 @@ def test_a_new_leader_waits_for_the_caches_its_predecessor_heard(deployment: Ser
         pytest.skip("the restart took longer than a cache stays live: nothing left to check")
     states = {c["cacheId"]: c["state"] for c in answer["caches"]}
     assert states.get("before") == "pending" and answer["effectiveEverywhereAt"] is None, answer
+
+
+def test_hostile_receipts_change_nothing_and_stop_nothing(deployment: Service) -> None:
+    """Anyone who can publish on ``<prefix>.cache.receipts`` can send anything there. Malformed, mistyped,
+    out-of-range (beyond PostgreSQL's bigint, or not a position), NUL-carrying (PostgreSQL text cannot hold NUL)
+    and large (600 kB) receipts are dropped one by one: no row for them, the projection never restarts, and an
+    honest cache's receipt sent right behind them, in the same batch, still counts."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+    hostile: list[bytes] = [
+        b"not json", b"[]", b"{}", b'{"cacheId": 7, "position": 1}', b'{"cacheId": "x", "position": "1"}',
+        json.dumps({"cacheId": "nul\u0000id", "position": 1}).encode(),
+        json.dumps({"cacheId": "svc-nul", "service": "a\u0000b", "position": 1}).encode(),
+        json.dumps({"cacheId": "huge", "position": 2**64}).encode(),
+        json.dumps({"cacheId": "negative", "position": -1}).encode(),
+        json.dumps({"cacheId": "huge-applied", "position": 0, "applied": [2**70]}).encode(),
+        json.dumps({"cacheId": "zero-applied", "position": 0, "applied": [0]}).encode(),
+        b'{"cacheId": "big", "position": 0, "applied": [' + b"1e999," * 100_000 + b"1]}",
+    ]
+
+    async def scenario() -> dict[str, Any]:
+        nc = await nats.connect(svc.nats_url)
+        positions: list[int] = []
+
+        async def on_invalidation(msg: Any) -> None:
+            positions.append(json.loads(msg.data)["position"])
+
+        async def send(payloads: list[bytes]) -> None:
+            for payload in payloads:
+                await nc.publish(svc.topology.receipts_subject, payload)
+            await nc.flush()
+
+        await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
+        honest = json.dumps({"cacheId": "honest", "position": 0}).encode()
+        try:
+            await send([*hostile, honest])
+            await wait_for(lambda: "honest" in live_caches(svc), 10, "the honest cache live behind the hostile ones")
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            await send([*hostile, json.dumps({"cacheId": "honest", "position": 0, "applied": positions}).encode()])
+            return await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
+        finally:
+            await nc.close()
+
+    answer = asyncio.run(scenario())
+    assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"honest": "confirmed"}, answer
+    import psycopg
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        assert {r[0] for r in conn.execute("SELECT cache_id FROM receipt_caches")} == {"honest"}
+    assert "receipts projection" not in svc.log_tail(400), svc.log_tail(40)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from typing import Annotated
 
 import msgspec
 
@@ -63,16 +64,23 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     created_at: dt.datetime | None = None  # wall clock of the relay that made it, informational only
 
 
+# Anyone who can publish on the receipts subject can send anything: what PostgreSQL could not store (a NUL in
+# text, an integer beyond bigint) fails decoding here, so one hostile receipt is dropped alone.
+BIGINT_MAX = 2**63 - 1
+Text = Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")]
+Position = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]
+
+
 class Receipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What a cache reports on ``<prefix>.cache.receipts``: it has applied the invalidations of every event up to
     ``position`` (proven by a checkpoint), and also those of the events at ``applied`` (invalidations it applied
     since its last receipt, before a checkpoint covers them: each one's key is evicted, and a verify in flight
     cannot put it back). Positions only: no key ids, no hashes."""
 
-    cache_id: str
-    service: str = ""
-    position: int
-    applied: list[int] = []  # (a later field: caches that predate it send only ``position``)
+    cache_id: Text
+    service: Text = ""
+    position: Position
+    applied: list[Annotated[int, msgspec.Meta(ge=1, le=BIGINT_MAX)]] = []  # (later: older caches send position only)
 
 
 _encoder = msgspec.json.Encoder()

@@ -31,9 +31,10 @@ Storage: one ``revocations`` row per revocation-like event and one receipt row p
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import contextlib
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -160,6 +161,39 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
     }
 
 
+class HeardCache:
+    """One live cache as this projection heard it: when last (the event-loop clock, for liveness), and when (the
+    database's clock) its recent receipts proved a position or named one in ``applied``, so that a revocation
+    projected after the receipt that covered it (the usual order: an applied receipt outruns this projection's
+    own copy of the event) is dated from that receipt. A lookup is a bisection and a dict get, not a scan: it
+    runs for every (revocation, live cache) pair."""
+
+    KEEP = 1024  # receipts remembered (the oldest go: a revocation that old is dated by a later receipt)
+
+    def __init__(self, heard: float) -> None:
+        self.heard = heard
+        self._proven: list[int] = []  # strictly increasing proven positions ...
+        self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
+        self._applied: dict[int, dt.datetime] = {}  # applied position -> when first named (insertion order)
+
+    def add(self, position: int, applied: list[int], at: dt.datetime) -> None:
+        if not self._proven or position > self._proven[-1]:
+            self._proven.append(position)
+            self._proven_at.append(at)
+            if len(self._proven) > 2 * self.KEEP:
+                del self._proven[:self.KEEP], self._proven_at[:self.KEEP]
+        for p in applied:
+            self._applied.setdefault(p, at)
+        for p in list(itertools.islice(self._applied, max(0, len(self._applied) - self.KEEP))):
+            del self._applied[p]
+
+    def covered_at(self, position: int) -> dt.datetime | None:
+        """When a receipt first covered ``position`` (proved it or named it), or None."""
+        i = bisect.bisect_left(self._proven, position)
+        times = (self._proven_at[i] if i < len(self._proven) else None, self._applied.get(position))
+        return min((t for t in times if t is not None), default=None)
+
+
 class ReceiptsProjection:
     name = NAME
 
@@ -171,13 +205,10 @@ class ReceiptsProjection:
         self.epoch = epoch
         self.received = 0
         self.completed = 0
-        # cache id -> its recent (position, applied positions, database time) receipts, for revocations projected
-        # after them (an applied-invalidation receipt usually outruns this projection's own copy of the event).
-        self._recent: dict[str, collections.deque[tuple[int, frozenset[int], dt.datetime]]] = {}
-        # cache id -> when (event-loop clock) it was last heard of. Only this projection, in the fenced leader,
-        # writes receipt_caches, so after a term's first read of the table this is its current state; asking
-        # the database for the live caches on every revocation cost a round trip on the revoke path's machine.
-        self._heard: dict[str, float] = {}
+        # The live caches, by id. Only this projection, in the fenced leader, writes receipt_caches, so after a
+        # term's first read of the table this is its current state: asking the database for the live caches on
+        # every revocation cost a round trip on the revoke path's machine.
+        self._caches: dict[str, HeardCache] = {}
         self._lock = asyncio.Lock()  # one connection, shared by the three loops below
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -189,8 +220,8 @@ class ReceiptsProjection:
                                                          **pg_keepalives(self.database_url)) as conn:
             self._conn = conn
             now = asyncio.get_running_loop().time()
-            self._heard = {cache_id: now - age for cache_id, age in
-                           await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
+            self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
+                            await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
             await asyncio.gather(
                 consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
                 self._receive_forever(), self._sweep_forever())
@@ -210,8 +241,8 @@ class ReceiptsProjection:
     def _live(self) -> list[str]:
         """The caches heard of within GONE_AFTER_S (forgetting the others: cache ids come and go)."""
         now = asyncio.get_running_loop().time()
-        self._heard = {cache_id: heard for cache_id, heard in self._heard.items() if now - heard < GONE_AFTER_S}
-        return list(self._heard)
+        self._caches = {cache_id: c for cache_id, c in self._caches.items() if now - c.heard < GONE_AFTER_S}
+        return list(self._caches)
 
     async def _record(self, rows: list[tuple[int, str, str, dt.datetime]]) -> None:
         columns = [list(column) for column in zip(*rows)]
@@ -234,8 +265,7 @@ class ReceiptsProjection:
                 return []  # all recorded before (a redelivery)
             pairs = [(p, c) for p in recorded for c in live]
             # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
-            effective = [next((t for q, applied, t in self._recent.get(c, ()) if q >= p or p in applied), None)
-                         for p, c in pairs]
+            effective = [self._caches[c].covered_at(p) for p, c in pairs]
             await self._conn.execute(ADD_RECEIPTS, ([p for p, _ in pairs], [c for _, c in pairs], effective))
             return await self._completed_in(max(recorded))
 
@@ -284,11 +314,9 @@ class ReceiptsProjection:
                 seen = await (await self._conn.execute(RECEIVE, (payload,))).fetchall()
                 now = asyncio.get_running_loop().time()
                 for cache_id, at, _ in seen:
-                    self._heard[cache_id] = now
-                    row = rows[cache_id]
-                    recent = self._recent.setdefault(cache_id, collections.deque(maxlen=64))
-                    if not recent or row["position"] > recent[-1][0] or row["applied"]:
-                        recent.append((row["position"], frozenset(row["applied"]), at))
+                    cache = self._caches.setdefault(cache_id, HeardCache(now))
+                    cache.heard = now
+                    cache.add(rows[cache_id]["position"], rows[cache_id]["applied"], at)
                 confirmed_upto = seen[0][2] if seen else None
                 if confirmed_upto is not None:
                     done = await self._completed_in(confirmed_upto)

@@ -22,7 +22,7 @@ import pytest
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
-from keyledger.projections.receipts import GONE_AFTER_S
+from keyledger.projections.receipts import GONE_AFTER_S, HeardCache
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -338,3 +338,18 @@ def test_hostile_receipts_change_nothing_and_stop_nothing(deployment: Service) -
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
         assert {r[0] for r in conn.execute("SELECT cache_id FROM receipt_caches")} == {"honest"}
     assert "receipts projection" not in svc.log_tail(400), svc.log_tail(40)
+
+
+def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
+    """The projection's memory of a cache's receipts (pure, no servers): a revocation projected after receipts
+    that covered it is dated from the first one that did, by proving its position or naming it in ``applied``."""
+    def t(second: int) -> dt.datetime:
+        return dt.datetime(2026, 1, 1, 0, 0, second, tzinfo=dt.timezone.utc)
+
+    cache = HeardCache(heard=0.0)
+    cache.add(5, [], t(1))
+    cache.add(5, [9], t(2))
+    cache.add(12, [], t(3))
+    cache.add(10, [11], t(4))  # a proven position never goes back; 11 was proven at t(3) already
+    assert [cache.covered_at(p) for p in (3, 5, 9, 7, 11, 12)] == [t(1), t(1), t(2), t(3), t(3), t(3)]
+    assert cache.covered_at(13) is None

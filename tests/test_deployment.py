@@ -428,11 +428,15 @@ def test_postgresql_ends_a_vanished_service_hosts_sessions_in_seconds(db_factory
             if conn.execute("SELECT inet_client_addr()").fetchone()[0] is None:
                 pytest.skip("PostgreSQL is reached over a Unix socket here (the embedded one): no TCP to keep alive")
             server_port = int(conn.execute("SHOW port").fetchone()[0])
-            ports = {r[0] for r in conn.execute(
-                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND client_port > 0").fetchall()}
-        # the request pool, the leader's lease, the relay, the projections, the sealer, the sweeper
-        assert len(ports) >= 5, ports
+
+            def service_ports() -> set[int] | None:
+                ports = {r[0] for r in conn.execute(
+                    "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND client_port > 0").fetchall()}
+                return ports if len(ports) >= 5 else None
+
+            # the request pool, the leader's lease, the relay, the projections, the sealer, the sweeper
+            ports = wait_until(service_ports, timeout=20, interval=0.1, what="the service's connections")
 
         def armed() -> dict[int, float | None] | None:
             timers = keepalive_timers(server_port)

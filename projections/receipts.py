@@ -44,9 +44,9 @@ import psycopg
 from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
-from ..config import pg_keepalives
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
+from ..storage.connections import pg_keepalives
 from .consumer import consume, run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")

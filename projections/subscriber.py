@@ -15,8 +15,8 @@ import psycopg
 from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
-from ..config import pg_keepalives
 from ..core.events import decode_envelope_head
+from ..storage.connections import pg_keepalives
 from . import active_keys
 from .consumer import consume, run_forever
 

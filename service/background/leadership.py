@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 
 from .. import tasks
-from ..config import pg_keepalives
+from ..storage.connections import pg_keepalives
 
 log = logging.getLogger("keyledger.leadership")
 

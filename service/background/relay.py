@@ -43,12 +43,12 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import APIError, NoStreamResponseError
 
 from .. import tasks
-from ..storage import horizon
-from .bus import Bus, ensure_streams
-from ..config import pg_keepalives
 from ..core.events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
 from ..core.freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
+from ..storage import horizon
+from ..storage.connections import pg_keepalives
 from ..storage.log import EVENT_COLUMNS, row_to_event
+from .bus import Bus, ensure_streams
 
 log = logging.getLogger("keyledger.relay")
 

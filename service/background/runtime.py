@@ -15,12 +15,13 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from .. import tasks
-from ..config import Settings, nats_connect_options, pg_keepalives
+from ..config import Settings, nats_connect_options
 from ..core.freshness import Prober
 from ..ops.audit import AuditSealer
 from ..projections.invalidations import InvalidationProjection
 from ..projections.receipts import ReceiptsProjection
 from ..projections.subscriber import ActiveKeysSubscriber
+from ..storage.connections import pg_keepalives
 from ..storage.usage import LastRequests
 from .bus import Bus
 from .leadership import Lease

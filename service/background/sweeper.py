@@ -21,9 +21,9 @@ from typing import Any
 
 import psycopg
 
-from ..config import pg_keepalives
 from ..core.domain import Command, ExpireKey, RetireSecret
 from ..storage import store
+from ..storage.connections import pg_keepalives
 
 log = logging.getLogger("keyledger.sweeper")
 

@@ -61,7 +61,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from ..config import pg_keepalives
+from ..storage.connections import pg_keepalives
 from ..storage.horizon import final_horizon
 from ..storage.parallel import parallel
 

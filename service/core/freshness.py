@@ -67,7 +67,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 # Anyone who can publish on the receipts subject can send anything: what PostgreSQL could not store (a NUL in
 # text, an integer beyond bigint) fails decoding here, so one hostile receipt is dropped alone.
 BIGINT_MAX = 2**63 - 1
-Text = Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")]
+Text = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
 Position = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]
 
 

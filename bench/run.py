@@ -328,22 +328,47 @@ def wait_until_quiet(pattern: str, timeout: float = 600.0, max_cpu: float = 15.0
             "machine_busy_pct": cpu, "quiet": not noisy, "loadavg_1min": load1}
 
 
-class ServedProcess:
-    """A server subprocess (its own session, output in a log file): wait until its /health says ready, show
-    the log's tail when it does not, stop it with SIGTERM (then SIGKILL). The service and invalidation_bench's
-    example downstream are both one."""
+class LoggedProcess:
+    """A subprocess in its own session, its output in a log file: the log's tail on demand; ``stop`` sends
+    SIGTERM, then SIGKILL after ``grace`` seconds."""
 
     what = "process"
+    grace = 5.0
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, port: int, **popen: Any) -> None:
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, **popen: Any) -> None:
         self.env = env
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, **popen)
         self.pid = self.proc.pid
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
+
+
+class ServedProcess(LoggedProcess):
+    """A server subprocess: wait until its /health says ready, showing the log's tail when it does not. The
+    service and invalidation_bench's example downstream are both one."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, port: int, **popen: Any) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        super().__init__(cmd, env, log_path, **popen)
 
     def wait_ready(self, ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
                    timeout: float = 60.0, interval: float = 0.1) -> float:
@@ -360,22 +385,6 @@ class ServedProcess:
                 pass
             time.sleep(interval)
         raise RuntimeError(f"{self.what} not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
 
 
 class Service(ServedProcess):
@@ -411,7 +420,7 @@ class Service(ServedProcess):
         raise RuntimeError(f"dev-session printed no cookie (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
-class CacheFleet:
+class CacheFleet(LoggedProcess):
     """``--caches N``: N reporting ``KeyCache`` instances in ONE separate process (bench/caches.py), so they share
     neither the service's event loop nor the load generator's. It runs with the service's environment: the same
     topology (KEYLEDGER_SUBJECT_PREFIX, KEYLEDGER_*_STREAM, read with ``Topology.from_env()``), NATS and
@@ -419,15 +428,13 @@ class CacheFleet:
     within 5 s), as keyledger's receipts count them."""
 
     ID_PREFIX = "bench-cache-"
+    what = "cache process"
+    grace = 10.0  # the caches close and print their counters
 
     def __init__(self, service: "Service", db_url: str, n: int, log_path: Path) -> None:
-        self.n, self.db_url, self.log_path = n, db_url, log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "caches.py"), "--base", service.base,
-                                      "--caches", str(n), "--id-prefix", self.ID_PREFIX],
-                                     env=service.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
+        self.n, self.db_url = n, db_url
+        super().__init__([sys.executable, str(HERE / "caches.py"), "--base", service.base, "--caches", str(n),
+                          "--id-prefix", self.ID_PREFIX], service.env, log_path)
         self.stats: dict[str, Any] | None = None
 
     def live(self) -> int:
@@ -440,7 +447,7 @@ class CacheFleet:
         t0 = time.monotonic()
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"cache process exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 live = self.live()
             except psycopg.Error:
@@ -452,23 +459,9 @@ class CacheFleet:
                                    f"{self.log_tail()}")
             time.sleep(0.2)
 
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> dict[str, Any] | None:
-        """SIGTERM: the caches close and print their counters (``CACHES STATS {json}``), returned here."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if not self._log.closed:
-            self._log.close()
+    def collect(self) -> dict[str, Any] | None:
+        """Stop the caches: they close and print their counters (``CACHES STATS {json}``), returned here."""
+        self.stop()
         for line in self.log_tail(200).splitlines():
             if line.startswith("CACHES STATS "):
                 self.stats = json.loads(line[len("CACHES STATS "):])
@@ -1131,7 +1124,7 @@ def main() -> int:
             time.sleep(1.0)  # the outbox is drained: let the last invalidations reach the caches and their receipts
             live_end = fleet.live()
             caches_info["revocations"] = revocation_receipts(servers.db_url)
-            stats = fleet.stop() or {}
+            stats = fleet.collect() or {}
             applied = [c["invalidations_applied"] for c in stats.values()]
             caches_info.update(live_at_end=live_end, stats=stats,
                                invalidations_applied_min=min(applied) if applied else None,

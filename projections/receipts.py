@@ -34,7 +34,6 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
-import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -184,8 +183,8 @@ class HeardCache:
                 del self._proven[:self.KEEP], self._proven_at[:self.KEEP]
         for p in applied:
             self._applied.setdefault(p, at)
-        for p in list(itertools.islice(self._applied, max(0, len(self._applied) - self.KEEP))):
-            del self._applied[p]
+        while len(self._applied) > self.KEEP:  # the oldest first: a dict keeps insertion order
+            del self._applied[next(iter(self._applied))]
 
     def covered_at(self, position: int) -> dt.datetime | None:
         """When a receipt first covered ``position`` (proved it or named it), or None."""
@@ -314,7 +313,9 @@ class ReceiptsProjection:
                 seen = await (await self._conn.execute(RECEIVE, (payload,))).fetchall()
                 now = asyncio.get_running_loop().time()
                 for cache_id, at, _ in seen:
-                    cache = self._caches.setdefault(cache_id, HeardCache(now))
+                    cache = self._caches.get(cache_id)
+                    if cache is None:
+                        cache = self._caches[cache_id] = HeardCache(now)
                     cache.heard = now
                     cache.add(rows[cache_id]["position"], rows[cache_id]["applied"], at)
                 confirmed_upto = seen[0][2] if seen else None

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import nats
+import psycopg
 import pytest
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
@@ -70,7 +71,6 @@ def process_cache(deployment: Service, tmp_path: Path) -> Iterator[subprocess.Po
 
 
 def live_caches(svc: Service) -> set[str]:
-    import psycopg
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
         return {r[0] for r in conn.execute("SELECT cache_id FROM receipt_caches"
                                            " WHERE last_seen_at > clock_timestamp() - interval '5 seconds'")}
@@ -196,6 +196,24 @@ def test_a_cache_reports_each_applied_invalidation_at_once(deployment: Service) 
     assert all(set(r) <= {"cacheId", "service", "position", "applied"} for r in heard)  # positions only
 
 
+async def send_receipts(nc: Any, svc: Service, *receipts: dict[str, Any] | bytes) -> None:
+    """Speak the receipts wire by hand: each receipt (a dict sent as JSON, bytes as they are), then a flush."""
+    for r in receipts:
+        await nc.publish(svc.topology.receipts_subject, r if isinstance(r, bytes) else json.dumps(r).encode())
+    await nc.flush()
+
+
+async def invalidated_positions(nc: Any, svc: Service) -> list[int]:
+    """The positions of the invalidations published from now on, appended as they arrive."""
+    positions: list[int] = []
+
+    async def on_invalidation(msg: Any) -> None:
+        positions.append(json.loads(msg.data)["position"])
+
+    await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
+    return positions
+
+
 def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deployment: Service) -> None:
     """A cache that speaks the wire format by hand: live by one heartbeat, then it confirms a revocation only by
     naming its position in ``applied``, its proven position never reaching it. keyledger counts it confirmed
@@ -206,23 +224,13 @@ def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deploym
 
     async def scenario() -> dict[str, Any]:
         nc = await nats.connect(svc.nats_url)
-        positions: list[int] = []
-
-        async def on_invalidation(msg: Any) -> None:
-            positions.append(json.loads(msg.data)["position"])
-
-        async def send(applied: list[int]) -> None:
-            await nc.publish(svc.topology.receipts_subject,
-                             json.dumps({"cacheId": "by-hand", "position": 0, "applied": applied}).encode())
-            await nc.flush()
-
-        await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
+        positions = await invalidated_positions(nc, svc)
         try:
-            await send([])
+            await send_receipts(nc, svc, {"cacheId": "by-hand", "position": 0, "applied": []})
             await wait_for(lambda: "by-hand" in live_caches(svc), 10, "the hand-made cache live")
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
             await wait_for(lambda: positions, 5, "the invalidation")
-            await send(positions)
+            await send_receipts(nc, svc, {"cacheId": "by-hand", "position": 0, "applied": positions})
             return await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
         finally:
             await nc.close()
@@ -261,16 +269,14 @@ def test_a_new_leader_waits_for_the_caches_its_predecessor_heard(deployment: Ser
     me = svc.session()
     key = svc.create_key(me)
 
-    async def heartbeat(nc: Any) -> None:
-        await nc.publish(svc.topology.receipts_subject, json.dumps({"cacheId": "before", "position": 0}).encode())
-        await nc.flush()
+    heartbeat = {"cacheId": "before", "position": 0}
 
     async def live_until_the_restart() -> float:
         nc = await nats.connect(svc.nats_url)
         try:
-            await heartbeat(nc)
+            await send_receipts(nc, svc, heartbeat)
             await wait_for(lambda: "before" in live_caches(svc), 10, "the hand-made cache live")
-            await heartbeat(nc)
+            await send_receipts(nc, svc, heartbeat)
             heard = time.monotonic()
             await asyncio.to_thread(svc.stop)  # its heartbeats end with the old term
             return heard
@@ -310,31 +316,19 @@ def test_hostile_receipts_change_nothing_and_stop_nothing(deployment: Service) -
 
     async def scenario() -> dict[str, Any]:
         nc = await nats.connect(svc.nats_url)
-        positions: list[int] = []
-
-        async def on_invalidation(msg: Any) -> None:
-            positions.append(json.loads(msg.data)["position"])
-
-        async def send(payloads: list[bytes]) -> None:
-            for payload in payloads:
-                await nc.publish(svc.topology.receipts_subject, payload)
-            await nc.flush()
-
-        await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
-        honest = json.dumps({"cacheId": "honest", "position": 0}).encode()
+        positions = await invalidated_positions(nc, svc)
         try:
-            await send([*hostile, honest])
+            await send_receipts(nc, svc, *hostile, {"cacheId": "honest", "position": 0})
             await wait_for(lambda: "honest" in live_caches(svc), 10, "the honest cache live behind the hostile ones")
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
             await wait_for(lambda: positions, 5, "the invalidation")
-            await send([*hostile, json.dumps({"cacheId": "honest", "position": 0, "applied": positions}).encode()])
+            await send_receipts(nc, svc, *hostile, {"cacheId": "honest", "position": 0, "applied": positions})
             return await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
         finally:
             await nc.close()
 
     answer = asyncio.run(scenario())
     assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"honest": "confirmed"}, answer
-    import psycopg
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
         assert {r[0] for r in conn.execute("SELECT cache_id FROM receipt_caches")} == {"honest"}
     assert "receipts projection" not in svc.log_tail(400), svc.log_tail(40)

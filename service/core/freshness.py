@@ -68,7 +68,8 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 # text, an integer beyond bigint) fails decoding here, so one hostile receipt is dropped alone.
 BIGINT_MAX = 2**63 - 1
 Text = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
-Position = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]
+Position = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]  # 0: nothing proven yet
+Applied = Annotated[int, msgspec.Meta(ge=1, le=BIGINT_MAX)]  # an event's position (the log starts at 1)
 
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -80,7 +81,7 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     cache_id: Text
     service: Text = ""
     position: Position
-    applied: list[Annotated[int, msgspec.Meta(ge=1, le=BIGINT_MAX)]] = []  # (later: older caches send position only)
+    applied: list[Applied] = []  # (a later field: caches that predate it send only ``position``)
 
 
 _encoder = msgspec.json.Encoder()

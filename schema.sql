@@ -511,9 +511,10 @@ END $$;
 -- ---------------------------------------------------------------------------------------------------------
 -- Revocation receipts (projections/receipts.py): when did a revocation take effect in every cache?
 -- Caches report the log position through which they have applied invalidations (no keys, no hashes: positions
--- only). For each revocation-like event (revoked, disabled, expired, rotated without grace), one row per cache
--- that was live when it was projected; effective_at is keyledger's (the database's) clock when the first receipt
--- covering the position arrived. Bounded: rows per revocation x live caches, pruned after the retention period.
+-- only). For each revocation-like event (revoked, disabled, expired, rotated without grace), one row; its
+-- ``caches`` maps every cache that was live when it was projected to keyledger's (the database's) clock when the
+-- first receipt covering the position arrived, or null. Bounded: a row per revocation with an entry per live
+-- cache, pruned after the retention period.
 -- ---------------------------------------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS receipt_caches (
     cache_id     text PRIMARY KEY,
@@ -526,15 +527,20 @@ CREATE TABLE IF NOT EXISTS revocations (
     key_id                  text        NOT NULL,
     type                    text        NOT NULL,
     revoked_at              timestamptz NOT NULL,  -- the event's recorded_at
-    effective_everywhere_at timestamptz
+    effective_everywhere_at timestamptz,
+    caches                  jsonb       NOT NULL DEFAULT '{}'  -- cache id -> effective at (or null)
 );
+ALTER TABLE revocations ADD COLUMN IF NOT EXISTS caches jsonb NOT NULL DEFAULT '{}';
 CREATE INDEX IF NOT EXISTS revocations_key_idx ON revocations (key_id, position);
 CREATE INDEX IF NOT EXISTS revocations_pending_idx ON revocations (position) WHERE effective_everywhere_at IS NULL;
-CREATE TABLE IF NOT EXISTS revocation_receipts (
-    position     bigint NOT NULL REFERENCES revocations (position) ON DELETE CASCADE,
-    cache_id     text   NOT NULL,
-    effective_at timestamptz,
-    PRIMARY KEY (position, cache_id)
-);
-CREATE INDEX IF NOT EXISTS revocation_receipts_pending_idx ON revocation_receipts (cache_id, position)
-    WHERE effective_at IS NULL;
+-- Before, a row per (revocation, cache): folded into ``caches``.
+DO $$
+BEGIN
+    IF to_regclass('revocation_receipts') IS NOT NULL THEN
+        UPDATE revocations r SET caches = x.caches
+        FROM (SELECT position, jsonb_object_agg(cache_id, effective_at) AS caches
+              FROM revocation_receipts GROUP BY position) x
+        WHERE r.position = x.position;
+        DROP TABLE revocation_receipts;
+    END IF;
+END $$;

@@ -8,7 +8,7 @@ run.py starts this with the service's environment, so the topology (subject pref
 read with ``Topology.from_env()`` as the service reads it, and ``keyledger`` is imported from the same place
 (``--pythonpath``). The caches (``cache_id`` ``bench-cache-<i>``, ``service="bench"``) keep the default
 behaviour: they receive every invalidation and report a receipt for what they applied, plus a heartbeat receipt
-every second. A separate process, so they share neither the service's event loop nor the load generator's.
+every second (``--no-receipts``: they report nothing, so a run can weigh the receipts apart from the caches). A separate process, so they share neither the service's event loop nor the load generator's.
 
 Prints ``CACHES READY`` once every cache holds a freshness proof; on SIGTERM or SIGINT closes them and prints one
 line ``CACHES STATS {json}`` (per cache: invalidations applied, flushes, replayed).
@@ -28,10 +28,10 @@ from keyledger.client import KeyCache
 from keyledger.config import Topology
 
 
-async def main_async(base: str, nats_url: str, n: int, prefix: str) -> int:
+async def main_async(base: str, nats_url: str, n: int, prefix: str, receipts: bool) -> int:
     topology = Topology.from_env()
-    caches = [KeyCache(base, nats_url, topology=topology, cache_id=f"{prefix}{i}", service="bench")
-              for i in range(n)]
+    caches = [KeyCache(base, nats_url, topology=topology, cache_id=f"{prefix}{i}", service="bench",
+                       receipts=receipts) for i in range(n)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,10 +64,12 @@ def main() -> int:
     ap.add_argument("--nats", default=os.environ.get("NATS_URL"), help="NATS URL (default: $NATS_URL)")
     ap.add_argument("--caches", type=int, required=True)
     ap.add_argument("--id-prefix", default="bench-cache-")
+    ap.add_argument("--no-receipts", action="store_true",
+                    help="caches that report nothing (receipts=False): the same caches' load without the receipts")
     args = ap.parse_args()
     if not args.nats:
         ap.error("--nats or NATS_URL is needed")
-    return asyncio.run(main_async(args.base, args.nats, args.caches, args.id_prefix))
+    return asyncio.run(main_async(args.base, args.nats, args.caches, args.id_prefix, not args.no_receipts))
 
 
 if __name__ == "__main__":

@@ -425,16 +425,18 @@ class CacheFleet(LoggedProcess):
     neither the service's event loop nor the load generator's. It runs with the service's environment: the same
     topology (KEYLEDGER_SUBJECT_PREFIX, KEYLEDGER_*_STREAM, read with ``Topology.from_env()``), NATS and
     ``keyledger`` (``--pythonpath``). ``wait_live`` waits until all N are live in ``receipt_caches`` (last seen
-    within 5 s), as keyledger's receipts count them."""
+    within 5 s), as keyledger's receipts count them; with ``receipts=False`` (``--cache-receipts off``) the caches
+    report nothing, and it waits until each holds a freshness proof."""
 
     ID_PREFIX = "bench-cache-"
     what = "cache process"
     grace = 10.0  # the caches close and print their counters
 
-    def __init__(self, service: "Service", db_url: str, n: int, log_path: Path) -> None:
-        self.n, self.db_url = n, db_url
+    def __init__(self, service: "Service", db_url: str, n: int, log_path: Path, *, receipts: bool = True) -> None:
+        self.n, self.db_url, self.receipts = n, db_url, receipts
         super().__init__([sys.executable, str(HERE / "caches.py"), "--base", service.base, "--caches", str(n),
-                          "--id-prefix", self.ID_PREFIX], service.env, log_path)
+                          "--id-prefix", self.ID_PREFIX, *([] if receipts else ["--no-receipts"])],
+                         service.env, log_path)
         self.stats: dict[str, Any] | None = None
 
     def live(self) -> int:
@@ -448,10 +450,13 @@ class CacheFleet(LoggedProcess):
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                live = self.live()
-            except psycopg.Error:
-                live = -1
+            if not self.receipts:  # silent caches: ready once each holds a freshness proof
+                live = self.n if "CACHES READY" in self.log_tail(200) else 0
+            else:
+                try:
+                    live = self.live()
+                except psycopg.Error:
+                    live = -1
             if live >= self.n:
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
@@ -1013,6 +1018,8 @@ def main() -> int:
                     help="before the revoke phases start N reporting KeyCache instances (cache_id bench-cache-<i>) "
                          "in one separate process (bench/caches.py) with the service's topology; the phases wait "
                          "until all N are live in receipt_caches; their CPU is counted as 'caches' (default 0)")
+    ap.add_argument("--cache-receipts", choices=("on", "off"), default="on",
+                    help="off: the --caches report no receipts (the caches' own load, without the receipts)")
     args = ap.parse_args()
     if args.caches < 0:
         ap.error("--caches: N >= 0")
@@ -1094,11 +1101,13 @@ def main() -> int:
         if "revoke" in wanted:
             revokes.append((1, d1, 1.0))
         if args.caches and revokes:
-            fleet = CacheFleet(service, servers.db_url, args.caches, work / "caches.log")
+            fleet = CacheFleet(service, servers.db_url, args.caches, work / "caches.log",
+                               receipts=args.cache_receipts == "on")
             runner.cpu.caches_pid = fleet.pid
             took = fleet.wait_live()
-            say(f"  caches    {args.caches} reporting KeyCache instances in pid {fleet.pid} (topology "
-                f"{servers.prefix}/{servers.inv_stream}), all live in receipt_caches after {took:.1f} s")
+            say(f"  caches    {args.caches} {'reporting' if fleet.receipts else 'silent (no receipts)'} KeyCache "
+                f"instances in pid {fleet.pid} (topology {servers.prefix}/{servers.inv_stream}), ready after "
+                f"{took:.1f} s")
         for conc, dur, calib in revokes:
             # Calibrate: a short run on a generous batch gives the rate; the real seed is sized from it. On a
             # quiet machine, like the phase: a rate calibrated beside a busy neighbour runs out of keys.
@@ -1119,7 +1128,7 @@ def main() -> int:
         say("")
         say("after the revokes")
         log = outbox_and_log(servers.db_url)
-        caches_info: dict[str, Any] = {"n": args.caches}
+        caches_info: dict[str, Any] = {"n": args.caches, "receipts": args.cache_receipts == "on"}
         if fleet is not None:
             time.sleep(1.0)  # the outbox is drained: let the last invalidations reach the caches and their receipts
             live_end = fleet.live()
@@ -1177,7 +1186,8 @@ def main() -> int:
         say("=" * 110)
         say(f"keyledger bench  {machine['date']}  {machine['nproc']} CPUs {machine['cpu_model']}  "
             f"PostgreSQL {machine['postgres']}  ({servers.mode} servers)"
-            + (f"  caches: {args.caches} reporting" if args.caches else ""))
+            + (f"  caches: {args.caches} {'reporting' if args.cache_receipts == 'on' else 'silent'}"
+               if args.caches else ""))
         say("-" * 110)
         for name in ("revoke_c16", "revoke_c1", "verify_c16", "verify_c1"):
             if name not in phases:

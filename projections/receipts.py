@@ -8,23 +8,29 @@ Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` (positions only: no key
   the freshness checkpoints, freshness.py): this keeps a cache live while nothing is revoked, and confirms
   whatever an applied receipt left out (a lost message, a cache that predates ``applied``).
 
-This projection (in the background leader) keeps three tables (schema.sql):
+This projection (in the background leader) keeps two tables (schema.sql):
 
 * ``receipt_caches``: every cache heard of, its confirmed position and when it was last heard (a cache silent
   for ``GONE_AFTER_S`` is *gone*: listed, but it no longer blocks "everywhere");
 * ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
-  event stream (its own durable consumer, consumer.py);
-* ``revocation_receipts``: per revocation, one row per cache that was live when the revocation was projected,
-  with ``effective_at`` = the moment keyledger received the first receipt covering the position (naming it in
-  ``applied``, or proving every position up to it).
+  event stream (its own durable consumer, consumer.py), with ``caches``: every cache that was live when it was
+  projected -> the moment keyledger received the first receipt covering its position (naming it in ``applied``,
+  or proving every position up to it), or null.
 
-Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt. When the last
-live cache confirms (or the last pending one is declared gone), ``effective_everywhere_at`` is set and
-``<prefix>.revocation.effective`` announces it. A receipt can arrive before the revocation's event is projected
-(it raced through the invalidation path): the projection remembers each cache's recent receipts and dates
-such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
+The bookkeeping lives in memory; a revocation's row is written when it is projected and once more when the last
+live cache confirms it (or the last pending one is declared gone): ``effective_everywhere_at`` is set and
+``<prefix>.revocation.effective`` announces it. A row per (revocation, cache), inserted and then updated, cost
+PostgreSQL more than the revocation itself once ten caches reported (docs/benchmarks.md). What is still pending
+after a second (a hung cache) has its confirmations so far written by the sweeper, once a second. A new
+leadership term reloads the pending revocations from the table; a confirmation the previous leader held but had
+not written yet comes again with that cache's next heartbeat, dated later, never wrongly earlier.
 
-Storage: one ``revocations`` row per revocation-like event and one receipt row per live cache for each, kept
+Every time is the database's clock (``clock_timestamp()``, returned by the statement that notes the receipt),
+so no host's clock skews a receipt. A receipt can arrive before the revocation's event is projected (it raced
+through the invalidation path): the projection remembers each cache's recent receipts (``HeardCache``) and
+dates such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
+
+Storage: one ``revocations`` row per revocation-like event, holding one entry per cache that was live, kept
 ``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
 """
 
@@ -34,6 +40,7 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
+import heapq
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -56,83 +63,57 @@ MAX_APPLIED = 1024  # applied positions taken from one (merged) receipt; the res
 RETENTION_DAYS = 30
 REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
-# A delivery batch's revocations in one statement; RETURNING leaves out those recorded before (redeliveries).
+# A delivery batch's revocations in one statement, each with its caches (id -> confirmed at, or null) and, when
+# none is left to wait for, the moment it took effect everywhere (the last confirmation; now, with no live cache).
+# RETURNING leaves out those recorded before (redeliveries).
 RECORD = """
-INSERT INTO revocations (position, key_id, type, revoked_at)
-SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[])
-ON CONFLICT DO NOTHING RETURNING position
+INSERT INTO revocations (position, key_id, type, revoked_at, caches, effective_everywhere_at)
+SELECT r.position, r.key_id, r.type, r.revoked_at, r.caches,
+       CASE WHEN r.done THEN coalesce(r.everywhere, clock_timestamp()) END
+FROM jsonb_to_recordset(%s::jsonb) AS r(position bigint, key_id text, type text, revoked_at timestamptz,
+                                        caches jsonb, done boolean, everywhere timestamptz)
+ON CONFLICT DO NOTHING RETURNING position, effective_everywhere_at
 """
-# With no live cache a revocation is in effect everywhere as it is recorded: one statement, nothing to wait for.
-RECORD_SETTLED = """
-INSERT INTO revocations (position, key_id, type, revoked_at, effective_everywhere_at)
-SELECT *, clock_timestamp() FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[])
-ON CONFLICT DO NOTHING RETURNING key_id, position, effective_everywhere_at, 0
+# Pending revocations' confirmations so far, completing those marked done (the moment: their last confirmation,
+# or now when a cache that never confirmed was declared gone).
+SAVE = """
+UPDATE revocations r
+SET caches = x.caches, effective_everywhere_at = CASE WHEN x.done THEN coalesce(x.everywhere, clock_timestamp()) END
+FROM jsonb_to_recordset(%s::jsonb) AS x(position bigint, caches jsonb, done boolean, everywhere timestamptz)
+WHERE r.position = x.position AND r.effective_everywhere_at IS NULL
+RETURNING r.position, r.effective_everywhere_at
 """
+# What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those).
+PENDING = "SELECT position, key_id, caches FROM revocations WHERE effective_everywhere_at IS NULL"
 # Caches heard of within the last GONE_AFTER_S seconds, and how long ago (seeds a new term's view of them).
 LIVE_CACHES = """
 SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM receipt_caches
 WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 """
-ADD_RECEIPTS = """
-INSERT INTO revocation_receipts (position, cache_id, effective_at)
-SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[])
-ON CONFLICT DO NOTHING
-"""
-# One statement for a batch of receipts (at most one per cache): note each cache, confirm its pending receipts up
-# to its proven position and at its applied positions, say when; and the highest position confirmed.
+# One statement for a batch of receipts (at most one per cache): note each cache, its proven position, and when
+# (the database's clock: the moment every confirmation in this receipt is dated from).
 RECEIVE = """
-WITH r AS (
-    SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint, applied bigint[])
-), seen AS (
-    INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
-    SELECT cache, service, position, clock_timestamp() FROM r
-    ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
-        position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
-    RETURNING cache_id, last_seen_at
-), confirmed AS (
-    UPDATE revocation_receipts rr SET effective_at = seen.last_seen_at
-    FROM r JOIN seen ON seen.cache_id = r.cache
-    WHERE rr.cache_id = r.cache AND rr.effective_at IS NULL
-      AND (rr.position <= r.position OR rr.position = ANY(r.applied))
-    RETURNING rr.position
-)
-SELECT seen.cache_id, seen.last_seen_at, (SELECT max(position) FROM confirmed) FROM seen
-"""
-# Complete every pending revocation (up to a position, or all) that no live cache still blocks. The moment is the
-# last confirmation when every cache confirmed, else now (a pending cache was just declared gone).
-COMPLETE = """
-UPDATE revocations r
-SET effective_everywhere_at = CASE WHEN x.pending = 0 THEN coalesce(x.last, clock_timestamp())
-                                   ELSE clock_timestamp() END
-FROM (SELECT rv.position,
-             count(rr.cache_id) FILTER (WHERE rr.effective_at IS NULL) AS pending,
-             count(rr.cache_id) FILTER (WHERE rr.effective_at IS NULL
-                                        AND c.last_seen_at > clock_timestamp() - %(gone)s * interval '1 second')
-                 AS blocking,
-             max(rr.effective_at) AS last,
-             count(rr.cache_id) AS caches
-      FROM revocations rv
-      LEFT JOIN revocation_receipts rr ON rr.position = rv.position
-      LEFT JOIN receipt_caches c ON c.cache_id = rr.cache_id
-      WHERE rv.effective_everywhere_at IS NULL AND (%(upto)s::bigint IS NULL OR rv.position <= %(upto)s)
-      GROUP BY rv.position) x
-WHERE r.position = x.position AND x.blocking = 0
-RETURNING r.key_id, r.position, r.effective_everywhere_at, x.caches
+INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
+SELECT cache, service, position, clock_timestamp()
+FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint)
+ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
+    position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
+RETURNING cache_id, last_seen_at
 """
 PRUNE = """
 WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
-# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event.
+# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, its caches.
 LATEST = """
 SELECT position, type, revoked_at, effective_everywhere_at FROM revocations
 WHERE key_id = %s ORDER BY position DESC LIMIT 1
 """
 CACHES_OF = """
-SELECT rr.cache_id, c.service, rr.effective_at, c.last_seen_at,
-       c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
-FROM revocation_receipts rr LEFT JOIN receipt_caches c USING (cache_id)
-WHERE rr.position = %s ORDER BY rr.cache_id
+SELECT e.key, c.service, (e.value #>> '{}')::timestamptz, c.last_seen_at,
+       c.last_seen_at IS NULL OR c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
+FROM revocations r CROSS JOIN jsonb_each(r.caches) e LEFT JOIN receipt_caches c ON c.cache_id = e.key
+WHERE r.position = %s ORDER BY e.key
 """
 
 _encoder = msgspec.json.Encoder()
@@ -144,7 +125,10 @@ def _iso(at: dt.datetime | None) -> str | None:
 
 
 async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any] | None:
-    """The receipt of a key's latest revocation-like event, or None if it has none."""
+    """The receipt of a key's latest revocation-like event, or None if it has none.
+
+    A cache's state: ``confirmed`` once a receipt covered the position; otherwise ``gone`` if the revocation
+    completed without it (it was declared gone) or it is silent now, else ``pending``."""
     row = await (await conn.execute(LATEST, (key_id,))).fetchone()
     if row is None:
         return None
@@ -155,7 +139,7 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
         "effectiveEverywhereAt": _iso(everywhere),
         "caches": [{"cacheId": cache_id, "service": service or "", "effectiveAt": _iso(effective),
                     "lastSeenAt": _iso(seen),
-                    "state": "confirmed" if effective else ("gone" if silent else "pending")}
+                    "state": "confirmed" if effective else ("gone" if everywhere or silent else "pending")}
                    for cache_id, service, effective, seen, silent in caches],
     }
 
@@ -165,12 +149,16 @@ class HeardCache:
     database's clock) its recent receipts proved a position or named one in ``applied``, so that a revocation
     projected after the receipt that covered it (the usual order: an applied receipt outruns this projection's
     own copy of the event) is dated from that receipt. A lookup is a bisection and a dict get, not a scan: it
-    runs for every (revocation, live cache) pair."""
+    runs for every (revocation, live cache) pair.
+
+    ``waiting``: a heap of the positions of pending revocations that wait for this cache, so that a receipt
+    proving position P confirms exactly those up to P (popped), without looking at any other."""
 
     KEEP = 1024  # receipts remembered (the oldest go: a revocation that old is dated by a later receipt)
 
     def __init__(self, heard: float) -> None:
         self.heard = heard
+        self.waiting: list[int] = []
         self._proven: list[int] = []  # strictly increasing proven positions ...
         self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
         self._applied: dict[int, dt.datetime] = {}  # applied position -> when first named (insertion order)
@@ -192,6 +180,38 @@ class HeardCache:
         times = (self._proven_at[i] if i < len(self._proven) else None, self._applied.get(position))
         return min((t for t in times if t is not None), default=None)
 
+    def proven_upto(self, position: int) -> list[int]:
+        """Pop the waiting positions up to ``position`` (some may be settled already: the caller checks)."""
+        out = []
+        while self.waiting and self.waiting[0] <= position:
+            out.append(heapq.heappop(self.waiting))
+        return out
+
+
+class Pending:
+    """A revocation that a cache live when it was projected has not confirmed yet."""
+
+    __slots__ = ("key_id", "caches", "waiting", "dirty")
+
+    def __init__(self, key_id: str, caches: dict[str, dt.datetime | None]) -> None:
+        self.key_id = key_id
+        self.caches = caches  # every cache live at projection -> when a receipt covered the position, or None
+        self.waiting = {c for c, at in caches.items() if at is None}  # neither confirmed nor declared gone
+        self.dirty = False  # confirmations not written yet
+
+    def confirm(self, cache_id: str, at: dt.datetime) -> None:
+        if cache_id in self.waiting:
+            self.waiting.discard(cache_id)
+            self.caches[cache_id] = at
+            self.dirty = True
+
+    def row(self, position: int) -> dict[str, Any]:
+        """Its SAVE row: done once nothing is waiting; everywhere = the last confirmation if every cache
+        confirmed, else None (now: a cache was declared gone)."""
+        confirmed = [at for at in self.caches.values() if at is not None]
+        everywhere = max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
+        return {"position": position, "caches": self.caches, "done": not self.waiting, "everywhere": everywhere}
+
 
 class ReceiptsProjection:
     name = NAME
@@ -204,11 +224,13 @@ class ReceiptsProjection:
         self.epoch = epoch
         self.received = 0
         self.completed = 0
-        # The live caches, by id. Only this projection, in the fenced leader, writes receipt_caches, so after a
-        # term's first read of the table this is its current state: asking the database for the live caches on
-        # every revocation cost a round trip on the revoke path's machine.
+        # The live caches, by id, and the revocations they have yet to confirm, by position. Only this
+        # projection, in the fenced leader, writes these tables, so after a term's first read they are the
+        # tables' current state: asking the database on every revocation cost a round trip on the revoke
+        # path's machine, and a row per (revocation, cache) cost PostgreSQL more than the revocation itself.
         self._caches: dict[str, HeardCache] = {}
-        self._lock = asyncio.Lock()  # one connection, shared by the three loops below
+        self._pending: dict[int, Pending] = {}
+        self._lock = asyncio.Lock()  # one connection, shared by the three loops below, and the memory above
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def run(self) -> None:
@@ -218,55 +240,67 @@ class ReceiptsProjection:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
                                                          **pg_keepalives(self.database_url)) as conn:
             self._conn = conn
-            now = asyncio.get_running_loop().time()
-            self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
-                            await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
+            async with self._lock:
+                await self._load(conn)
             await asyncio.gather(
                 consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
                 self._receive_forever(), self._sweep_forever())
 
+    async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A term's start: the live caches and the pending revocations, from the tables. A cache a pending
+        revocation waits for that is no longer live counts as gone (the first sweep completes what that frees)."""
+        now = asyncio.get_running_loop().time()
+        self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
+                        await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
+        self._pending = {}
+        for position, key_id, caches in await (await conn.execute(PENDING)).fetchall():
+            confirmed = {c: None if at is None else dt.datetime.fromisoformat(at) for c, at in caches.items()}
+            pending = self._pending[position] = Pending(key_id, confirmed)
+            for cache_id in list(pending.waiting):
+                if cache_id in self._caches:
+                    heapq.heappush(self._caches[cache_id].waiting, position)
+                else:
+                    pending.waiting.discard(cache_id)
+
     async def _handle_events(self, msgs: list[Any]) -> None:
-        """Record a delivery batch's revocations in one transaction, then ack the batch.
+        """Record a delivery batch's revocations in one statement, then ack the batch.
 
         One commit per batch, not three per revocation: under a burst of revokes this projection's commits
         were a visible share of PostgreSQL's work on the revoke path's machine."""
         self.fence()
-        rows = [row for row in map(_revocation, msgs) if row is not None]
-        if rows:
-            await self._record(rows)
+        revocations = [row for row in map(_revocation, msgs) if row is not None]
+        if revocations:
+            await self._record(revocations)
         if msgs:
             await msgs[-1].ack()  # AckAll: the batch, once recorded
 
-    def _live(self) -> list[str]:
-        """The caches heard of within GONE_AFTER_S (forgetting the others: cache ids come and go)."""
-        now = asyncio.get_running_loop().time()
-        self._caches = {cache_id: c for cache_id, c in self._caches.items() if now - c.heard < GONE_AFTER_S}
-        return list(self._caches)
-
-    async def _record(self, rows: list[tuple[int, str, str, dt.datetime]]) -> None:
-        columns = [list(column) for column in zip(*rows)]
+    async def _record(self, revocations: list[tuple[int, str, str, dt.datetime]]) -> None:
         async with self._lock:
             assert self._conn is not None
-            live = self._live()
-            if not live:  # nobody to wait for (what a cache gone since still blocks, the sweeper completes)
-                done = await (await self._conn.execute(RECORD_SETTLED, columns)).fetchall()
-            else:
-                done = await self._record_pending(columns, live)
+            now = asyncio.get_running_loop().time()
+            live = {c: h for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S}
+            rows, fresh = [], {}
+            for position, key_id, type_, revoked_at in revocations:
+                if position in self._pending:
+                    continue  # a redelivery of one already waiting
+                # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
+                pending = Pending(key_id, {c: h.covered_at(position) for c, h in live.items()})
+                rows.append({"position": position, "key_id": key_id, "type": type_, "revoked_at": revoked_at,
+                             **pending.row(position)})
+                fresh[position] = pending
+            if not rows:
+                return
+            recorded = await (await self._conn.execute(RECORD, (_encoder.encode(rows).decode(),))).fetchall()
+            done = []
+            for position, everywhere in recorded:  # (those recorded before, by an earlier term, are not here)
+                pending = fresh[position]
+                if everywhere is not None:
+                    done.append((pending.key_id, position, everywhere, len(pending.caches)))
+                    continue
+                self._pending[position] = pending
+                for cache_id in pending.waiting:
+                    heapq.heappush(live[cache_id].waiting, position)
         await self._announce(done)
-
-    async def _record_pending(self, columns: list[list[Any]], live: list[str]) -> list[tuple[Any, ...]]:
-        """Record revocations with one pending receipt per live cache, and complete what is confirmed already;
-        the caller holds the lock."""
-        assert self._conn is not None
-        async with self._conn.transaction():
-            recorded = [r[0] for r in await (await self._conn.execute(RECORD, columns)).fetchall()]
-            if not recorded:
-                return []  # all recorded before (a redelivery)
-            pairs = [(p, c) for p in recorded for c in live]
-            # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
-            effective = [self._caches[c].covered_at(p) for p, c in pairs]
-            await self._conn.execute(ADD_RECEIPTS, ([p for p, _ in pairs], [c for _, c in pairs], effective))
-            return await self._completed_in(max(recorded))
 
     async def _receive_forever(self) -> None:
         await self.bus.ready()
@@ -296,58 +330,80 @@ class ReceiptsProjection:
                 await sub.unsubscribe()
 
     async def _receive(self, receipts: list[Receipt]) -> None:
-        """Record a batch of receipts (one per cache) in one statement, then complete what they confirmed.
+        """Note a batch of receipts (one per cache) in one statement, confirm the pending revocations they
+        cover, and complete those that no longer wait for anyone.
 
         Its commit need not wait for the disk (``synchronous_commit = off``): a confirmation lost in a database
         crash comes back with the cache's next heartbeat, which covers every position its checkpoints proved
         (dated later, never wrongly earlier)."""
         self.fence()
-        rows = {r.cache_id: {"cache": r.cache_id, "service": r.service, "position": r.position, "applied": r.applied}
-                for r in receipts}
-        done: list[tuple[Any, ...]] = []
+        by_id = {r.cache_id: r for r in receipts}
+        rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in receipts]
         async with self._lock:
             assert self._conn is not None
             async with self._conn.transaction():
                 await self._conn.execute("SET LOCAL synchronous_commit = off")
-                payload = _encoder.encode(list(rows.values())).decode()
-                seen = await (await self._conn.execute(RECEIVE, (payload,))).fetchall()
-                now = asyncio.get_running_loop().time()
-                for cache_id, at, _ in seen:
-                    cache = self._caches.get(cache_id)
-                    if cache is None:
-                        cache = self._caches[cache_id] = HeardCache(now)
-                    cache.heard = now
-                    cache.add(rows[cache_id]["position"], rows[cache_id]["applied"], at)
-                confirmed_upto = seen[0][2] if seen else None
-                if confirmed_upto is not None:
-                    done = await self._completed_in(confirmed_upto)
+                seen = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchall()
+            now = asyncio.get_running_loop().time()
+            touched: dict[int, Pending] = {}
+            for cache_id, at in seen:
+                receipt = by_id[cache_id]
+                cache = self._caches.get(cache_id)
+                if cache is None:
+                    cache = self._caches[cache_id] = HeardCache(now)
+                cache.heard = now
+                cache.add(receipt.position, receipt.applied, at)
+                for position in [*cache.proven_upto(receipt.position), *receipt.applied]:
+                    pending = self._pending.get(position)
+                    if pending is not None and cache_id in pending.waiting:
+                        pending.confirm(cache_id, at)
+                        touched[position] = pending
+            done = await self._save({p: pending for p, pending in touched.items() if not pending.waiting})
         await self._announce(done)
 
     async def _sweep_forever(self) -> None:
-        """Once a second: complete what caches that went silent no longer block; prune old rows hourly."""
+        """Once a second: declare caches silent for GONE_AFTER_S gone, complete what they no longer block, write
+        the confirmations of what is still pending; prune old rows hourly."""
         pruned_at = 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
             self.fence()
-            await self._complete(None)
-            if loop.time() - pruned_at > 3600:
-                pruned_at = loop.time()
-                async with self._lock:
-                    assert self._conn is not None
+            async with self._lock:
+                assert self._conn is not None
+                now = loop.time()
+                for cache_id in [c for c, h in self._caches.items() if now - h.heard >= GONE_AFTER_S]:
+                    for position in self._caches.pop(cache_id).waiting:
+                        pending = self._pending.get(position)
+                        if pending is not None:
+                            pending.waiting.discard(cache_id)
+                done = await self._save({p: pending for p, pending in self._pending.items()
+                                         if pending.dirty or not pending.waiting})
+                if loop.time() - pruned_at > 3600:
+                    pruned_at = loop.time()
                     await self._conn.execute(PRUNE, {"days": RETENTION_DAYS})
+            await self._announce(done)
 
-    async def _complete(self, upto: int | None) -> None:
-        async with self._lock:
-            done = await self._completed_in(upto)
-        await self._announce(done)
-
-    async def _completed_in(self, upto: int | None) -> list[tuple[Any, ...]]:
-        """Complete what no live cache blocks (up to ``upto``, or all); the caller holds the lock."""
+    async def _save(self, pendings: dict[int, Pending]) -> list[tuple[str, int, dt.datetime, int]]:
+        """Write these pending revocations' confirmations, completing those nothing waits for any more; they
+        leave memory. Returns what took effect everywhere; the caller holds the lock."""
         assert self._conn is not None
-        return await (await self._conn.execute(COMPLETE, {"gone": GONE_AFTER_S, "upto": upto})).fetchall()
+        if not pendings:
+            return []
+        rows = [pending.row(position) for position, pending in pendings.items()]
+        saved = await (await self._conn.execute(SAVE, (_encoder.encode(rows).decode(),))).fetchall()
+        done = []
+        for position, everywhere in saved:
+            pending = pendings[position]
+            pending.dirty = False
+            if everywhere is not None:
+                done.append((pending.key_id, position, everywhere, len(pending.caches)))
+        for position, pending in pendings.items():
+            if not pending.waiting:
+                del self._pending[position]  # completed (or completed before: not in ``saved``)
+        return done
 
-    async def _announce(self, done: list[tuple[Any, ...]]) -> None:
+    async def _announce(self, done: list[tuple[str, int, dt.datetime, int]]) -> None:
         """Say on NATS which revocations just took effect everywhere (after their commit)."""
         for key_id, position, everywhere, caches in done:
             self.completed += 1

@@ -125,19 +125,36 @@ def test_every_cache_confirms_and_the_revocation_completes_everywhere(
 
 def test_a_hung_cache_blocks_everywhere_until_it_is_gone(deployment: Service,
                                                          process_cache: subprocess.Popen[bytes]) -> None:
+    """While a hung cache keeps a revocation pending, the receipt already shows the caches that confirmed it
+    (the projection writes a pending revocation's confirmations within a second); once the hung cache is gone
+    the revocation completes, the hung one listed gone."""
     svc = deployment
     me = svc.session()
-    wait_until(lambda: "proc-cache" in live_caches(svc), timeout=20, what="the process cache reporting")
-    os.kill(process_cache.pid, signal.SIGSTOP)
-    key = svc.create_key(me)
-    assert svc.delete(me, key["id"]).status_code == 200
-    time.sleep(1.0)  # the live caches have had every chance to confirm: the hung one cannot
-    pending = receipt(svc, me, key["id"]).json()
-    assert pending["effectiveEverywhereAt"] is None
-    assert {c["cacheId"]: c["state"] for c in pending["caches"]}["proc-cache"] == "pending"
-    answer = wait_until(lambda: (r := receipt(svc, me, key["id"]).json())["effectiveEverywhereAt"] and r,
-                        timeout=GONE_AFTER_S + 10, what="completion once the hung cache is gone")
-    assert {c["cacheId"]: c["state"] for c in answer["caches"]}["proc-cache"] == "gone"
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="awake") as cache:
+            await wait_for(lambda: {"proc-cache", "awake"} <= live_caches(svc), 20, "both caches reporting")
+            os.kill(process_cache.pid, signal.SIGSTOP)
+            key = await asyncio.to_thread(svc.create_key, me)
+            assert (await cache.verify(key["key"])).valid
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            deadline = time.monotonic() + 5
+            while True:  # the awake cache's confirmation, written while the revocation is still pending
+                pending = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
+                states = {c["cacheId"]: c["state"] for c in pending["caches"]}
+                if states.get("awake") == "confirmed":
+                    break
+                assert time.monotonic() < deadline, pending
+                await asyncio.sleep(0.05)
+            return pending, await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S + 10)
+
+    pending, answer = asyncio.run(scenario())
+    assert pending["effectiveEverywhereAt"] is None, pending
+    assert {c["cacheId"]: c["state"] for c in pending["caches"]} == {"awake": "confirmed", "proc-cache": "pending"}
+    states = {c["cacheId"]: c for c in answer["caches"]}
+    assert states["proc-cache"]["state"] == "gone" and states["proc-cache"]["effectiveAt"] is None
+    assert states["awake"]["effectiveAt"] == pending["caches"][0]["effectiveAt"]  # dated once, never again
+    assert at(answer["effectiveEverywhereAt"]) > at(states["awake"]["effectiveAt"])  # when the hung one went
 
 
 def test_a_cache_that_joins_later_is_not_listed_and_strangers_get_404(deployment: Service) -> None:

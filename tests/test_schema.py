@@ -11,6 +11,7 @@ And applying it to a database better-auth (or Rybbit) already owns: their tables
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import threading
 from typing import Any
@@ -207,3 +208,26 @@ def test_schema_applies_onto_an_existing_better_auth_database_without_touching_i
     finally:
         svc.stop()
         asyncio.run(delete_streams(nats_url, topology))
+
+
+def test_receipts_of_the_earlier_layout_are_folded_into_their_revocations(db_factory: DatabaseFactory) -> None:
+    """Receipts were once a row per (revocation, cache) in ``revocation_receipts``: migrating moves each into its
+    revocation's ``caches`` (cache id -> effective at, or null), times unchanged, and drops the old table."""
+    url = db_factory.create("receipts_layout")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE revocations DROP COLUMN caches")
+        conn.execute("""CREATE TABLE revocation_receipts (position bigint NOT NULL REFERENCES revocations (position)
+                        ON DELETE CASCADE, cache_id text NOT NULL, effective_at timestamptz,
+                        PRIMARY KEY (position, cache_id))""")
+        conn.execute("INSERT INTO revocations (position, key_id, type, revoked_at) VALUES "
+                     "(7, 'k7', 'ApiKeyRevoked', '2026-12-01 10:00:00+00'), "
+                     "(9, 'k9', 'ApiKeyRevoked', '2026-12-01 10:00:01+00')")
+        conn.execute("INSERT INTO revocation_receipts VALUES (7, 'a', '2026-12-01 10:00:00.001234+00'), "
+                     "(7, 'b', NULL)")
+    assert migrate(url, force=True) is True
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('revocation_receipts')").fetchone()[0] is None
+        caches = dict(conn.execute("SELECT position, caches FROM revocations").fetchall())
+    assert caches[9] == {}
+    assert caches[7].keys() == {"a", "b"} and caches[7]["b"] is None
+    assert dt.datetime.fromisoformat(caches[7]["a"]) == dt.datetime(2026, 12, 1, 10, 0, 0, 1234, tzinfo=dt.timezone.utc)

@@ -189,7 +189,8 @@ class HeardCache:
 
 
 class Pending:
-    """A revocation that a cache live when it was projected has not confirmed yet."""
+    """A revocation's confirmations by the caches that were live when it was projected; held in memory until
+    none of them is left to wait for (each confirmed it, or was declared gone)."""
 
     __slots__ = ("key_id", "caches", "waiting", "dirty")
 
@@ -333,32 +334,34 @@ class ReceiptsProjection:
         """Note a batch of receipts (one per cache) in one statement, confirm the pending revocations they
         cover, and complete those that no longer wait for anyone.
 
-        Its commit need not wait for the disk (``synchronous_commit = off``): a confirmation lost in a database
-        crash comes back with the cache's next heartbeat, which covers every position its checkpoints proved
-        (dated later, never wrongly earlier)."""
+        Its commit need not wait for the disk (``synchronous_commit = off``; waiting cost a revocation's
+        "everywhere" a disk flush, p99 10.4-15.3 ms against 10): a confirmation lost in a database crash comes
+        back with the cache's next heartbeat, which covers every position its checkpoints proved (dated later,
+        never wrongly earlier)."""
         self.fence()
         by_id = {r.cache_id: r for r in receipts}
         rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in receipts]
         async with self._lock:
             assert self._conn is not None
+            # One transaction: a failure leaves memory ahead of the tables, and the retry reloads it (``_load``).
             async with self._conn.transaction():
                 await self._conn.execute("SET LOCAL synchronous_commit = off")
                 seen = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchall()
-            now = asyncio.get_running_loop().time()
-            touched: dict[int, Pending] = {}
-            for cache_id, at in seen:
-                receipt = by_id[cache_id]
-                cache = self._caches.get(cache_id)
-                if cache is None:
-                    cache = self._caches[cache_id] = HeardCache(now)
-                cache.heard = now
-                cache.add(receipt.position, receipt.applied, at)
-                for position in [*cache.proven_upto(receipt.position), *receipt.applied]:
-                    pending = self._pending.get(position)
-                    if pending is not None and cache_id in pending.waiting:
-                        pending.confirm(cache_id, at)
-                        touched[position] = pending
-            done = await self._save({p: pending for p, pending in touched.items() if not pending.waiting})
+                now = asyncio.get_running_loop().time()
+                touched: dict[int, Pending] = {}
+                for cache_id, at in seen:
+                    receipt = by_id[cache_id]
+                    cache = self._caches.get(cache_id)
+                    if cache is None:
+                        cache = self._caches[cache_id] = HeardCache(now)
+                    cache.heard = now
+                    cache.add(receipt.position, receipt.applied, at)
+                    for position in [*cache.proven_upto(receipt.position), *receipt.applied]:
+                        pending = self._pending.get(position)
+                        if pending is not None and cache_id in pending.waiting:
+                            pending.confirm(cache_id, at)
+                            touched[position] = pending
+                done = await self._save({p: pending for p, pending in touched.items() if not pending.waiting})
         await self._announce(done)
 
     async def _sweep_forever(self) -> None:

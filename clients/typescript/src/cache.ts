@@ -624,7 +624,9 @@ export class KeyCache {
     this.lastInvalidation = inv;
     if (this.receipts) {
       this.unreported.push(inv.position);
-      if (this.unreported.length > RECEIPT_MAX_APPLIED) this.unreported.shift();
+      // Keep the newest RECEIPT_MAX_APPLIED (older ones wait for a checkpoint); trimmed in halves, so a long
+      // burst costs O(1) per invalidation rather than a shift of the whole array each time.
+      if (this.unreported.length >= 2 * RECEIPT_MAX_APPLIED) this.unreported.splice(0, RECEIPT_MAX_APPLIED);
       if (!this.receiptQueued) {
         // One receipt per burst: sent once the rest of what arrived in this read is applied too.
         this.receiptQueued = true;
@@ -790,7 +792,7 @@ export class KeyCache {
   /** Receipt for the invalidations just applied: keyledger dates their revocations without awaiting a checkpoint. */
   private reportApplied(): void {
     this.receiptQueued = false;
-    const applied = this.unreported;
+    const applied = this.unreported.slice(-RECEIPT_MAX_APPLIED);
     this.unreported = [];
     if (applied.length > 0) this.sendReceipt(applied);
   }

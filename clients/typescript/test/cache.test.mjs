@@ -105,6 +105,39 @@ test("a revocation reaches the cache: evicted, then refused; its receipt confirm
   }
 });
 
+test("a burst of invalidations: each receipt names at most 256 applied positions, the newest", { timeout: TEST_TIMEOUT }, async () => {
+  const receipts = [];
+  const sub = watcher.subscribe("apikey.cache.receipts", { callback: (err, msg) => err || receipts.push(msg.json()) });
+  const cache = newCache({ cacheId: "ts-burst" });
+  try {
+    await cache.start();
+    await waitFor(() => cache.caughtUp, WAIT_MS, "cache caught up");
+    // 1,000 invalidations in one flush (hand-made: positions far beyond the log's, so keyledger ignores them),
+    // most of them applied in a few socket reads, so one receipt would otherwise name hundreds (how many a
+    // read holds is up to the machine: on a slow one, reads may stay under the cap).
+    const first = 5_000_000_000_000;
+    for (let i = 0; i < 1000; i++) {
+      watcher.publish("apikey.cache.invalidate", JSON.stringify({
+        keyId: `burst-${i}`, keyHash: "0".repeat(64), reason: "revoked", position: first + i,
+        occurredAt: new Date().toISOString(),
+      }));
+    }
+    await watcher.flush();
+    const last = first + 999;
+    await waitFor(() => receipts.some((r) => r.cacheId === "ts-burst" && r.applied.includes(last)), WAIT_MS,
+      "a receipt naming the last invalidation");
+    const burst = receipts.filter((r) => r.cacheId === "ts-burst" && r.applied.length > 0);
+    assert.ok(burst.every((r) => r.applied.length <= 256), `${burst.map((r) => r.applied.length)}`);
+    for (const r of burst) {  // the newest of each read, in order
+      assert.deepEqual(r.applied, [...r.applied].sort((a, b) => a - b));
+    }
+    assert.equal(cache.invalidationsApplied >= 1000, true);
+  } finally {
+    sub.unsubscribe();
+    await cache.close();
+  }
+});
+
 test("trusted only through checkpoint echoes of its own probes", { timeout: TEST_TIMEOUT }, async () => {
   // Same NATS, but a prefix nobody answers: connected, yet no checkpoint ever echoes its probes.
   const deaf = newCache({ topology: { prefix: "nobody-answers" } });

@@ -49,6 +49,7 @@ import msgspec
 import psycopg
 from nats.js.api import AckPolicy
 
+from .. import tasks
 from ..background.bus import Bus
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
@@ -239,13 +240,19 @@ class ReceiptsProjection:
 
     async def _run(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **pg_keepalives(self.database_url)) as conn:
+                                                         **pg_keepalives(self.database_url, name="receipts")) as conn:
             self._conn = conn
             async with self._lock:
                 await self._load(conn)
-            await asyncio.gather(
+            # If one loop fails, the others stop too before the retry starts them again on a new connection
+            # (a bare gather would leave them running beside their replacements).
+            loops = [asyncio.ensure_future(c) for c in (
                 consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
-                self._receive_forever(), self._sweep_forever())
+                self._receive_forever(), self._sweep_forever())]
+            try:
+                await asyncio.gather(*loops)
+            finally:
+                await tasks.stop(loops)
 
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """A term's start: the live caches and the pending revocations, from the tables. A cache a pending

@@ -447,6 +447,26 @@ def test_postgresql_ends_a_vanished_service_hosts_sessions_in_seconds(db_factory
         assert all(t <= 10.0 for t in timers.values()), timers
 
 
+def test_each_database_session_of_the_service_says_what_it_is_for(db_factory: Any, nats_url: str,
+                                                                  tmp_path: Path) -> None:
+    """An operator reading ``pg_stat_activity`` sees which part of keyledger holds each session (its
+    ``application_name``): the request pool, the lease and, in the leader, the relay, the projections, the sealer
+    and the sweeper."""
+    database_url = db_factory.create("deploy_appname")
+    expected = {"keyledger requests", "keyledger lease", "keyledger relay", "keyledger active keys",
+                "keyledger receipts", "keyledger audit sealer", "keyledger expiry sweeper"}
+    with serving(database_url, nats_url, "appname", tmp_path) as svc:
+        wait_until(lambda: ready(svc).status_code == 200, timeout=20, what="/ready 200")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            def names() -> set[str] | None:
+                seen = {r[0] for r in conn.execute(
+                    "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()").fetchall()}
+                return seen if expected <= seen else None
+
+            wait_until(names, timeout=20, interval=0.1, what=f"sessions named {sorted(expected)}")
+
+
 # --------------------------------------------------------------------------------------------------------
 # A cache bound to several keyledger processes fails over
 # --------------------------------------------------------------------------------------------------------

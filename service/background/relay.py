@@ -124,7 +124,8 @@ class OutboxRelay:
                 # or takes a new xid. It keeps the relay's fsyncs from queueing beside the appends' own.
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
                                                                  **pg_keepalives(self.database_url,
-                                                                                 "-c synchronous_commit=off")) as conn:
+                                                                                 "-c synchronous_commit=off",
+                                                                                 name="relay")) as conn:
                     backoff = 0.05
                     await self._relay(conn)
             except asyncio.CancelledError:

@@ -15,8 +15,12 @@ CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interva
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 
 
-def pg_keepalives(database_url: str, *options: str) -> dict[str, Any]:
-    """libpq keyword arguments for a long-lived connection: keepalives on both ends, and server settings
-    ``options`` (``-c name=value``) after any the DATABASE_URL gives itself (kept, not replaced)."""
-    own = str(conninfo_to_dict(database_url).get("options") or "")
-    return {**CLIENT_KEEPALIVES, "options": " ".join(o for o in (own, SERVER_KEEPALIVES, *options) if o)}
+def pg_keepalives(database_url: str, *options: str, name: str) -> dict[str, Any]:
+    """libpq keyword arguments for a long-lived connection: keepalives on both ends, server settings ``options``
+    (``-c name=value``) after any the DATABASE_URL gives itself (kept, not replaced), and ``application_name``
+    ``keyledger <name>`` (unless the DATABASE_URL sets one), so that ``pg_stat_activity`` says which part of
+    keyledger holds each session."""
+    given = conninfo_to_dict(database_url)
+    own = str(given.get("options") or "")
+    return {**CLIENT_KEEPALIVES, "options": " ".join(o for o in (own, SERVER_KEEPALIVES, *options) if o),
+            "application_name": given.get("application_name") or f"keyledger {name}"}

@@ -8,7 +8,8 @@ run.py starts this with the service's environment, so the topology (subject pref
 read with ``Topology.from_env()`` as the service reads it, and ``keyledger`` is imported from the same place
 (``--pythonpath``). The caches (``cache_id`` ``bench-cache-<i>``, ``service="bench"``) keep the default
 behaviour: they receive every invalidation and report a receipt for what they applied, plus a heartbeat receipt
-every second (``--no-receipts``: they report nothing, so a run can weigh the receipts apart from the caches). A separate process, so they share neither the service's event loop nor the load generator's.
+every second (``--no-receipts``: they report nothing, so a run can weigh the receipts apart from the caches). A
+separate process, so they share neither the service's event loop nor the load generator's.
 
 Prints ``CACHES READY`` once every cache holds a freshness proof; on SIGTERM or SIGINT closes them and prints one
 line ``CACHES STATS {json}`` (per cache: invalidations applied, flushes, replayed).

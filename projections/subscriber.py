@@ -40,7 +40,8 @@ class ActiveKeysSubscriber:
 
     async def _consume(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **pg_keepalives(self.database_url, name="active keys")) as conn:
+                                                         **pg_keepalives(self.database_url, name="active keys")
+                                                         ) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
                           ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)

@@ -97,7 +97,8 @@ class Lease:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, connect_timeout=3,
-                                                                 **pg_keepalives(self.database_url, name="lease")) as conn:
+                                                                 **pg_keepalives(self.database_url, name="lease")
+                                                                 ) as conn:
                     # A renewal that hangs must fail before the lease runs out, not block the loop.
                     await conn.execute(f"SET statement_timeout = {int(self.ttl * 1000 / 2)}")
                     while True:

@@ -95,7 +95,8 @@ class Runtime:
             settings.database_url,
             min_size=settings.pool_min,
             max_size=settings.pool_max,
-            kwargs={"autocommit": True, "connect_timeout": 3, **pg_keepalives(settings.database_url, name="requests")},
+            kwargs={"autocommit": True, "connect_timeout": 3,
+                    **pg_keepalives(settings.database_url, name="requests")},
             timeout=5.0,
             check=_check_if_idle,
             # psycopg_pool's reconnect backoff doubles up to reconnect_timeout (300 s by default): after a 30 s

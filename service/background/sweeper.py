@@ -82,7 +82,8 @@ class ExpirySweeper:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                                 **pg_keepalives(self.database_url, name="expiry sweeper")) as conn:
+                                                                 **pg_keepalives(self.database_url,
+                                                                                 name="expiry sweeper")) as conn:
                     while True:
                         count = await sweep_once(conn, fence=self.fence)
                         if count:

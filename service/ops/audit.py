@@ -245,7 +245,8 @@ class AuditSealer:
 
     def _seal(self) -> tuple[int, tuple[int, str] | None]:
         if self._conn is None:
-            self._conn = psycopg.connect(self.database_url, autocommit=True, **pg_keepalives(self.database_url, name="audit sealer"))
+            self._conn = psycopg.connect(self.database_url, autocommit=True,
+                                         **pg_keepalives(self.database_url, name="audit sealer"))
         n = seal(self._conn, max_wait=max(self.interval * 4, 1.0), epoch=self.epoch())
         return n, head(self._conn)
 

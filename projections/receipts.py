@@ -53,7 +53,7 @@ from .. import tasks
 from ..background.bus import Bus
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 from .consumer import consume, run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")
@@ -207,6 +207,10 @@ class Pending:
             self.caches[cache_id] = at
             self.dirty = True
 
+    def announcement(self, position: int, everywhere: dt.datetime) -> tuple[str, int, dt.datetime, int]:
+        """What ``_announce`` says of it once it took effect everywhere."""
+        return self.key_id, position, everywhere, len(self.caches)
+
     def row(self, position: int) -> dict[str, Any]:
         """Its SAVE row: done once nothing is waiting; everywhere = the last confirmation if every cache
         confirmed, else None (now: a cache was declared gone)."""
@@ -240,7 +244,7 @@ class ReceiptsProjection:
 
     async def _run(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **pg_keepalives(self.database_url, name="receipts")) as conn:
+                                                         **long_lived(self.database_url, name="receipts")) as conn:
             self._conn = conn
             async with self._lock:
                 await self._load(conn)
@@ -255,20 +259,25 @@ class ReceiptsProjection:
                 await tasks.stop(loops)
 
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """A term's start: the live caches and the pending revocations, from the tables. A cache a pending
-        revocation waits for that is no longer live counts as gone (the first sweep completes what that frees)."""
+        """A term's start: the live caches and the pending revocations, from the tables."""
         now = asyncio.get_running_loop().time()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
                         await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
         self._pending = {}
         for position, key_id, caches in await (await conn.execute(PENDING)).fetchall():
             confirmed = {c: None if at is None else dt.datetime.fromisoformat(at) for c, at in caches.items()}
-            pending = self._pending[position] = Pending(key_id, confirmed)
-            for cache_id in list(pending.waiting):
-                if cache_id in self._caches:
-                    heapq.heappush(self._caches[cache_id].waiting, position)
-                else:
-                    pending.waiting.discard(cache_id)
+            self._hold(position, Pending(key_id, confirmed))
+
+    def _hold(self, position: int, pending: Pending) -> None:
+        """Keep ``pending`` until its caches confirm: each one it waits for gets its position in its heap; one
+        no longer live counts as gone (the next sweep completes what that frees)."""
+        self._pending[position] = pending
+        for cache_id in list(pending.waiting):
+            cache = self._caches.get(cache_id)
+            if cache is not None:
+                heapq.heappush(cache.waiting, position)
+            else:
+                pending.waiting.discard(cache_id)
 
     async def _handle_events(self, msgs: list[Any]) -> None:
         """Record a delivery batch's revocations in one statement, then ack the batch.
@@ -301,13 +310,10 @@ class ReceiptsProjection:
             recorded = await (await self._conn.execute(RECORD, (_encoder.encode(rows).decode(),))).fetchall()
             done = []
             for position, everywhere in recorded:  # (those recorded before, by an earlier term, are not here)
-                pending = fresh[position]
                 if everywhere is not None:
-                    done.append((pending.key_id, position, everywhere, len(pending.caches)))
-                    continue
-                self._pending[position] = pending
-                for cache_id in pending.waiting:
-                    heapq.heappush(live[cache_id].waiting, position)
+                    done.append(fresh[position].announcement(position, everywhere))
+                else:
+                    self._hold(position, fresh[position])
         await self._announce(done)
 
     async def _receive_forever(self) -> None:
@@ -407,7 +413,7 @@ class ReceiptsProjection:
             pending = pendings[position]
             pending.dirty = False
             if everywhere is not None:
-                done.append((pending.key_id, position, everywhere, len(pending.caches)))
+                done.append(pending.announcement(position, everywhere))
         for position, pending in pendings.items():
             if not pending.waiting:
                 del self._pending[position]  # completed (or completed before: not in ``saved``)

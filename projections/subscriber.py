@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
 from ..core.events import decode_envelope_head
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 from . import active_keys
 from .consumer import consume, run_forever
 
@@ -40,7 +40,7 @@ class ActiveKeysSubscriber:
 
     async def _consume(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                         **pg_keepalives(self.database_url, name="active keys")
+                                                         **long_lived(self.database_url, name="active keys")
                                                          ) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
             await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),

@@ -415,10 +415,10 @@ def keepalive_timers(port: int) -> dict[int, float | None]:
 def test_postgresql_ends_a_vanished_service_hosts_sessions_in_seconds(db_factory: Any, nats_url: str,
                                                                       tmp_path: Path) -> None:
     """Every connection ``keyledger serve`` holds asks PostgreSQL for TCP keepalives (10 s idle, then 3 probes
-    5 s apart: storage/connections.py), so when a service host vanishes without closing its sockets, PostgreSQL ends its
-    sessions, and what a transaction in flight held, in about 25 s, not the OS default of two hours. Seen from
-    the kernel: the server's end of each of the service's connections arms a keepalive timer of at most 10 s
-    (the default would read about 120 minutes)."""
+    5 s apart: storage/connections.py), so when a service host vanishes without closing its sockets, PostgreSQL
+    ends its sessions, and what a transaction in flight held, in about 25 s, not the OS default of two hours.
+    Seen from the kernel: the server's end of each of the service's connections arms a keepalive timer of at most
+    10 s (the default would read about 120 minutes)."""
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2) to read the kernel's socket timers")
     database_url = db_factory.create("deploy_keepalive")

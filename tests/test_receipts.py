@@ -30,16 +30,22 @@ def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Respons
     return svc.get("api-key/revocation", headers, params={"id": key_id})
 
 
-async def effective_everywhere(svc: Service, headers: dict[str, str], key_id: str, *, within: float) -> dict[str, Any]:
-    """The key's receipt once ``effectiveEverywhereAt`` is set (failing with the last answer after ``within`` s;
-    until the revocation is recorded the answer is a 404 ``NOT_REVOKED``)."""
+async def receipt_when(svc: Service, headers: dict[str, str], key_id: str, wanted: Any, *,
+                       within: float) -> dict[str, Any]:
+    """The key's receipt once ``wanted(answer)`` holds (failing with the last answer after ``within`` s; until the
+    revocation is recorded the answer is a 404 ``NOT_REVOKED``)."""
     deadline = time.monotonic() + within
     while True:
         answer = (await asyncio.to_thread(receipt, svc, headers, key_id)).json()
-        if answer.get("effectiveEverywhereAt"):
+        if wanted(answer):
             return answer
         assert time.monotonic() < deadline, answer
         await asyncio.sleep(0.05)
+
+
+async def effective_everywhere(svc: Service, headers: dict[str, str], key_id: str, *, within: float) -> dict[str, Any]:
+    """The key's receipt once ``effectiveEverywhereAt`` is set."""
+    return await receipt_when(svc, headers, key_id, lambda a: a.get("effectiveEverywhereAt"), within=within)
 
 
 def at(iso: str) -> dt.datetime:
@@ -139,14 +145,9 @@ def test_a_hung_cache_blocks_everywhere_until_it_is_gone(deployment: Service,
             key = await asyncio.to_thread(svc.create_key, me)
             assert (await cache.verify(key["key"])).valid
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
-            deadline = time.monotonic() + 5
-            while True:  # the awake cache's confirmation, written while the revocation is still pending
-                pending = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
-                states = {c["cacheId"]: c["state"] for c in pending["caches"]}
-                if states.get("awake") == "confirmed":
-                    break
-                assert time.monotonic() < deadline, pending
-                await asyncio.sleep(0.05)
+            # the awake cache's confirmation, written while the revocation is still pending
+            pending = await receipt_when(svc, me, key["id"], lambda a: any(
+                c["cacheId"] == "awake" and c["state"] == "confirmed" for c in a.get("caches", [])), within=5)
             return pending, await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S + 10)
 
     pending, answer = asyncio.run(scenario())

@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 
 from .. import tasks
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 
 log = logging.getLogger("keyledger.leadership")
 
@@ -97,7 +97,7 @@ class Lease:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, connect_timeout=3,
-                                                                 **pg_keepalives(self.database_url, name="lease")
+                                                                 **long_lived(self.database_url, name="lease")
                                                                  ) as conn:
                     # A renewal that hangs must fail before the lease runs out, not block the loop.
                     await conn.execute(f"SET statement_timeout = {int(self.ttl * 1000 / 2)}")

@@ -46,7 +46,7 @@ from .. import tasks
 from ..core.events import RecordedEvent, encode_envelope, encode_reduced_envelope, kind
 from ..core.freshness import Checkpoint, decode_probe, encode_checkpoint, merge_probes
 from ..storage import horizon
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 from ..storage.log import EVENT_COLUMNS, row_to_event
 from .bus import Bus, ensure_streams
 
@@ -123,9 +123,9 @@ class OutboxRelay:
                 # xid): losing one in a crash only republishes events JetStream deduplicates (``Nats-Msg-Id``),
                 # or takes a new xid. It keeps the relay's fsyncs from queueing beside the appends' own.
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                                 **pg_keepalives(self.database_url,
-                                                                                 "-c synchronous_commit=off",
-                                                                                 name="relay")) as conn:
+                                                                 **long_lived(self.database_url,
+                                                                              "-c synchronous_commit=off",
+                                                                              name="relay")) as conn:
                     backoff = 0.05
                     await self._relay(conn)
             except asyncio.CancelledError:

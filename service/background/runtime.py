@@ -21,7 +21,7 @@ from ..ops.audit import AuditSealer
 from ..projections.invalidations import InvalidationProjection
 from ..projections.receipts import ReceiptsProjection
 from ..projections.subscriber import ActiveKeysSubscriber
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 from ..storage.usage import LastRequests
 from .bus import Bus
 from .leadership import Lease
@@ -96,7 +96,7 @@ class Runtime:
             min_size=settings.pool_min,
             max_size=settings.pool_max,
             kwargs={"autocommit": True, "connect_timeout": 3,
-                    **pg_keepalives(settings.database_url, name="requests")},
+                    **long_lived(settings.database_url, name="requests")},
             timeout=5.0,
             check=_check_if_idle,
             # psycopg_pool's reconnect backoff doubles up to reconnect_timeout (300 s by default): after a 30 s

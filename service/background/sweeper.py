@@ -23,7 +23,7 @@ import psycopg
 
 from ..core.domain import Command, ExpireKey, RetireSecret
 from ..storage import store
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 
 log = logging.getLogger("keyledger.sweeper")
 
@@ -82,8 +82,8 @@ class ExpirySweeper:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                                 **pg_keepalives(self.database_url,
-                                                                                 name="expiry sweeper")) as conn:
+                                                                 **long_lived(self.database_url,
+                                                                              name="expiry sweeper")) as conn:
                     while True:
                         count = await sweep_once(conn, fence=self.fence)
                         if count:

@@ -61,7 +61,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from ..storage.connections import pg_keepalives
+from ..storage.connections import long_lived
 from ..storage.horizon import final_horizon
 from ..storage.parallel import parallel
 
@@ -246,7 +246,7 @@ class AuditSealer:
     def _seal(self) -> tuple[int, tuple[int, str] | None]:
         if self._conn is None:
             self._conn = psycopg.connect(self.database_url, autocommit=True,
-                                         **pg_keepalives(self.database_url, name="audit sealer"))
+                                         **long_lived(self.database_url, name="audit sealer"))
         n = seal(self._conn, max_wait=max(self.interval * 4, 1.0), epoch=self.epoch())
         return n, head(self._conn)
 

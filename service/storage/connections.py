@@ -15,7 +15,7 @@ CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interva
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 
 
-def pg_keepalives(database_url: str, *options: str, name: str) -> dict[str, Any]:
+def long_lived(database_url: str, *options: str, name: str) -> dict[str, Any]:
     """libpq keyword arguments for a long-lived connection: keepalives on both ends, server settings ``options``
     (``-c name=value``) after any the DATABASE_URL gives itself (kept, not replaced), and ``application_name``
     ``keyledger <name>`` (unless the DATABASE_URL sets one), so that ``pg_stat_activity`` says which part of

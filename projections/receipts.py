@@ -13,9 +13,10 @@ This projection (in the background leader) keeps two tables (schema.sql):
 * ``receipt_caches``: every cache heard of, its confirmed position and when it was last heard (a cache silent
   for ``GONE_AFTER_S`` is *gone*: listed, but it no longer blocks "everywhere");
 * ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
-  event stream (its own durable consumer, consumer.py), with ``caches``: every cache that was live when it was
-  projected -> the moment keyledger received the first receipt covering its position (naming it in ``applied``,
-  or proving every position up to it), or null.
+  event stream (the batches of the active-keys subscriber's durable consumer, which acks none before ``record``
+  wrote it: subscriber.py), with ``caches``: every cache that was live when it was projected -> the moment
+  keyledger received the first receipt covering its position (naming it in ``applied``, or proving every
+  position up to it), or null.
 
 The bookkeeping lives in memory; a revocation's row is written when it is projected and once more when the last
 live cache confirms it (or the last pending one is declared gone): ``effective_everywhere_at`` is set and
@@ -47,14 +48,14 @@ from typing import Any
 
 import msgspec
 import psycopg
-from nats.js.api import AckPolicy
+from nats.js.errors import NotFoundError
 
 from .. import tasks
 from ..background.bus import Bus
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
 from ..storage.connections import long_lived
-from .consumer import consume, run_forever
+from .consumer import run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")
 
@@ -62,6 +63,7 @@ NAME = "receipts"
 GONE_AFTER_S = 10.0
 MAX_APPLIED = 1024  # applied positions taken from one (merged) receipt; the rest wait for the proven position
 RETENTION_DAYS = 30
+LOAD_WAIT_S = 10.0  # how long ``record`` waits for a term's load (or a reconnection) before failing the batch
 REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
 # A delivery batch's revocations in one statement, each with its caches (id -> confirmed at, or null) and, when
@@ -222,12 +224,10 @@ class Pending:
 class ReceiptsProjection:
     name = NAME
 
-    def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
-                 epoch: int | None = None) -> None:
+    def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None) -> None:
         self.database_url = database_url
         self.bus = bus
         self.fence = fence
-        self.epoch = epoch
         self.received = 0
         self.completed = 0
         # The live caches, by id, and the revocations they have yet to confirm, by position. Only this
@@ -236,8 +236,9 @@ class ReceiptsProjection:
         # path's machine, and a row per (revocation, cache) cost PostgreSQL more than the revocation itself.
         self._caches: dict[str, HeardCache] = {}
         self._pending: dict[int, Pending] = {}
-        self._lock = asyncio.Lock()  # one connection, shared by the three loops below, and the memory above
+        self._lock = asyncio.Lock()  # one connection, shared by ``record`` and the two loops, and the memory above
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._loaded = asyncio.Event()  # the memory above is the tables' state, and ``_conn`` is open
 
     async def run(self) -> None:
         await run_forever(f"{self.name} projection", self._run)
@@ -248,15 +249,29 @@ class ReceiptsProjection:
             self._conn = conn
             async with self._lock:
                 await self._load(conn)
-            # If one loop fails, the others stop too before the retry starts them again on a new connection
-            # (a bare gather would leave them running beside their replacements).
-            loops = [asyncio.ensure_future(c) for c in (
-                consume(self.bus, NAME, self._handle_events, ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch),
-                self._receive_forever(), self._sweep_forever())]
+            # If one loop fails, the other stops too before the retry starts both again on a new connection
+            # (a bare gather would leave it running beside its replacement).
+            loops = [asyncio.ensure_future(c) for c in (self._receive_forever(), self._sweep_forever())]
+            self._loaded.set()
             try:
+                await self._drop_own_consumers()
                 await asyncio.gather(*loops)
             finally:
+                self._loaded.clear()
                 await tasks.stop(loops)
+
+    async def _drop_own_consumers(self) -> None:
+        """Delete the events-stream consumers this projection had before it followed the active-keys subscriber
+        (``<prefix>-receipts``, ``-e<term>``): nobody reads them, and NATS would keep them, and their backlog."""
+        js = await self.bus.ready()
+        stream, base = self.bus.topology.events_stream, self.bus.topology.consumer(NAME)
+        try:
+            for consumer in await js.consumers_info(stream):
+                if consumer.name == base or consumer.name.startswith(base + "-e"):
+                    with contextlib.suppress(NotFoundError):
+                        await js.delete_consumer(stream, consumer.name)
+        except Exception as exc:  # NATS unavailable: harmless, the next term tries again
+            log.info("receipts: old consumers not deleted: %s: %s", type(exc).__name__, exc)
 
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """A term's start: the live caches and the pending revocations, from the tables."""
@@ -279,17 +294,20 @@ class ReceiptsProjection:
             else:
                 pending.waiting.discard(cache_id)
 
-    async def _handle_events(self, msgs: list[Any]) -> None:
-        """Record a delivery batch's revocations in one statement, then ack the batch.
+    async def record(self, msgs: list[Any]) -> None:
+        """Record a delivery batch's revocations in one statement; the active-keys subscriber calls it with each
+        batch of its consumer and acks the batch only after it returned (subscriber.py). Raises if this
+        projection cannot write now: the batch is delivered again.
 
         One commit per batch, not three per revocation: under a burst of revokes this projection's commits
         were a visible share of PostgreSQL's work on the revoke path's machine."""
         self.fence()
         revocations = [row for row in map(_revocation, msgs) if row is not None]
         if revocations:
+            # At a term's start (or a reconnection) the first batch can come before the pending revocations
+            # were loaded; it waits for them rather than fail into a redelivery seconds later.
+            await asyncio.wait_for(self._loaded.wait(), LOAD_WAIT_S)
             await self._record(revocations)
-        if msgs:
-            await msgs[-1].ack()  # AckAll: the batch, once recorded
 
     async def _record(self, revocations: list[tuple[int, str, str, dt.datetime]]) -> None:
         async with self._lock:

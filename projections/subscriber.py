@@ -1,14 +1,22 @@
-"""Run a projection as a JetStream subscriber: a durable consumer on the event stream (``consumer.py``).
+"""Run the database projections as a JetStream subscriber: a durable consumer on the event stream (``consumer.py``).
 
 Delivery is at-least-once and, across retries, not strictly ordered; the projection's per-key tracking
 makes that harmless: for each key in a batch we look up the version the projection already has, skip what
 it has, and let ``catch_up`` fill anything newer *from the log*, in version order. A message is acked only
 after the transaction that applied it (or proved it already applied) committed.
+
+The same batches feed the ``followers``: the receipts projection records the batch's revocations
+(``receipts.ReceiptsProjection.record``), and no batch is acked before both made it durable. One consumer, not
+one each: every consumer of the events stream makes NATS deliver every event once more and the service parse
+and acknowledge it; the receipts projection with a consumer of its own cost revoke throughput about 4%
+(docs/benchmarks.md). A follower that fails fails the batch: it is delivered again, and both projections take
+repeats in their stride.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -18,20 +26,21 @@ from ..background.bus import Bus
 from ..core.events import decode_envelope_head
 from ..storage.connections import long_lived
 from . import active_keys
-from .consumer import consume, run_forever
+from .consumer import Handler, consume, run_forever
 
 
 class ActiveKeysSubscriber:
-    """Feeds ``active_api_keys`` from NATS (the inline writer usually got there first)."""
+    """Feeds ``active_api_keys`` from NATS (the inline writer usually got there first), then the followers."""
 
     name = active_keys.NAME
 
     def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, followers: Sequence[Handler] = ()) -> None:
         self.database_url = database_url
         self.bus = bus
         self.fence = fence
         self.epoch = epoch  # the leadership term: its own durable consumer (consumer.py)
+        self.followers = followers
         self.applied = 0
         self.skipped = 0
 
@@ -47,7 +56,18 @@ class ActiveKeysSubscriber:
                           ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
+        """Apply the batch and hand it to the followers, side by side (each has its own connection, and a
+        follower's latency is a receipt's); ack once all succeeded, else raise the first failure."""
         self.fence()
+        outcomes = await asyncio.gather(self._apply(conn, msgs), *(follow(msgs) for follow in self.followers),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if msgs:
+            await msgs[-1].ack()  # AckAll: covers the whole batch, only after every projection had it
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
         newest: dict[str, int] = {}
         for msg in msgs:
             # Only the key and version: the rest comes from the log (so a reduced envelope is just as good).
@@ -59,5 +79,3 @@ class ActiveKeysSubscriber:
                 self.skipped += 1
                 continue
             self.applied += await active_keys.catch_up(conn, key_id, version)
-        if msgs:
-            await msgs[-1].ack()  # AckAll: covers the whole batch, only after it was applied

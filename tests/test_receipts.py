@@ -20,6 +20,7 @@ import httpx
 import nats
 import psycopg
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
@@ -160,9 +161,10 @@ def test_a_hung_cache_blocks_everywhere_until_it_is_gone(deployment: Service,
 
 
 def test_receipts_go_on_after_the_projections_database_connection_is_cut(deployment: Service) -> None:
-    """The projection's three loops (events, receipts, sweeper) share one PostgreSQL connection. Its backend
-    terminated (as a database failover or an idle-session kill would): the loops stop and start again on a new
-    connection, reloading their state from the tables, and a revocation after the cut completes as before."""
+    """The projection's two loops (receipts, sweeper) and its ``record`` of the active-keys subscriber's batches
+    share one PostgreSQL connection. Its backend terminated (as a database failover or an idle-session kill
+    would): the loops stop and start again on a new connection, reloading their state from the tables, the batch
+    that failed is delivered again, and a revocation after the cut completes as before."""
     svc = deployment
     me = svc.session()
 
@@ -184,6 +186,40 @@ def test_receipts_go_on_after_the_projections_database_connection_is_cut(deploym
     answer = asyncio.run(scenario())
     assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"steady": "confirmed"}, answer
     assert "receipts projection" in svc.log_tail(400)  # it noticed the cut and retried
+
+
+def test_a_new_term_deletes_the_events_consumer_receipts_once_had(deployment: Service) -> None:
+    """Receipts once read the events stream through a durable consumer of their own; they now take the active-keys
+    subscriber's batches. A deployment upgraded from then still has that consumer, which NATS would keep, with an
+    ever-growing backlog: a term's start deletes it, and revocations are recorded as before."""
+    svc = deployment
+    me = svc.session()
+    stream, left_over = svc.topology.events_stream, svc.topology.consumer("receipts") + "-e1"
+
+    async def consumers(add: bool = False) -> set[str]:
+        nc = await nats.connect(svc.nats_url)
+        try:
+            js = nc.jetstream()
+            if add:
+                await js.add_consumer(stream, ConsumerConfig(
+                    durable_name=left_over, deliver_subject=f"_KL_DELIVER.{left_over}", deliver_group=left_over,
+                    ack_policy=AckPolicy.ALL, filter_subject=svc.topology.event_only_subjects))
+            return {c.name for c in await js.consumers_info(stream)}
+        finally:
+            await nc.close()
+
+    svc.stop()
+    assert left_over in asyncio.run(consumers(add=True))
+    svc.start()
+    wait_until(lambda: httpx.get(f"{svc.url}/ready", timeout=5).status_code == 200, timeout=20, what="ready again")
+    wait_until(lambda: left_over not in asyncio.run(consumers()), timeout=10, what="the left-over consumer deleted")
+    kinds = {name.rsplit("-e", 1)[0] for name in asyncio.run(consumers())}
+    assert kinds == {svc.topology.consumer("active-api-keys"), svc.topology.consumer("invalidations")}, kinds
+    key = svc.create_key(me)
+    assert svc.delete(me, key["id"]).status_code == 200
+    answer = wait_until(lambda: (r := receipt(svc, me, key["id"])).status_code == 200 and r.json(), timeout=10,
+                        what="the revocation recorded")
+    assert answer["type"] == "ApiKeyRevoked" and answer["position"] > 0, answer
 
 
 def test_a_cache_that_joins_later_is_not_listed_and_strangers_get_404(deployment: Service) -> None:

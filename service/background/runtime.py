@@ -195,12 +195,14 @@ class Runtime:
                                  epoch=lambda: self.lease.epoch)
             workers.append(asyncio.create_task(sealer.run(), name="audit-sealer"))
         if self.settings.run_projections:
-            sub = ActiveKeysSubscriber(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch)
+            # Receipts take their revocations from the active-keys subscriber's batches (one consumer for both).
+            receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence)
+            workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
+            sub = ActiveKeysSubscriber(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch,
+                                       followers=[receipts.record])
             workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
             self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch)
             workers.append(asyncio.create_task(self.invalidations.run(), name="projection-invalidations"))
-            receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch)
-            workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
             sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge, fence=fence)
             workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
         workers.append(asyncio.create_task(self.bus.listen(self._wake_subject, lambda _: self.relay.nudge()),

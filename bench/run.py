@@ -813,6 +813,8 @@ class Runner:
 
     def run(self, kind: str, conc: int, duration: float, lines: list[str], label: str,
             profile_name: str | None = None, measured: bool = False) -> dict[str, Any]:
+        if measured:
+            self.db.checkpoint()
         quiet = wait_until_quiet(self.quiet_pattern, self.quiet_timeout, self.quiet_cpu) if measured else None
         self.n += 1
         threads = 1 if conc == 1 else min(2, conc)
@@ -878,6 +880,10 @@ UNION ALL
 SELECT relname, coalesce(seq_scan, 0), coalesce(seq_tup_read, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0),
        n_tup_ins, n_tup_del, n_dead_tup
 FROM pg_stat_user_tables
+UNION ALL
+SELECT 'checkpoints', checkpoints_timed + checkpoints_req, 0, 0, 0, 0, 0, 0 FROM pg_stat_bgwriter
+UNION ALL
+SELECT 'wal', wal_sync, wal_records, 0, 0, 0, 0, 0 FROM pg_stat_wal
 """
 
 
@@ -886,6 +892,16 @@ class DbStats:
 
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
+
+    def checkpoint(self) -> None:
+        """Before a measured phase: write out what the seeding left dirty, so that every run's phase starts from
+        the same state, not one run paying for a checkpoint that another's seeding made due (``db_line`` says
+        how many checkpoints fell inside a phase)."""
+        try:
+            with psycopg.connect(self.db_url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("CHECKPOINT")
+        except psycopg.Error:
+            pass  # not allowed for this role: the phase runs as before
 
     def snapshot(self) -> dict[str, tuple[int, ...]]:
         try:
@@ -902,7 +918,11 @@ class DbStats:
         db = d.pop("db", (0,) * 7)
         out: dict[str, Any] = {"commits_per_req": round(db[0] / requests, 2),
                                "rollbacks": db[1], "buffer_accesses_per_req": round(db[2] / requests, 1),
-                               "tables": {}}
+                               "checkpoints": d.pop("checkpoints", (0,))[0], "tables": {}}
+        wal = d.pop("wal", None)  # the server's, all databases: the bench's own service is all that writes
+        if wal is not None:
+            out["wal_syncs_per_req"] = round(wal[0] / requests, 3)
+            out["wal_records_per_req"] = round(wal[1] / requests, 1)
         for rel, (seq, seq_read, idx, idx_fetch, ins, dele, _dead) in sorted(d.items()):
             if seq or idx or ins or dele:
                 out["tables"][rel] = {"seq_scans": seq, "seq_rows_read_per_req": round(seq_read / requests, 1),
@@ -918,6 +938,9 @@ def db_line(st: dict[str, Any]) -> str:
     scans = ", ".join(f"{t} {v['seq_scans']} seq scans ({v['seq_rows_read_per_req']:,.0f} rows/req)"
                       for t, v in hot if v["seq_scans"])
     return (f"db: {st['commits_per_req']} commits/req, {st['buffer_accesses_per_req']:,.0f} buffer accesses/req"
+            + (f", {st['wal_syncs_per_req']} WAL flushes/req, {st['wal_records_per_req']} WAL records/req"
+               if "wal_syncs_per_req" in st else "")
+            + (f"; {st['checkpoints']} checkpoint(s) during the phase" if st.get("checkpoints") else "")
             + (f"; {scans}" if scans else ""))
 
 

@@ -63,7 +63,9 @@ NAME = "receipts"
 GONE_AFTER_S = 10.0
 MAX_APPLIED = 1024  # applied positions taken from one (merged) receipt; the rest wait for the proven position
 RETENTION_DAYS = 30
-LOAD_WAIT_S = 10.0  # how long ``record`` waits for a term's load (or a reconnection) before failing the batch
+# How long ``record`` waits for a term's load (or a reconnection) before failing the batch: less than the
+# subscriber consumer's ack_wait (5 s), so that NATS does not deliver the batch again while it is still held.
+LOAD_WAIT_S = 4.0
 REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
 # A delivery batch's revocations in one statement, each with its caches (id -> confirmed at, or null) and, when

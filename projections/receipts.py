@@ -252,11 +252,11 @@ class ReceiptsProjection:
             async with self._lock:
                 await self._load(conn)
             # If one loop fails, the other stops too before the retry starts both again on a new connection
-            # (a bare gather would leave it running beside its replacement).
-            loops = [asyncio.ensure_future(c) for c in (self._receive_forever(), self._sweep_forever())]
+            # (a bare gather would leave it running beside its replacement). The clean-up ends on its own.
+            loops = [asyncio.ensure_future(c) for c in (self._receive_forever(), self._sweep_forever(),
+                                                        self._drop_own_consumers())]
             self._loaded.set()
             try:
-                await self._drop_own_consumers()
                 await asyncio.gather(*loops)
             finally:
                 self._loaded.clear()

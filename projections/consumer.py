@@ -58,6 +58,21 @@ def _term_of(base: str, consumer: str) -> int:
     return int(suffix[2:]) if suffix.startswith("-e") and suffix[2:].isdigit() else 0
 
 
+async def terms(js: Any, stream: str, base: str) -> list[Any]:
+    """Info of every durable consumer of ``base`` on ``stream``: ``base`` itself and each term's ``base-e<N>``."""
+    return [c for c in await js.consumers_info(stream)
+            if c.name == base or (c.name.startswith(base + "-e") and _term_of(base, c.name) > 0)]
+
+
+async def delete(js: Any, stream: str, consumers: list[Any]) -> None:
+    """Delete these consumers (one already gone is fine: another process may have deleted it)."""
+    for consumer in consumers:
+        try:
+            await js.delete_consumer(stream, consumer.name)
+        except NotFoundError:
+            pass
+
+
 async def _take_over(js: Any, stream: str, base: str, durable: str, config: ConsumerConfig) -> None:
     """Create this term's consumer after the newest earlier one's ack floor, then delete the earlier ones."""
     try:
@@ -65,8 +80,7 @@ async def _take_over(js: Any, stream: str, base: str, durable: str, config: Cons
         return  # this term's consumer exists already (a resubscription after an error)
     except NotFoundError:
         pass
-    earlier = [c for c in await js.consumers_info(stream)
-               if c.name == base or (c.name.startswith(base + "-e") and _term_of(base, c.name) > 0)]
+    earlier = await terms(js, stream, base)
     config.durable_name = durable
     config.deliver_group = durable
     config.deliver_subject = f"_KL_DELIVER.{durable}"
@@ -76,11 +90,7 @@ async def _take_over(js: Any, stream: str, base: str, durable: str, config: Cons
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = (floor or 0) + 1
     await js.add_consumer(stream, config)
-    for old in earlier:
-        try:
-            await js.delete_consumer(stream, old.name)
-        except NotFoundError:
-            pass
+    await delete(js, stream, earlier)
 
 
 async def consume(bus: Bus, name: str, handle: Handler, *, ack_policy: AckPolicy = AckPolicy.EXPLICIT,

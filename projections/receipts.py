@@ -48,13 +48,13 @@ from typing import Any
 
 import msgspec
 import psycopg
-from nats.js.errors import NotFoundError
 
 from .. import tasks
 from ..background.bus import Bus
 from ..core.events import decode_envelope
 from ..core.freshness import Receipt, decode_receipt
 from ..storage.connections import long_lived
+from . import consumer
 from .consumer import run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")
@@ -266,12 +266,9 @@ class ReceiptsProjection:
         """Delete the events-stream consumers this projection had before it followed the active-keys subscriber
         (``<prefix>-receipts``, ``-e<term>``): nobody reads them, and NATS would keep them, and their backlog."""
         js = await self.bus.ready()
-        stream, base = self.bus.topology.events_stream, self.bus.topology.consumer(NAME)
+        stream = self.bus.topology.events_stream
         try:
-            for consumer in await js.consumers_info(stream):
-                if consumer.name == base or consumer.name.startswith(base + "-e"):
-                    with contextlib.suppress(NotFoundError):
-                        await js.delete_consumer(stream, consumer.name)
+            await consumer.delete(js, stream, await consumer.terms(js, stream, self.bus.topology.consumer(NAME)))
         except Exception as exc:  # NATS unavailable: harmless, the next term tries again
             log.info("receipts: old consumers not deleted: %s: %s", type(exc).__name__, exc)
 

@@ -43,6 +43,7 @@ import contextlib
 import datetime as dt
 import heapq
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -166,7 +167,7 @@ class HeardCache:
         self.waiting: list[int] = []
         self._proven: list[int] = []  # strictly increasing proven positions ...
         self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
-        self._applied: dict[int, dt.datetime] = {}  # applied position -> when first named (insertion order)
+        self._applied: OrderedDict[int, dt.datetime] = OrderedDict()  # applied position -> when first named
 
     def add(self, position: int, applied: list[int], at: dt.datetime) -> None:
         if not self._proven or position > self._proven[-1]:
@@ -176,14 +177,16 @@ class HeardCache:
                 del self._proven[:self.KEEP], self._proven_at[:self.KEEP]
         for p in applied:
             self._applied.setdefault(p, at)
-        while len(self._applied) > self.KEEP:  # the oldest first: a dict keeps insertion order
-            del self._applied[next(iter(self._applied))]
+        while len(self._applied) > self.KEEP:  # the oldest first (O(1): a plain dict's first item is not)
+            self._applied.popitem(last=False)
 
     def covered_at(self, position: int) -> dt.datetime | None:
         """When a receipt first covered ``position`` (proved it or named it), or None."""
-        i = bisect.bisect_left(self._proven, position)
-        times = (self._proven_at[i] if i < len(self._proven) else None, self._applied.get(position))
-        return min((t for t in times if t is not None), default=None)
+        applied = self._applied.get(position)
+        if not self._proven or position > self._proven[-1]:
+            return applied  # the usual case: named at once, not proven by a checkpoint yet
+        proven = self._proven_at[bisect.bisect_left(self._proven, position)]
+        return proven if applied is None or proven < applied else applied
 
     def proven_upto(self, position: int) -> list[int]:
         """Pop the waiting positions up to ``position`` (some may be settled already: the caller checks)."""
@@ -446,17 +449,35 @@ class ReceiptsProjection:
                 await self.bus.nc.publish(self.bus.topology.effective_subject, _encoder.encode(message))  # type: ignore[union-attr]
 
 
+class _Head(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a receipt needs of an envelope: decoding just this skips the actor and the data (every event of
+    the shared consumer passes here, once per batch)."""
+
+    type: str
+    key_id: str
+    position: int
+    occurred_at: dt.datetime
+    reduced: bool = False
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
 def _revocation(msg: Any) -> tuple[int, str, str, dt.datetime] | None:
     """(position, key id, type, recorded at) of a revocation-like event, else None."""
     try:
-        recorded = decode_envelope(msg.data)
-    except Exception:
-        return None  # a reduced or unknown envelope: not a revocation we can date (the log still has it)
-    if recorded.type not in REVOKING:
+        head = _head_decoder.decode(msg.data)
+    except msgspec.DecodeError:
         return None
-    if recorded.type == "ApiKeyRotated" and getattr(recorded.event, "grace_until", None) is not None:
-        return None  # the old secret keeps working for a while: not a revocation yet
-    return recorded.position, recorded.stream_id, recorded.type, recorded.recorded_at
+    if head.type not in REVOKING or head.reduced:
+        return None  # not a revocation; or reduced: not one we can date (the log still has it whole)
+    if head.type == "ApiKeyRotated":  # only its data says whether the old secret keeps working for a while
+        try:
+            if getattr(decode_envelope(msg.data).event, "grace_until", None) is not None:
+                return None  # not a revocation yet
+        except Exception:
+            return None
+    return head.position, head.key_id, head.type, head.occurred_at
 
 
 def _merge(merged: dict[str, Receipt], receipt: Receipt) -> None:

@@ -79,18 +79,37 @@ CANONICAL_FIELDS = (
     """ '","actor":', e.metadata, ',"data":', e.data"""
 )
 CANONICAL = f"concat({CANONICAL_FIELDS}, '}}')"
+
+
+def _hash_after(prev_hash: str) -> str:
+    """The hash of an events row ``e`` chained to the SQL expression ``prev_hash``: the chain's formula, once."""
+    return f"encode(sha256(convert_to(concat({prev_hash}, {CANONICAL_FIELDS}, '}}'), 'UTF8')), 'hex')"
+
+
 # The hash of an events row `e` given its chain row `c`, recomputed by PostgreSQL.
-RECOMPUTED_HASH = f"encode(sha256(convert_to(concat(c.prev_hash, {CANONICAL_FIELDS}, '}}'), 'UTF8')), 'hex')"
+RECOMPUTED_HASH = _hash_after("c.prev_hash")
 
 HEAD = "SELECT position, hash FROM event_chain ORDER BY position DESC LIMIT 1"
-TO_SEAL = f"""
-SELECT e.position, convert_to({CANONICAL}, 'UTF8')
-FROM events e
-WHERE e.position > %s AND e.position <= %s
-ORDER BY e.position
-LIMIT %s
+# One batch of links, made by PostgreSQL: from the head, walk the events in position order up to the horizon (an
+# index probe each), hash each one onto the hash before it, insert the links, and return how many there were and
+# the new head. No event's text travels to the service and back: hashing them there cost the process that serves
+# HTTP ~35 us of Python per event (fetching each text, hashlib, COPY), 3% of its CPU under revoke load.
+SEAL_BATCH = f"""
+WITH RECURSIVE link (n, position, prev_hash, hash) AS (
+    (SELECT 1, e.position, %(prev)s::text, {_hash_after("%(prev)s::text")}
+     FROM events e WHERE e.position > %(after)s AND e.position <= %(upto)s ORDER BY e.position LIMIT 1)
+    UNION ALL
+    SELECT l.n + 1, e.position, l.hash, {_hash_after("l.hash")}
+    FROM link l CROSS JOIN LATERAL (
+        SELECT * FROM events e WHERE e.position > l.position AND e.position <= %(upto)s ORDER BY e.position LIMIT 1
+    ) e
+    WHERE l.n < %(batch)s
+), sealed AS (
+    INSERT INTO event_chain (position, prev_hash, hash) SELECT position, prev_hash, hash FROM link
+    RETURNING position, hash
+)
+SELECT count(*), max(position), (array_agg(hash ORDER BY position DESC))[1] FROM sealed
 """
-COPY_CHAIN = "COPY event_chain (position, prev_hash, hash) FROM STDIN"
 SEALER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('keyledger.audit-sealer', 0))"
 SEALER_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('keyledger.audit-sealer', 0))"
 
@@ -149,8 +168,9 @@ def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float 
          epoch: int | None = None) -> int:
     """Chain every event that is final; returns how many were sealed. Caller is the one sealer.
 
-    Each batch is one transaction: read the canonical texts, hash them in order, COPY the chain rows. A
-    crash between batches leaves a shorter, still valid chain; the next pass continues from its head.
+    Each batch is one transaction and one statement (``SEAL_BATCH``: PostgreSQL hashes the events in order and
+    inserts the links). A crash between batches leaves a shorter, still valid chain; the next pass continues
+    from its head.
     """
     horizon = final_horizon(conn, max_wait=max_wait)
     if horizon is None:
@@ -159,22 +179,15 @@ def seal(conn: psycopg.Connection[Any], *, batch: int = 20_000, max_wait: float 
     current = head(conn)
     position, prev = current if current else (0, GENESIS)
     while position < horizon:
-        rows = conn.execute(TO_SEAL, (position, horizon, batch)).fetchall()
-        if not rows:
-            break
-        chain = []
-        for pos, canonical in rows:
-            digest = hashlib.sha256(prev.encode("ascii") + canonical).hexdigest()
-            chain.append((pos, prev, digest))
-            prev = digest
         with conn.transaction():
             if epoch is not None:  # the background leader's: commit only inside its own term
                 conn.execute(FENCE, (epoch,))  # aborts it (KL410) unless epoch is the current, unexpired term
-            with conn.cursor().copy(COPY_CHAIN) as copy:
-                for row in chain:
-                    copy.write_row(row)
-        position = chain[-1][0]
-        sealed += len(chain)
+            n, last, digest = conn.execute(SEAL_BATCH, {"prev": prev, "after": position, "upto": horizon,
+                                                        "batch": batch}).fetchone()
+        if not n:
+            break
+        position, prev = last, digest
+        sealed += n
     return sealed
 
 

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""keyledger revoke throughput of two versions side by side: both served at once, measured in turns, one run.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test NATS_URL=nats://127.0.0.1:4222 \\
+        python bench/revoke_interleaved.py --a worktree --b 91bf6f9 --rounds 6 --duration 5
+    python bench/revoke_interleaved.py --a worktree --b worktree --a-caches 10 --b-caches 10 --b-receipts off
+                                             # the receipts' own cost: 10 reporting caches vs the same silent
+
+Why beside ``revoke_ab.py``: that one runs ``bench/run.py`` once per side, minutes apart, each with its own
+servers' warm-up; on a shared 2-core machine the rate of the SAME code drifts by 20-30 % between such runs, more
+than the few per cent a comparison is after. Here both sides run for the whole measurement, on the same
+PostgreSQL and NATS, each with its own database and streams (``run.py``'s ``Servers``): their keys are seeded
+first, then the revoke c=16 phases alternate A B, B A, A B, ... (``--rounds`` of each, ``--duration`` seconds),
+so drift falls on both sides alike and each round's ratio compares phases seconds apart. While one side is
+measured the other is idle, but runs: its background work (the freshness checkpoints every 250 ms, the probes),
+a few per cent of a core, is load on the measured side's machine, the same for A and B.
+
+Each side is a git revision (extracted as in ``revoke_ab.py``) or ``worktree`` (the venv's install).
+``--a-caches N`` / ``--b-caches N`` attach N ``KeyCache``s in a process of their own to that side
+(``bench/caches.py``, as ``run.py --caches``); ``--a-receipts off`` / ``--b-receipts off`` make them silent.
+Every phase is preceded by a CHECKPOINT and a wait for a quiet machine (``run.py``'s ``Runner``). Printed: each
+phase, each round's ratio A/B, their median, and the ratio of the total rates; ``bench/results/
+revoke-interleaved-latest.json`` keeps it all. Without DATABASE_URL and NATS_URL it starts an embedded PostgreSQL
+and nats-server for the run (keyledger.embedded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import revoke_ab  # noqa: E402  (bench/ is not a package)
+import run as bench  # noqa: E402
+
+CALIBRATION_KEYS = 5000
+TARGET_RATIO = revoke_ab.TARGET_RATIO
+
+
+class Side:
+    """One version: its database and streams, its service, its seeded keys, its phases."""
+
+    def __init__(self, name: str, info: dict[str, str], work: Path, caches: int, receipts: bool,
+                 profile: bool) -> None:
+        self.name, self.info, self.work, self.profile = name, info, work, profile
+        work.mkdir(parents=True)
+        self.servers = bench.Servers()
+        self.service: bench.Service | None = None
+        self.fleet: bench.CacheFleet | None = None
+        self.caches, self.receipts = caches, receipts
+        self.phases: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+
+    def start(self, seed_concurrency: int) -> None:
+        self.service = bench.Service(self.servers, self.work / "service.log",
+                                     bench.pythonpath_env(self.info["pythonpath"] or None))
+        origin = bench.code_origin(self.service.env)
+        if self.info["pythonpath"] and not origin["file"].startswith(self.info["pythonpath"]):
+            raise RuntimeError(f"{self.name} runs keyledger from {origin['file']}, not {self.info['pythonpath']}")
+        self.code = origin["file"]
+        self.service.wait_ready()
+        cookie = self.service.dev_session()
+        self.seeder = bench.Seeder(self.service.base, cookie, seed_concurrency)
+        self.runner = bench.Runner(self.service.base, cookie, self.work, self.service.pid, self.profile,
+                                   bench.CpuMeter(self.service.pid, self.servers.dbname, self.servers.nats_url),
+                                   bench.DbStats(self.servers.db_url))
+        if self.caches:
+            self.fleet = bench.CacheFleet(self.service, self.servers.db_url, self.caches, self.work / "caches.log",
+                                          receipts=self.receipts)
+            self.runner.cpu.caches_pid = self.fleet.pid
+            self.fleet.wait_live()
+        bench.say(f"  {self.name}: {self.info['rev']} ({self.info['commit'][:12]}), keyledger from {self.code}, "
+                  f"service pid {self.service.pid}"
+                  + (f", {self.caches} {'reporting' if self.receipts else 'silent'} caches" if self.caches else ""))
+
+    def calibrate(self) -> float:
+        keys = self.seeder.create(CALIBRATION_KEYS, f"{self.name}'s calibration")
+        cal = self.runner.run("revoke", 16, 2.0, [i for i, _ in keys], f"{self.name} calibration 2 s")
+        return max(cal["requests"] / max(cal["seconds"], 0.001), 50.0)
+
+    def measure(self, duration: float, chunk: int, label: str) -> dict[str, Any]:
+        """One phase on its own slice of fresh keys (wrk's threads take alternate lines: disjoint slices are the
+        only way to never revoke a key twice)."""
+        lines, self.keys = self.keys[:chunk], self.keys[chunk:]
+        res = self.runner.run("revoke", 16, duration, lines, label, measured=True,
+                              profile_name=f"interleaved-{self.name}-{len(self.phases) + 1}")
+        self.phases.append(res)
+        return res
+
+    def checks(self) -> dict[str, Any]:
+        log = bench.outbox_and_log(self.servers.db_url)
+        import asyncio
+
+        stream = asyncio.run(self.servers.stream_messages())
+        revoked = log["events_by_type"].get("ApiKeyRevoked", 0)
+        ok = (log["outbox_pending"] == 0 and stream == log["events"]
+              and 0 <= revoked - self.runner.revoke_2xx <= self.runner.revoke_runs_conns)
+        return {**log, "stream_messages": stream, "revoked": revoked, "revoke_200s": self.runner.revoke_2xx,
+                "ok": ok}
+
+    def stop(self) -> None:
+        for part in (self.fleet, self.service):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception as exc:
+                    bench.say(f"bench: stopping {self.name}: {exc}")
+        self.servers.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--a", default="worktree", help="git revision, or 'worktree' (default): the candidate")
+    ap.add_argument("--b", required=True, help="git revision, or 'worktree': the baseline")
+    ap.add_argument("--rounds", type=int, default=6, help="measured phases per side (default 6)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
+    ap.add_argument("--margin", type=float, default=1.6, help="keys seeded per phase: calibrated rate x duration x "
+                                                                "this (default 1.6)")
+    ap.add_argument("--seed-concurrency", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="py-spy each phase's service (bench/results/"
+                                                           "profile-interleaved-<side>-<round>.txt, folded)")
+    ap.add_argument("--quiet-wait", default="pytest", help="as run.py's (default pytest; '' = no wait)")
+    ap.add_argument("--quiet-cpu", type=float, default=15.0, help="as run.py's")
+    for side in ("a", "b"):
+        ap.add_argument(f"--{side}-caches", type=int, default=0, metavar="N", help=f"N KeyCaches on {side.upper()}")
+        ap.add_argument(f"--{side}-receipts", choices=("on", "off"), default="on",
+                        help=f"off: {side.upper()}'s caches report no receipts")
+    args = ap.parse_args()
+
+    def terminated(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)
+    bench.ensure_wrk()
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="kl-il-"))
+    embedded: list[Any] = []
+    sides: list[Side] = []
+    rc = 1
+    try:
+        if not os.environ.get("DATABASE_URL") and not os.environ.get("NATS_URL"):
+            from keyledger.embedded import start_nats, start_postgres
+
+            embedded = [start_postgres(tmp / "pg"), start_nats(tmp / "nats")]
+            os.environ.update(DATABASE_URL=embedded[0].url, NATS_URL=embedded[1].url)
+        bench.Runner.quiet_pattern, bench.Runner.quiet_cpu = args.quiet_wait, args.quiet_cpu
+        for name, rev in (("A", args.a), ("B", args.b)):
+            if rev == "worktree":
+                info = {"rev": "worktree", "commit": revoke_ab.git("rev-parse", "HEAD") + " + working tree",
+                        "pythonpath": ""}
+            else:
+                info = revoke_ab.extract(rev, tmp / f"code-{name}")
+            sides.append(Side(name, info, tmp / name, getattr(args, f"{name.lower()}_caches"),
+                              getattr(args, f"{name.lower()}_receipts") == "on", args.profile))
+        machine = bench.machine_info(sides[0].servers.pg_version, sides[0].servers.pg_settings)
+        bench.say(f"keyledger revoke, interleaved: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+                  f"PostgreSQL {machine['postgres']}, {machine['date']}")
+        for side in sides:
+            side.start(args.seed_concurrency)
+        rates = {side.name: side.calibrate() for side in sides}
+        chunk = int(math.ceil(max(rates.values()) * args.duration * args.margin)) + 100
+        for side in sides:
+            side.keys = [i for i, _ in side.seeder.create(chunk * args.rounds, f"{side.name}'s {args.rounds} phases")]
+        bench.say("")
+        rounds = []
+        for r in range(args.rounds):
+            order = sides if r % 2 == 0 else sides[::-1]  # A B, then B A: what a phase leaves behind hits both
+            got = {side.name: side.measure(args.duration, chunk, f"round {r + 1} {side.name}") for side in order}
+            ratio = got["A"]["rps"] / got["B"]["rps"]
+            valid = all(g["errors"] == 0 and not g["exhausted"] for g in got.values())
+            rounds.append({"A": got["A"]["rps"], "B": got["B"]["rps"], "ratio": round(ratio, 4), "valid": valid})
+            bench.say(f"  round {r + 1}: A/B {ratio:.3f}" + ("" if valid else "  (INVALID: errors or keys exhausted)"))
+        checks = {side.name: side.checks() for side in sides}
+        ratios = [r["ratio"] for r in rounds if r["valid"]]
+        total = {s.name: sum(p["requests"] for p in s.phases) / sum(p["seconds"] for p in s.phases) for s in sides}
+        median = statistics.median(ratios) if ratios else None
+        bench.say("")
+        bench.say("=" * 100)
+        for side in sides:
+            ph = side.phases
+            bench.say(f"{side.name} = {side.info['rev']} ({side.info['commit'][:12]})"
+                      + (f" + {side.caches} {'reporting' if side.receipts else 'silent'} caches" if side.caches else "")
+                      + f": {min(p['rps'] for p in ph):,.0f}-{max(p['rps'] for p in ph):,.0f} revokes/s, "
+                      f"overall {total[side.name]:,.0f}/s; log, outbox and stream "
+                      + ("consistent" if checks[side.name]["ok"] else f"NOT consistent: {checks[side.name]}"))
+        bench.say(f"ratio A/B per round: {', '.join(f'{x:.3f}' for x in ratios)}")
+        if median is not None:
+            bench.say(f"median {median:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}); overall "
+                      f"{total['A'] / total['B']:.3f}; target >= {TARGET_RATIO}: "
+                      + ("met" if median >= TARGET_RATIO else "MISSED"))
+        bench.say("=" * 100)
+        out = {"machine": machine, "args": vars(args), "rounds": rounds, "median": median,
+               "overall": total["A"] / total["B"], "checks": checks,
+               "sides": {s.name: {**s.info, "code": s.code, "caches": s.caches, "receipts": s.receipts,
+                                  "phases": [{k: p[k] for k in ("rps", "p50_ms", "p99_ms", "requests", "seconds",
+                                                                 "cpu_pct")} for p in s.phases]} for s in sides}}
+        (bench.RESULTS / "revoke-interleaved-latest.json").write_text(json.dumps(out, indent=2, default=str))
+        rc = 0 if median is not None and all(c["ok"] for c in checks.values()) else 1
+    finally:
+        for side in sides:
+            side.stop()
+        for server in reversed(embedded):
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

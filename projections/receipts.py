@@ -52,7 +52,7 @@ import psycopg
 
 from .. import tasks
 from ..background.bus import Bus
-from ..core.events import decode_envelope
+from ..core.events import decode_envelope, decode_envelope_head
 from ..core.freshness import Receipt, decode_receipt
 from ..storage.connections import long_lived
 from . import consumer
@@ -449,27 +449,13 @@ class ReceiptsProjection:
                 await self.bus.nc.publish(self.bus.topology.effective_subject, _encoder.encode(message))  # type: ignore[union-attr]
 
 
-class _Head(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """What a receipt needs of an envelope: decoding just this skips the actor and the data (every event of
-    the shared consumer passes here, once per batch)."""
-
-    type: str
-    key_id: str
-    position: int
-    occurred_at: dt.datetime
-    reduced: bool = False
-
-
-_head_decoder = msgspec.json.Decoder(_Head)
-
-
 def _revocation(msg: Any) -> tuple[int, str, str, dt.datetime] | None:
     """(position, key id, type, recorded at) of a revocation-like event, else None."""
     try:
-        head = _head_decoder.decode(msg.data)
+        head = decode_envelope_head(msg.data)  # not the actor and data: every event of the batch passes here
     except msgspec.DecodeError:
         return None
-    if head.type not in REVOKING or head.reduced:
+    if head.type not in REVOKING or head.reduced or head.occurred_at is None:
         return None  # not a revocation; or reduced: not one we can date (the log still has it whole)
     if head.type == "ApiKeyRotated":  # only its data says whether the old secret keeps working for a while
         try:

@@ -158,13 +158,16 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 
 class EnvelopeHead(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """What a consumer that reads the log itself needs of an envelope (decodes whole and reduced forms)."""
+    """What a consumer that reads the log itself needs of an envelope (decodes whole and reduced forms), without
+    decoding its actor and data."""
 
     id: str
     type: str
     key_id: str
     version: int
     position: int
+    occurred_at: dt.datetime | None = None
+    reduced: bool = False
 
 
 # One encoder/decoder pair, built once and reused.

@@ -22,11 +22,11 @@ Every phase is preceded by a CHECKPOINT and a wait until the machine is quiet (`
 most 8 % busy, the two idle services included: the side just measured finishes its background work first).
 
 The figure is the geometric mean of the rounds' ratios. Measured on machine A, the phase that comes first in a
-round ran faster than the second (in 5 of 6 rounds of one run, by 5-10 %) whichever side it was: the order alternates, so
-the rounds with A first and those with B first lean opposite ways, and the geometric mean of an even number of
-rounds weighs both alike; the median of six can land on either lean. Also printed: each phase, each round's ratio,
-their median, and the ratio of the total rates; ``bench/results/
-revoke-interleaved-latest.json`` keeps it all. Without DATABASE_URL and NATS_URL it starts an embedded PostgreSQL
+round ran faster than the second (in 5 of 6 rounds of one run, by 5-10 %) whichever side it was: the order
+alternates, so the rounds with A first and those with B first lean opposite ways, and the geometric mean of an even
+number of rounds weighs both alike; the median of six can land on either lean. Also printed: each phase, each
+round's ratio, their median, and the ratio of the total rates; ``bench/results/revoke-interleaved-latest.json``
+keeps it all. Without DATABASE_URL and NATS_URL it starts an embedded PostgreSQL
 and nats-server for the run (keyledger.embedded).
 """
 

@@ -81,12 +81,17 @@ FROM jsonb_to_recordset(%s::jsonb) AS r(position bigint, key_id text, type text,
 ON CONFLICT DO NOTHING RETURNING position, effective_everywhere_at
 """
 # Pending revocations' confirmations so far, completing those marked done (the moment: their last confirmation,
-# or now when a cache that never confirmed was declared gone).
+# or now when a cache that never confirmed was declared gone). Each row is found by its primary key: "still
+# pending" is written so that the partial index of pending revocations cannot serve it (coalesce: a clock time is
+# never -infinity). Through that index PostgreSQL took a bitmap scan over every entry it ever held, dead ones
+# included until a vacuum (a bitmap scan does not skip them), so each save cost more than the one before: 3.8 ms
+# and 600 pages for 50 rows after 40,000 revocations, against 0.7 ms by key; the reporting caches' revoke rate fell
+# by a third over a bench run.
 SAVE = """
 UPDATE revocations r
 SET caches = x.caches, effective_everywhere_at = CASE WHEN x.done THEN coalesce(x.everywhere, clock_timestamp()) END
 FROM jsonb_to_recordset(%s::jsonb) AS x(position bigint, caches jsonb, done boolean, everywhere timestamptz)
-WHERE r.position = x.position AND r.effective_everywhere_at IS NULL
+WHERE r.position = x.position AND coalesce(r.effective_everywhere_at, '-infinity') = '-infinity'
 RETURNING r.position, r.effective_everywhere_at
 """
 # What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those).

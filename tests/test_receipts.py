@@ -20,11 +20,12 @@ import httpx
 import nats
 import psycopg
 import pytest
+from psycopg import sql
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
-from keyledger.projections.receipts import GONE_AFTER_S, HeardCache
+from keyledger.projections.receipts import GONE_AFTER_S, SAVE, HeardCache
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -429,3 +430,29 @@ def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
     cache.add(10, [11], t(4))  # a proven position never goes back; 11 was proven at t(3) already
     assert [cache.covered_at(p) for p in (3, 5, 9, 7, 11, 12)] == [t(1), t(1), t(2), t(3), t(3), t(3)]
     assert cache.covered_at(13) is None
+
+
+def test_saving_confirmations_finds_each_revocation_by_its_key_however_many_were_completed(db_factory: Any) -> None:
+    """The partial index of pending revocations keeps an entry for every revocation ever inserted until a vacuum
+    (completing one leaves its entry dead), and a bitmap scan of it visits them all: SAVE must not use it, or each
+    save costs more than the one before. After 5,000 revocations were completed, saving 50 pending ones reads them
+    by primary key, and completes exactly those."""
+    url = db_factory.create("receipts_save")
+
+    def rows(lo: int, hi: int) -> str:  # SAVE's parameter: positions lo..hi-1, confirmed and done
+        return json.dumps([{"position": p, "caches": {"c": "2026-12-06T00:00:00Z"}, "done": True, "everywhere": None}
+                           for p in range(lo, hi)])
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for lo in range(1, 5001, 500):  # each revocation's life: recorded pending, then completed
+            conn.execute("INSERT INTO revocations (position, key_id, type, revoked_at, caches) SELECT g, 'k' || g, "
+                         "'ApiKeyRevoked', now(), '{\"c\": null}' FROM generate_series(%s::bigint, %s::bigint) g",
+                         (lo, lo + 499))
+            assert len(conn.execute(SAVE, (rows(lo, lo + 500),)).fetchall()) == 500
+        conn.execute("INSERT INTO revocations (position, key_id, type, revoked_at, caches) SELECT g, 'k' || g, "
+                     "'ApiKeyRevoked', now(), '{\"c\": null}' FROM generate_series(5001::bigint, 5050::bigint) g")
+        explain = sql.SQL("EXPLAIN (COSTS OFF) " + SAVE.replace("%s", "{}")).format(sql.Literal(rows(5001, 5051)))
+        plan = "\n".join(r[0] for r in conn.execute(explain))
+        assert "revocations_pending_idx" not in plan, plan
+        assert len(conn.execute(SAVE, (rows(4990, 5051),)).fetchall()) == 50  # the completed ones are left alone
+        assert conn.execute("SELECT count(*) FROM revocations WHERE effective_everywhere_at IS NULL").fetchone()[0] == 0

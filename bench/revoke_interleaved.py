@@ -33,6 +33,7 @@ and nats-server for the run (keyledger.embedded).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -105,8 +106,6 @@ class Side:
 
     def checks(self) -> dict[str, Any]:
         log = bench.outbox_and_log(self.servers.db_url)
-        import asyncio
-
         stream = asyncio.run(self.servers.stream_messages())
         revoked = log["events_by_type"].get("ApiKeyRevoked", 0)
         ok = (log["outbox_pending"] == 0 and stream == log["events"]

@@ -52,7 +52,7 @@ import psycopg
 
 from .. import tasks
 from ..background.bus import Bus
-from ..core.events import decode_envelope, decode_envelope_head
+from ..core.events import EnvelopeHead, decode_envelope
 from ..core.freshness import Receipt, decode_receipt
 from ..storage.connections import long_lived
 from . import consumer
@@ -301,7 +301,7 @@ class ReceiptsProjection:
             else:
                 pending.waiting.discard(cache_id)
 
-    async def record(self, msgs: list[Any]) -> None:
+    async def record(self, msgs: list[Any], heads: list[EnvelopeHead]) -> None:
         """Record a delivery batch's revocations in one statement; the active-keys subscriber calls it with each
         batch of its consumer and acks the batch only after it returned (subscriber.py). Raises if this
         projection cannot write now: the batch is delivered again.
@@ -309,7 +309,7 @@ class ReceiptsProjection:
         One commit per batch, not three per revocation: under a burst of revokes this projection's commits
         were a visible share of PostgreSQL's work on the revoke path's machine."""
         self.fence()
-        revocations = [row for row in map(_revocation, msgs) if row is not None]
+        revocations = [row for row in map(_revocation, msgs, heads) if row is not None]
         if revocations:
             # At a term's start (or a reconnection) the first batch can come before the pending revocations
             # were loaded; it waits for them rather than fail into a redelivery seconds later.
@@ -454,12 +454,8 @@ class ReceiptsProjection:
                 await self.bus.nc.publish(self.bus.topology.effective_subject, _encoder.encode(message))  # type: ignore[union-attr]
 
 
-def _revocation(msg: Any) -> tuple[int, str, str, dt.datetime] | None:
-    """(position, key id, type, recorded at) of a revocation-like event, else None."""
-    try:
-        head = decode_envelope_head(msg.data)  # not the actor and data: every event of the batch passes here
-    except msgspec.DecodeError:
-        return None
+def _revocation(msg: Any, head: EnvelopeHead) -> tuple[int, str, str, dt.datetime] | None:
+    """(position, key id, type, recorded at) of a revocation-like event (its message and head), else None."""
     if head.type not in REVOKING or head.reduced or head.occurred_at is None:
         return None  # not a revocation; or reduced: not one we can date (the log still has it whole)
     if head.type == "ApiKeyRotated":  # only its data says whether the old secret keeps working for a while

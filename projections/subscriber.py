@@ -6,7 +6,8 @@ it has, and let ``catch_up`` fill anything newer *from the log*, in version orde
 after the transaction that applied it (or proved it already applied) committed.
 
 The same batches feed the ``followers``: the receipts projection records the batch's revocations
-(``receipts.ReceiptsProjection.record``), and no batch is acked before both made it durable. One consumer, not
+(``receipts.ReceiptsProjection.record``), and no batch is acked before both made it durable. Each envelope's head
+is decoded once, here, and handed to the followers beside the messages. One consumer, not
 one each: every consumer of the events stream makes NATS deliver every event once more and the service parse
 and acknowledge it; the receipts projection, when it had a consumer of its own, cost revoke throughput about
 4% in all (docs/benchmarks.md). A follower that fails fails the batch: it is delivered again, and both projections take
@@ -16,17 +17,20 @@ repeats in their stride.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
 from nats.js.api import AckPolicy
 
 from ..background.bus import Bus
-from ..core.events import decode_envelope_head
+from ..core.events import EnvelopeHead, decode_envelope_head
 from ..storage.connections import long_lived
 from . import active_keys
-from .consumer import Handler, consume, run_forever
+from .consumer import consume, run_forever
+
+# A follower takes a delivery batch and its envelopes' heads (decoded once, by the subscriber).
+Follower = Callable[[list[Any], list[EnvelopeHead]], Awaitable[None]]
 
 
 class ActiveKeysSubscriber:
@@ -35,7 +39,7 @@ class ActiveKeysSubscriber:
     name = active_keys.NAME
 
     def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
-                 epoch: int | None = None, followers: Sequence[Handler] = ()) -> None:
+                 epoch: int | None = None, followers: Sequence[Follower] = ()) -> None:
         self.database_url = database_url
         self.bus = bus
         self.fence = fence
@@ -59,19 +63,20 @@ class ActiveKeysSubscriber:
         """Apply the batch and hand it to the followers, side by side (each has its own connection, and a
         follower's latency is a receipt's); ack once all succeeded, else raise the first failure."""
         self.fence()
-        outcomes = await asyncio.gather(self._apply(conn, msgs), *(follow(msgs) for follow in self.followers),
-                                        return_exceptions=True)
+        # Each envelope's head, once for all: the active keys need only the key and version (the rest comes from the
+        # log, so a reduced envelope is just as good); the receipts need its type, position and time.
+        heads = [decode_envelope_head(msg.data) for msg in msgs]
+        outcomes = await asyncio.gather(self._apply(conn, heads),
+                                        *(follow(msgs, heads) for follow in self.followers), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         if msgs:
             await msgs[-1].ack()  # AckAll: covers the whole batch, only after every projection had it
 
-    async def _apply(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], heads: list[EnvelopeHead]) -> None:
         newest: dict[str, int] = {}
-        for msg in msgs:
-            # Only the key and version: the rest comes from the log (so a reduced envelope is just as good).
-            head = decode_envelope_head(msg.data)
+        for head in heads:
             newest[head.key_id] = max(newest.get(head.key_id, 0), head.version)
         have = await active_keys.tracked_versions(conn, list(newest))
         for key_id, version in newest.items():

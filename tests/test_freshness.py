@@ -149,11 +149,13 @@ def test_the_cache_is_trusted_through_checkpoints_and_hears_revocations(db_facto
                 assert cache.trusted  # nothing stalled: the proof kept coming
 
         asyncio.run(scenario())
+        assert httpx.get(f"{svc.url}/no/such/path", timeout=5).status_code == 404
         assert metric(svc, "keyledger_leader") == 1.0
         assert metric(svc, 'keyledger_events_appended_total{type="ApiKeyRevoked"}') == 1.0
         assert metric(svc, "keyledger_relay_checkpoints_total") > 0
         assert metric(svc, "keyledger_checkpoint_age_seconds") < 3.0
         assert metric(svc, 'keyledger_http_requests_total{route="/api/auth/api-key/delete",status="200"}') == 1.0
+        assert metric(svc, 'keyledger_http_requests_total{route="other",status="404"}') == 1.0  # no route: counted
 
 
 # --------------------------------------------------------------------------------------------------------

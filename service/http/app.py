@@ -683,16 +683,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
 
     api = Router(path="/api/auth", route_handlers=API_ROUTES)
     counted = Metrics(runtime)
-    return Litestar(
+    app = Litestar(
         route_handlers=[api, health, ready, metrics, openapi_document],
         lifespan=[lifespan],
-        middleware=[counted.middleware],
         state=State({"runtime": runtime, "metrics": counted}),
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,  # the document is openapi.py's, served at /openapi.json
         logging_config=None,
     )
+    # Requests are counted around Litestar's own exception handling (every answer as sent, an unknown path's 404
+    # too), not by a Litestar middleware: any route middleware makes Litestar wrap every route in a second
+    # exception handler, ~2% of the service's CPU under revoke load.
+    app.asgi_handler = counted.middleware(app.asgi_handler)
+    return app
 
 
 def create_app_from_env() -> Litestar:

@@ -531,7 +531,9 @@ CREATE TABLE IF NOT EXISTS revocations (
     caches                  jsonb       NOT NULL DEFAULT '{}'  -- cache id -> effective at (or null)
 );
 ALTER TABLE revocations ADD COLUMN IF NOT EXISTS caches jsonb NOT NULL DEFAULT '{}';
-CREATE INDEX IF NOT EXISTS revocations_key_idx ON revocations (key_id, position);
+-- No index on key_id: the rare read by key finds the key's positions through its events (receipts.py, LATEST);
+-- the index cost every revocation an insert.
+DROP INDEX IF EXISTS revocations_key_idx;
 CREATE INDEX IF NOT EXISTS revocations_pending_idx ON revocations (position) WHERE effective_everywhere_at IS NULL;
 -- Before, a row per (revocation, cache): folded into ``caches``.
 DO $$

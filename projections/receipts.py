@@ -71,14 +71,17 @@ REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
 # A delivery batch's revocations in one statement, each with its caches (id -> confirmed at, or null) and, when
 # none is left to wait for, the moment it took effect everywhere (the last confirmation; now, with no live cache).
-# RETURNING leaves out those recorded before (redeliveries).
+# RETURNING leaves out those recorded before (redeliveries). NOT EXISTS rather than ON CONFLICT: a speculative
+# insertion writes one more WAL record per row, on every revocation; only the fenced leader writes here, and the
+# unique violation a deposed one could still cause fails its batch, which is delivered again.
 RECORD = """
 INSERT INTO revocations (position, key_id, type, revoked_at, caches, effective_everywhere_at)
 SELECT r.position, r.key_id, r.type, r.revoked_at, r.caches,
        CASE WHEN r.done THEN coalesce(r.everywhere, clock_timestamp()) END
 FROM jsonb_to_recordset(%s::jsonb) AS r(position bigint, key_id text, type text, revoked_at timestamptz,
                                         caches jsonb, done boolean, everywhere timestamptz)
-ON CONFLICT DO NOTHING RETURNING position, effective_everywhere_at
+WHERE NOT EXISTS (SELECT FROM revocations x WHERE x.position = r.position)
+RETURNING position, effective_everywhere_at
 """
 # Pending revocations' confirmations so far, completing those marked done (the moment: their last confirmation,
 # or now when a cache that never confirmed was declared gone). Each row is found by its primary key: "still
@@ -116,9 +119,12 @@ WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(d
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
 # The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, its caches.
+# Found through the key's events (their (stream_id, version) index; a key has a handful), then by position: an
+# index on revocations (key_id) would cost every revocation one more index insert for this rare read.
 LATEST = """
-SELECT position, type, revoked_at, effective_everywhere_at FROM revocations
-WHERE key_id = %s ORDER BY position DESC LIMIT 1
+WITH mine AS MATERIALIZED (SELECT position FROM events WHERE stream_id = %s)
+SELECT r.position, r.type, r.revoked_at, r.effective_everywhere_at
+FROM mine JOIN revocations r ON r.position = mine.position ORDER BY r.position DESC LIMIT 1
 """
 CACHES_OF = """
 SELECT e.key, c.service, (e.value #>> '{}')::timestamptz, c.last_seen_at,
@@ -323,8 +329,8 @@ class ReceiptsProjection:
             live = {c: h for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S}
             rows, fresh = [], {}
             for position, key_id, type_, revoked_at in revocations:
-                if position in self._pending:
-                    continue  # a redelivery of one already waiting
+                if position in self._pending or position in fresh:
+                    continue  # a redelivery of one already waiting (or twice in this batch)
                 # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
                 pending = Pending(key_id, {c: h.covered_at(position) for c, h in live.items()})
                 rows.append({"position": position, "key_id": key_id, "type": type_, "revoked_at": revoked_at,

@@ -25,7 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
-from keyledger.projections.receipts import GONE_AFTER_S, SAVE, HeardCache
+from keyledger.projections.receipts import GONE_AFTER_S, LATEST, RECORD, SAVE, HeardCache
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -456,3 +456,27 @@ def test_saving_confirmations_finds_each_revocation_by_its_key_however_many_were
         assert "revocations_pending_idx" not in plan, plan
         assert len(conn.execute(SAVE, (rows(4990, 5051),)).fetchall()) == 50  # the completed ones are left alone
         assert conn.execute("SELECT count(*) FROM revocations WHERE effective_everywhere_at IS NULL").fetchone()[0] == 0
+
+
+def test_recording_and_reading_revocations_never_scan_the_whole_table(db_factory: Any) -> None:
+    """Recording a batch checks each revocation by its primary key, and reading a key's latest revocation finds
+    the key's positions through its events: neither reads the whole table (a NOT EXISTS in RECORD once became a
+    hash anti-join over a sequential scan of it, every batch). Redelivered revocations are left out."""
+    url = db_factory.create("receipts_record")
+
+    def batch(lo: int, hi: int) -> str:  # RECORD's parameter: positions lo..hi-1, with no live cache (done)
+        return json.dumps([{"position": p, "key_id": f"k{p}", "type": "ApiKeyRevoked",
+                            "revoked_at": "2026-12-06T00:00:00Z", "caches": {}, "done": True, "everywhere": None}
+                           for p in range(lo, hi)])
+
+    def plan(conn: psycopg.Connection[Any], statement: str, literal: str) -> str:
+        explain = sql.SQL("EXPLAIN (COSTS OFF) " + statement.replace("%s", "{}")).format(sql.Literal(literal))
+        return "\n".join(r[0] for r in conn.execute(explain))
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for lo in range(1, 5001, 500):
+            assert len(conn.execute(RECORD, (batch(lo, lo + 500),)).fetchall()) == 500
+        assert "Seq Scan on revocations" not in (p := plan(conn, RECORD, batch(5001, 5051))), p
+        assert "Seq Scan on revocations" not in (p := plan(conn, LATEST, "k42")), p
+        assert len(conn.execute(RECORD, (batch(4990, 5051),)).fetchall()) == 50  # 4990-5000: recorded before
+        assert conn.execute("SELECT count(*) FROM revocations").fetchone()[0] == 5050

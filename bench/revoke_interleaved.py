@@ -2,20 +2,23 @@
 """keyledger revoke throughput of two versions side by side: both served at once, measured in turns, one run.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test NATS_URL=nats://127.0.0.1:4222 \\
-        python bench/revoke_interleaved.py --a worktree --b 91bf6f9 --rounds 6 --duration 5
+        python bench/revoke_interleaved.py --a worktree --b 91bf6f9 --rounds 16 --duration 5
     python bench/revoke_interleaved.py --a worktree --b worktree --a-caches 10 --b-caches 10 --b-receipts off
                                              # the receipts' own cost: 10 reporting caches vs the same silent
 
 Why beside ``revoke_ab.py``: that one runs ``bench/run.py`` once per side, minutes apart, each with its own
 servers' warm-up; on a shared 2-core machine the rate of the SAME code drifts by 20-30 % between such runs, more
 than the few per cent a comparison is after. Here both sides run for the whole measurement, on the same
-PostgreSQL and NATS, each with its own database and streams (``run.py``'s ``Servers``): their keys are seeded
+PostgreSQL and NATS, each with its own database and streams (``run.py``'s ``Servers``): their keys are made
 first, then the revoke c=16 phases alternate A B, B A, A B, ... (``--rounds`` of each, ``--duration`` seconds),
 so drift falls on both sides alike and each round's ratio compares phases seconds apart. While one side is
 measured the other is idle, but runs: its background work (the freshness checkpoints every 250 ms, the probes),
 a few per cent of a core, is load on the measured side's machine, the same for A and B.
 
-Each side is a git revision (extracted as in ``revoke_ab.py``) or ``worktree`` (the venv's install).
+Each side is a git revision (extracted as in ``revoke_ab.py``) or ``worktree`` (the venv's install). Its keys are
+imported by its own code (``run.py``'s ``import_keys``: ``keyledger import better-auth`` from a better-auth table made
+up for the run: 156,032 per side in 23 s on machine A, so a run can have 16 rounds and more); ``--seed http``
+creates them through the API instead (~400/s).
 ``--a-caches N`` / ``--b-caches N`` attach N ``KeyCache``s in a process of their own to that side
 (``bench/caches.py``, as ``run.py --caches``); ``--a-receipts off`` / ``--b-receipts off`` make them silent.
 Every phase is preceded by a CHECKPOINT and a wait until the machine is quiet (``run.py``'s ``Runner``; here at
@@ -58,8 +61,8 @@ class Side:
     """One version: its database and streams, its service, its seeded keys, its phases."""
 
     def __init__(self, name: str, info: dict[str, str], work: Path, caches: int, receipts: bool,
-                 profile: bool) -> None:
-        self.name, self.info, self.work, self.profile = name, info, work, profile
+                 profile: bool, seed: str) -> None:
+        self.name, self.info, self.work, self.profile, self.seed_with = name, info, work, profile, seed
         work.mkdir(parents=True)
         self.servers = bench.Servers()
         self.service: bench.Service | None = None
@@ -90,9 +93,16 @@ class Side:
                   f"service pid {self.service.pid}"
                   + (f", {self.caches} {'reporting' if self.receipts else 'silent'} caches" if self.caches else ""))
 
+    def seed(self, n: int, what: str) -> list[str]:
+        """``n`` fresh key ids: imported (``--seed import``, seconds) or created through HTTP (minutes)."""
+        if self.seed_with == "import":
+            assert self.service is not None
+            return bench.import_keys(self.servers, self.service, n, what)
+        return [i for i, _ in self.seeder.create(n, what)]
+
     def calibrate(self) -> float:
-        keys = self.seeder.create(CALIBRATION_KEYS, f"{self.name}'s calibration")
-        cal = self.runner.run("revoke", 16, 2.0, [i for i, _ in keys], f"{self.name} calibration 2 s")
+        keys = self.seed(CALIBRATION_KEYS, f"{self.name}'s calibration")
+        cal = self.runner.run("revoke", 16, 2.0, keys, f"{self.name} calibration 2 s")
         return max(cal["requests"] / max(cal["seconds"], 0.001), 50.0)
 
     def measure(self, duration: float, chunk: int, label: str) -> dict[str, Any]:
@@ -131,7 +141,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
     ap.add_argument("--margin", type=float, default=1.6, help="keys seeded per phase: calibrated rate x duration x "
                                                                 "this (default 1.6)")
-    ap.add_argument("--seed-concurrency", type=int, default=16)
+    ap.add_argument("--seed", choices=("import", "http"), default="import",
+                    help="how the keys are made: `keyledger import better-auth` from a made-up apikey table "
+                         "(default; thousands per second), or created through HTTP (~400/s)")
+    ap.add_argument("--seed-concurrency", type=int, default=16, help="with --seed http")
     ap.add_argument("--profile", action="store_true", help="py-spy each phase's service (bench/results/"
                                                            "profile-interleaved-<side>-<round>.txt, folded)")
     ap.add_argument("--quiet-wait", default="pytest", help="as run.py's (default pytest; '' = no wait)")
@@ -169,7 +182,7 @@ def main() -> int:
             else:
                 info = revoke_ab.extract(rev, tmp / f"code-{name}")
             sides.append(Side(name, info, tmp / name, getattr(args, f"{name.lower()}_caches"),
-                              getattr(args, f"{name.lower()}_receipts") == "on", args.profile))
+                              getattr(args, f"{name.lower()}_receipts") == "on", args.profile, args.seed))
         machine = bench.machine_info(sides[0].servers.pg_version, sides[0].servers.pg_settings)
         bench.say(f"keyledger revoke, interleaved: {machine['nproc']} CPUs ({machine['cpu_model']}), "
                   f"PostgreSQL {machine['postgres']}, {machine['date']}")
@@ -178,7 +191,7 @@ def main() -> int:
         rates = {side.name: side.calibrate() for side in sides}
         chunk = int(math.ceil(max(rates.values()) * args.duration * args.margin)) + 100
         for side in sides:
-            side.keys = [i for i, _ in side.seeder.create(chunk * args.rounds, f"{side.name}'s {args.rounds} phases")]
+            side.keys = side.seed(chunk * args.rounds, f"{side.name}'s {args.rounds} phases")
         bench.say("")
         rounds = []
         for r in range(args.rounds):

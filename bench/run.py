@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as dt
 import json
 import math
@@ -664,6 +665,59 @@ class Seeder:
         say(f"  seeded {len(keys):,} keys for {what} in {took:.1f} s ({len(keys) / took:,.0f} creates/s"
             f"{f', {errors} errors' if errors else ''})")
         return keys
+
+
+# better-auth's apikey table (1.5 layout), the columns the importer needs: a source made up for the bench.
+_IMPORT_SOURCE_DDL = """
+CREATE TABLE apikey ("id" text PRIMARY KEY, "configId" text NOT NULL, "name" text, "start" text,
+  "referenceId" text NOT NULL, "prefix" text, "key" text NOT NULL, "refillInterval" integer, "refillAmount" integer,
+  "lastRefillAt" timestamptz, "enabled" boolean, "rateLimitEnabled" boolean, "rateLimitTimeWindow" integer,
+  "rateLimitMax" integer, "requestCount" integer, "remaining" integer, "lastRequest" timestamptz,
+  "expiresAt" timestamptz, "createdAt" timestamptz NOT NULL, "updatedAt" timestamptz NOT NULL,
+  "permissions" text, "metadata" text)
+"""
+
+
+def import_keys(servers: Servers, service: "Service", n: int, what: str) -> list[str]:
+    """The ids of ``n`` keys of the bench's dev-session user, adopted with ``keyledger import better-auth`` (the
+    service's own code and database) from a better-auth apikey table made up for the purpose: seconds, where
+    creating them through HTTP runs at ~400 keys/s. Their stored hashes are random, so they can be revoked (each
+    stream one ``ApiKeyImported`` event where a created key has ``ApiKeyCreated``), not verified. Returns once the
+    service has published every imported event (the outbox is empty)."""
+    t = time.monotonic()
+    src = f"{servers.dbname}_src"
+    src_url = with_dbname(servers.admin_url, src)
+    with psycopg.connect(servers.db_url, autocommit=True) as conn:
+        user = conn.execute('SELECT id FROM "user" WHERE email = %s', (EMAIL,)).fetchone()[0]
+    ids = [secrets.token_hex(16) for _ in range(n)]
+    now = dt.datetime.now(dt.timezone.utc)
+    with psycopg.connect(servers.admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{src}"')
+    try:
+        with psycopg.connect(src_url, autocommit=True) as conn:
+            conn.execute(_IMPORT_SOURCE_DDL)
+            with conn.cursor().copy('COPY apikey ("id", "configId", "name", "start", "referenceId", "key", '
+                                    '"enabled", "createdAt", "updatedAt") FROM STDIN') as copy:
+                for key_id in ids:
+                    copy.write_row((key_id, "default", "bench", "bench_", user,
+                                    base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode(),
+                                    True, now, now))
+        out = subprocess.run([*keyledger_cmd(), "import", "better-auth", "--from", src_url], env=service.env,
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"keyledger import failed (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    finally:
+        with psycopg.connect(servers.admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{src}" WITH (FORCE)')
+    deadline = time.monotonic() + 300
+    with psycopg.connect(servers.db_url, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM outbox").fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the imported events were not all published within 300 s")
+            time.sleep(0.5)
+    took = time.monotonic() - t
+    say(f"  imported {n:,} keys for {what} in {took:.1f} s ({n / took:,.0f} keys/s, published)")
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ and nats-server for the run (keyledger.embedded).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -115,13 +114,7 @@ class Side:
         return res
 
     def checks(self) -> dict[str, Any]:
-        log = bench.outbox_and_log(self.servers.db_url)
-        stream = asyncio.run(self.servers.stream_messages())
-        revoked = log["events_by_type"].get("ApiKeyRevoked", 0)
-        ok = (log["outbox_pending"] == 0 and stream == log["events"]
-              and 0 <= revoked - self.runner.revoke_2xx <= self.runner.revoke_runs_conns)
-        return {**log, "stream_messages": stream, "revoked": revoked, "revoke_200s": self.runner.revoke_2xx,
-                "ok": ok}
+        return bench.integrity_after_revokes(self.servers, self.runner)
 
     def stop(self) -> None:
         for part in (self.fleet, self.service):

@@ -1005,6 +1005,24 @@ def fmt_ms(v: float | None) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # Checks on the log after the revokes
 # ------------------------------------------------------------------------------------------------------------
+def integrity_after_revokes(servers: Servers, runner: "Runner") -> dict[str, Any]:
+    """What must hold once the revokes are over: the outbox drained, the events stream holding every event of the
+    log, and as many ApiKeyRevoked events as wrk counted 200s (up to the requests in flight when a run stopped:
+    those may commit uncounted). ``ok`` says all three."""
+    log = outbox_and_log(servers.db_url)
+    try:
+        stream = asyncio.run(servers.stream_messages())
+    except Exception as exc:
+        stream = None
+        say(f"  stream_info failed: {exc}")
+    revoked = log["events_by_type"].get("ApiKeyRevoked", 0)
+    out = {**log, "stream_messages": stream, "stream_matches_log": stream == log["events"], "revoked_events": revoked,
+           "revoke_200s_counted_by_wrk": runner.revoke_2xx,
+           "revoked_matches_200s": 0 <= revoked - runner.revoke_2xx <= runner.revoke_runs_conns}
+    out["ok"] = log["outbox_pending"] == 0 and out["stream_matches_log"] and out["revoked_matches_200s"]
+    return out
+
+
 def outbox_and_log(db_url: str, timeout: float = 10.0) -> dict[str, Any]:
     t0 = time.monotonic()
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -1204,7 +1222,7 @@ def main() -> int:
 
         say("")
         say("after the revokes")
-        log = outbox_and_log(servers.db_url)
+        integrity = integrity_after_revokes(servers, runner)
         caches_info: dict[str, Any] = {"n": args.caches, "receipts": args.cache_receipts == "on"}
         if fleet is not None:
             time.sleep(1.0)  # the outbox is drained: let the last invalidations reach the caches and their receipts
@@ -1219,24 +1237,10 @@ def main() -> int:
                 f"per cache {caches_info['invalidations_applied_min']}..{caches_info['invalidations_applied_max']}"
                 f", flushes {sum(c['flushes'] for c in stats.values())} (one per cache at its first connect, empty)")
         result["caches_detail"] = caches_info
-        try:
-            stream_msgs = asyncio.run(servers.stream_messages())
-        except Exception as exc:
-            stream_msgs = None
-            say(f"  stream_info failed: {exc}")
-        revoked = log["events_by_type"].get("ApiKeyRevoked", 0)
-        integrity = {
-            **log,
-            "stream_messages": stream_msgs,
-            "stream_matches_log": stream_msgs == log["events"],
-            "revoked_events": revoked,
-            "revoke_200s_counted_by_wrk": runner.revoke_2xx,
-            # wrk stops with up to c requests in flight per run: those may commit without being counted
-            "revoked_matches_200s": 0 <= revoked - runner.revoke_2xx <= runner.revoke_runs_conns,
-        }
+        log, revoked = integrity, integrity["revoked_events"]
         say(f"  outbox    {'drained in %.2f s' % log['outbox_drained_s'] if log['outbox_pending'] == 0 else 'NOT drained: %d rows left after 10 s' % log['outbox_pending']}")
-        say(f"  JetStream {stream_msgs} event messages in {servers.events_stream}, {log['events']} events in the log: "
-            f"{'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
+        say(f"  JetStream {log['stream_messages']} event messages in {servers.events_stream}, {log['events']} events in "
+            f"the log: {'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
         if fleet is not None:
             # every revoke is one invalidation; each cache must have applied all of them
             caches_info["received_every_revoke"] = (caches_info["invalidations_applied_min"] or 0) >= revoked
@@ -1302,7 +1306,7 @@ def main() -> int:
         checks["outbox_drained"] = log["outbox_pending"] == 0
         checks["stream_matches_log"] = bool(integrity["stream_matches_log"])
         checks["revokes_consistent"] = bool(integrity["revoked_matches_200s"])
-        say(f"outbox  {'drained' if checks['outbox_drained'] else 'NOT DRAINED'}; JetStream {stream_msgs} msgs vs "
+        say(f"outbox  {'drained' if checks['outbox_drained'] else 'NOT DRAINED'}; JetStream {integrity['stream_messages']} msgs vs "
             f"{log['events']} events: {verdict(checks['stream_matches_log'])}; revoked events vs 200s: "
             f"{verdict(checks['revokes_consistent'])}")
         say(f"seeding {seeding['keys']:,} keys via HTTP create in {seeding['seconds']} s "

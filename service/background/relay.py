@@ -206,7 +206,7 @@ class OutboxRelay:
         topology = self.bus.topology
         self.fence()
         # Sent in order on one connection; the acks are awaited together. Each publish is nats-py's own coroutine
-        # (no wrapper of ours per event: one more coroutine per event was a visible share of the relay's CPU).
+        # (no wrapper of ours per event); the rare event too large for NATS is handled after the gather.
         subjects = [topology.event_subject(kind(e.type), e.stream_id) for e in events]
         results: list[Any] = await asyncio.gather(
             *(js.publish(subject, encode_envelope(e), timeout=self.publish_timeout, headers={"Nats-Msg-Id": e.id})

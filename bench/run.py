@@ -667,23 +667,15 @@ class Seeder:
         return keys
 
 
-# better-auth's apikey table (1.5 layout), the columns the importer needs: a source made up for the bench.
-_IMPORT_SOURCE_DDL = """
-CREATE TABLE apikey ("id" text PRIMARY KEY, "configId" text NOT NULL, "name" text, "start" text,
-  "referenceId" text NOT NULL, "prefix" text, "key" text NOT NULL, "refillInterval" integer, "refillAmount" integer,
-  "lastRefillAt" timestamptz, "enabled" boolean, "rateLimitEnabled" boolean, "rateLimitTimeWindow" integer,
-  "rateLimitMax" integer, "requestCount" integer, "remaining" integer, "lastRequest" timestamptz,
-  "expiresAt" timestamptz, "createdAt" timestamptz NOT NULL, "updatedAt" timestamptz NOT NULL,
-  "permissions" text, "metadata" text)
-"""
-
-
 def import_keys(servers: Servers, service: "Service", n: int, what: str) -> list[str]:
     """The ids of ``n`` keys of the bench's dev-session user, adopted with ``keyledger import better-auth`` (the
     service's own code and database) from a better-auth apikey table made up for the purpose: seconds, where
     creating them through HTTP runs at ~400 keys/s. Their stored hashes are random, so they can be revoked (each
     stream one ``ApiKeyImported`` event where a created key has ``ApiKeyCreated``), not verified. Returns once the
     service has published every imported event (the outbox is empty)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_import import APIKEY_1_5  # the one copy of better-auth's DDL (as bench/import_bench.py)
+
     t = time.monotonic()
     src = f"{servers.dbname}_src"
     src_url = with_dbname(servers.admin_url, src)
@@ -695,7 +687,7 @@ def import_keys(servers: Servers, service: "Service", n: int, what: str) -> list
         admin.execute(f'CREATE DATABASE "{src}"')
     try:
         with psycopg.connect(src_url, autocommit=True) as conn:
-            conn.execute(_IMPORT_SOURCE_DDL)
+            conn.execute(APIKEY_1_5)
             with conn.cursor().copy('COPY apikey ("id", "configId", "name", "start", "referenceId", "key", '
                                     '"enabled", "createdAt", "updatedAt") FROM STDIN') as copy:
                 for key_id in ids:
@@ -1237,10 +1229,11 @@ def main() -> int:
                 f"per cache {caches_info['invalidations_applied_min']}..{caches_info['invalidations_applied_max']}"
                 f", flushes {sum(c['flushes'] for c in stats.values())} (one per cache at its first connect, empty)")
         result["caches_detail"] = caches_info
-        log, revoked = integrity, integrity["revoked_events"]
-        say(f"  outbox    {'drained in %.2f s' % log['outbox_drained_s'] if log['outbox_pending'] == 0 else 'NOT drained: %d rows left after 10 s' % log['outbox_pending']}")
-        say(f"  JetStream {log['stream_messages']} event messages in {servers.events_stream}, {log['events']} events in "
-            f"the log: {'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
+        revoked = integrity["revoked_events"]
+        say("  outbox    " + (f"drained in {integrity['outbox_drained_s']:.2f} s" if integrity["outbox_pending"] == 0
+                               else f"NOT drained: {integrity['outbox_pending']} rows left after 10 s"))
+        say(f"  JetStream {integrity['stream_messages']} event messages in {servers.events_stream}, "
+            f"{integrity['events']} events in the log: {'match' if integrity['stream_matches_log'] else 'MISMATCH'}")
         if fleet is not None:
             # every revoke is one invalidation; each cache must have applied all of them
             caches_info["received_every_revoke"] = (caches_info["invalidations_applied_min"] or 0) >= revoked
@@ -1303,11 +1296,11 @@ def main() -> int:
         checks["rss"] = rss_ok
         say(f"RSS     idle {rss['idle_mb']:.1f} MB  peak {rss['peak_sampled_mb']:.1f} MB (VmHWM {rss['vmhwm_mb']:.1f} MB)"
             f"   (target <= 120 MB: {verdict(rss_ok)})")
-        checks["outbox_drained"] = log["outbox_pending"] == 0
+        checks["outbox_drained"] = integrity["outbox_pending"] == 0
         checks["stream_matches_log"] = bool(integrity["stream_matches_log"])
         checks["revokes_consistent"] = bool(integrity["revoked_matches_200s"])
         say(f"outbox  {'drained' if checks['outbox_drained'] else 'NOT DRAINED'}; JetStream {integrity['stream_messages']} msgs vs "
-            f"{log['events']} events: {verdict(checks['stream_matches_log'])}; revoked events vs 200s: "
+            f"{integrity['events']} events: {verdict(checks['stream_matches_log'])}; revoked events vs 200s: "
             f"{verdict(checks['revokes_consistent'])}")
         say(f"seeding {seeding['keys']:,} keys via HTTP create in {seeding['seconds']} s "
             f"({seeding['creates_per_s']}/s, c={args.seed_concurrency})")

@@ -5,7 +5,13 @@ before handing it over: one unauthenticated request with a 64 MB Cookie cost 130
 counts the bytes of each request head as they arrive, and its size as the app would see it (URL, header names
 and values) once it is complete. When either exceeds ``MAX_HEAD_BYTES``, it answers ``431 {"message": ..., "code": "REQUEST_HEADER_FIELDS_TOO_LARGE"}``,
 closes the connection and stops feeding the parser: at most one read (64 KiB) past the limit is ever held.
-The app never sees such a request. Used by ``keyledger serve`` (cli.py) as uvicorn's ``http`` protocol.
+The app never sees such a request. A request that is not valid HTTP/1.1 is answered 400 ``INVALID_HTTP_REQUEST``
+in the same JSON shape (uvicorn's own answer is plain text).
+
+HTTP/1.1 answers pipelined requests in order, so a refusal waits for the answers to the requests before it on
+the connection (uvicorn writes its 400 at once, ahead of them, and a client then takes it for the first request's
+answer): meanwhile nothing more is read or parsed. Used by ``keyledger serve`` (cli.py) as uvicorn's ``http``
+protocol.
 """
 
 from __future__ import annotations
@@ -15,9 +21,16 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 16 * 1024
-_BODY = b'{"message":"Request headers are too large (16 KiB at most)","code":"REQUEST_HEADER_FIELDS_TOO_LARGE"}'
-_RESPONSE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-             b"content-length: " + str(len(_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY)
+
+
+def _answer(status: bytes, body: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+TOO_LARGE = _answer(b"431 Request Header Fields Too Large", b'{"message":"Request headers are too large (16 KiB at '
+                    b'most)","code":"REQUEST_HEADER_FIELDS_TOO_LARGE"}')
+INVALID = _answer(b"400 Bad Request", b'{"message":"Invalid HTTP request","code":"INVALID_HTTP_REQUEST"}')
 
 
 class _HeadTooLarge(Exception):
@@ -33,17 +46,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._tail = 0  # the length of the read in which the previous message ended (this head may begin in it)
         self._chunk = 0  # the length of the read being parsed
         self._counted = 0  # the head's size as the app would see it: URL, names and values
-        self._refused = False
+        self._refusal: bytes | None = None  # the answer that ends this connection, once it is this one's turn
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refusal is not None:
             return
         self._chunk = len(data)
         if self._in_head:
             self._received += self._chunk
         super().data_received(data)
-        if self._in_head and not self._refused and self._received > MAX_HEAD_BYTES + len(data):
-            self._refuse()  # still no end of the head, and already past the limit: stop reading it
+        if self._in_head and self._refusal is None and self._received > MAX_HEAD_BYTES + len(data):
+            self._refuse(TOO_LARGE)  # still no end of the head, and already past the limit: stop reading it
 
     def on_headers_complete(self) -> None:
         # Counted once the head is complete, not in on_url/on_header: a Python override called for every header
@@ -63,13 +76,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._received, self._counted, self._tail = True, 0, 0, self._chunk
 
     def send_400_response(self, msg: str) -> None:
-        if self._counted > MAX_HEAD_BYTES:
-            self._refuse()
-        else:
-            super().send_400_response(msg)
+        self._refuse(TOO_LARGE if self._counted > MAX_HEAD_BYTES else INVALID)
 
-    def _refuse(self) -> None:
-        self._refused = True
+    def _refuse(self, answer: bytes) -> None:
+        """End the connection with ``answer``, after the answers to the requests before it (in order)."""
+        self._refusal = answer
+        self.flow.pause_reading()
+        if self.cycle is None or (self.cycle.response_complete and not self.pipeline):
+            self._send_refusal()
+
+    def on_response_complete(self) -> None:
+        if self._refusal is not None and not self.pipeline:
+            self.server_state.total_requests += 1
+            self._send_refusal()  # the last answer before it is out
+        else:
+            super().on_response_complete()  # the next pipelined request, if any, starts
+
+    def _send_refusal(self) -> None:
         if not self.transport.is_closing():
-            self.transport.write(_RESPONSE)
+            assert self._refusal is not None
+            self.transport.write(self._refusal)
             self.transport.close()

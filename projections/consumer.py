@@ -73,6 +73,19 @@ async def delete(js: Any, stream: str, consumers: list[Any]) -> None:
             pass
 
 
+async def retire(bus: Bus, names: list[str]) -> None:
+    """Delete the events-stream consumers (``<prefix>-<name>``, ``-e<term>``) of projections that no longer have one:
+    receipts and invalidations now follow the active-keys subscriber (subscriber.py). Nobody reads them, and NATS
+    would keep them, and their backlog. Once per term; NATS unavailable: harmless, the next term tries again."""
+    try:
+        js = await bus.ready()
+        stream = bus.topology.events_stream
+        for name in names:
+            await delete(js, stream, await terms(js, stream, bus.topology.consumer(name)))
+    except Exception as exc:
+        log.info("retired consumers not deleted: %s: %s", type(exc).__name__, exc)
+
+
 async def _take_over(js: Any, stream: str, base: str, durable: str, config: ConsumerConfig) -> None:
     """Create this term's consumer after the newest earlier one's ack floor, then delete the earlier ones."""
     try:

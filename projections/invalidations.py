@@ -7,29 +7,34 @@ stream instead, so an invalidation exists for every committed event that needs o
 
 Guarantees, and how:
 
-* **None missed.** A durable consumer on the event stream (``consumer.py``); an event message is acked only after
-  JetStream acknowledged the invalidation publish (the PubAck proves it is stored in the invalidations
-  stream, where a cache that was disconnected finds it). A crash between the two redelivers the event.
+* **None missed.** In the service this projection reads the event stream through the active-keys subscriber's
+  durable consumer (``subscriber.py``: one consumer for all the projections, so NATS delivers each event to the
+  leader once and it acks each batch once). ``follow`` publishes a batch's invalidations and returns only after
+  JetStream acknowledged every one (the PubAck proves it is stored in the invalidations stream, where a cache
+  that was disconnected finds it); the subscriber acks the batch only after that. A failed publish is retried
+  for up to ``RETRY_FOR_S``, then the batch fails and is delivered again. A crash between the two redelivers it.
+  (``run`` alone, for tests and tools, gives it a consumer of its own with the same discipline.)
 * **Duplicates are harmless.** The invalidation is a pure function of the event, published with
   ``Nats-Msg-Id = <event id>:inv``: JetStream drops a repeat inside its duplicate window, and a repeat after
   it is an identical message (same ``position``) whose only effect is a second eviction.
 * **Order does not matter.** An invalidation only evicts; the cache re-verifies over HTTP, which answers
   from the current state. An out-of-order or stale invalidation therefore costs a cache miss, never a wrong
-  answer. No database is needed.
+  answer. No database is needed here (the subscriber it follows has one).
 * **Latency.** Messages are taken in whatever batch has arrived (``consumer.py``): a lone revocation is
-  handled the moment it arrives, a burst in one go, with all its publishes in flight together.
+  handled the moment it arrives, a burst in one go, with all its publishes in flight together, beside the
+  active-keys subscriber's own write.
 * **Never a plaintext key**: events carry only the key hash, and that is all we copy.
 * **Freshness checkpoints** (``core/freshness.py``) come from the relay (``<prefix>.relay.checkpoint``), each
   with the events stream's sequence ``S`` that covers the events it vouches for. One is forwarded to
-  ``<prefix>.cache.checkpoint`` only once the durable consumer has acknowledged everything up to ``S`` (its ack
-  floor): every one of those events has had its invalidation acknowledged by JetStream, whoever handled it (an
-  earlier leader, a redelivery). The server is asked only once this process has acked every event up to ``S``
-  it was handed (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the
-  newest waiting checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles
-  them up.
+  ``<prefix>.cache.checkpoint`` only once the consumer it reads through has acknowledged everything up to ``S``
+  (its ack floor): every one of those events has had its invalidation acknowledged by JetStream, whoever
+  handled it (an earlier leader, a redelivery). The server is asked only once no batch is in hand here
+  (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
+  checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
 * **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 
-No framework imports here; the service's runtime starts ``InvalidationProjection(bus).run()`` as a task.
+No framework imports here; the service's runtime (``runtime.py``) hands ``follow`` and ``acked`` to the
+active-keys subscriber and runs ``run_checkpoints`` as a task.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+from nats.js.api import AckPolicy
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from .. import tasks
@@ -54,6 +60,9 @@ from .consumer import consume, run_forever, term_consumer
 log = logging.getLogger("keyledger.projections.invalidations")
 
 NAME = "invalidations"
+# How long ``follow`` retries the publishes JetStream did not acknowledge before failing the batch: less than the
+# followed consumer's ack_wait (5 s), so that NATS does not deliver the batch again while it is still in hand.
+RETRY_FOR_S = 4.0
 
 # Event type -> invalidation reason, for events that always invalidate. ``ApiKeyEnabled`` is here because a
 # cache may hold a short-lived *negative* answer ("disabled") that enabling makes wrong.
@@ -76,6 +85,7 @@ UPDATE_FIELDS_THAT_INVALIDATE = ("expires_at", "permissions", "metadata", "remai
                                  "rate_limit_max")
 
 _encoder = msgspec.json.Encoder()
+Invalidation = tuple[dict[str, Any], "str | None"]  # (message, the event's id for Nats-Msg-Id)
 
 
 def invalidation_for(recorded: RecordedEvent) -> dict[str, Any] | None:
@@ -128,115 +138,118 @@ def _msg_id(payload: bytes) -> str | None:
 
 
 class InvalidationProjection:
-    """Consumes the event stream, publishes invalidations to the invalidations stream, acks after PubAck;
-    forwards freshness checkpoints once everything before them is acknowledged."""
+    """Publishes the invalidations that events call for, to the invalidations stream; forwards freshness
+    checkpoints once the consumer it reads through has acknowledged everything before them."""
 
     name = NAME
 
     def __init__(self, bus: Bus, *, publish_timeout: float = 2.0, fence: Callable[[], None] = _unfenced,
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, consumer: str = NAME) -> None:
         self.bus = bus
         self.publish_timeout = publish_timeout
         self.fence = fence
-        self.epoch = epoch  # the leadership term: its own durable consumer (consumer.py)
+        self.epoch = epoch  # the leadership term: its durable consumers are the term's own (consumer.py)
+        self.consumer = consumer  # the durable consumer whose ack floor vouches for the checkpoints
         self.published = 0  # invalidations acknowledged by JetStream (duplicates included)
         self.ignored = 0  # events that call for no invalidation
-        self.failed = 0  # publishes not acknowledged (the event is redelivered)
+        self.failed = 0  # publishes not acknowledged (retried; then the batch is delivered again)
         self.forwarded = 0  # checkpoints forwarded to caches
         self.last_forwarded = float("-inf")  # monotonic
         self.pending = 0  # the consumer's backlog (num_pending + num_ack_pending) at the last look
         self._held: Checkpoint | None = None  # the newest checkpoint not yet forwarded
         self._held_changed = asyncio.Event()
-        # Stream sequences of the events this process was handed and has not acked yet (a nak'd one stays until
-        # its redelivery is acked). Only a hint that saves asking the server in vain; the server's ack floor
-        # decides (an earlier subscription's deliveries are not in here).
-        self._unacked: set[int] = set()
+        # The stream sequence of the first event of the batch in hand (handed to ``follow``, not yet acked), or
+        # None. Only a hint that saves asking the server in vain; the server's ack floor decides.
+        self._in_hand_from: int | None = None
         self._acked = asyncio.Event()
 
     async def run(self) -> None:
-        checkpoints = [asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever)),
-                       asyncio.ensure_future(self.bus.listen(self.bus.topology.relay_checkpoint_subject, self._hold))]
+        """Alone, on a durable consumer of its own (tests, tools): each batch acked once ``follow`` returned."""
+        checkpoints = asyncio.ensure_future(self.run_checkpoints())
         try:
             await run_forever(f"{self.name} projection", self._consume)
         finally:
-            await tasks.stop(checkpoints)
+            await tasks.stop([checkpoints])
+
+    async def run_checkpoints(self) -> None:
+        """Hold each relay checkpoint, and forward it once everything it covers is acknowledged."""
+        loops = [asyncio.ensure_future(run_forever(f"{self.name} checkpoints", self._release_forever)),
+                 asyncio.ensure_future(self.bus.listen(self.bus.topology.relay_checkpoint_subject, self._hold))]
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            await tasks.stop(loops)
 
     async def _consume(self) -> None:
-        # A short ack_wait: after a restart the server may already have pushed messages to a subscription that
-        # was going away; they come back after ack_wait, and a repeat invalidation is harmless.
-        await consume(self.bus, NAME, self._handle_batch, ack_wait=2, epoch=self.epoch)
+        await consume(self.bus, self.consumer, self._own_batch, ack_policy=AckPolicy.ALL, ack_wait=5,
+                      epoch=self.epoch)
 
-    async def _handle_batch(self, msgs: list[Any]) -> None:
-        failures = await self.handle(msgs)
-        if failures:  # NATS struggling: the nak'd events come back after a pause
-            await asyncio.sleep(0.1)
+    async def _own_batch(self, msgs: list[Any]) -> None:
+        await self.follow(msgs)
+        await msgs[-1].ack()  # AckAll: the whole batch
+        self.acked()
 
-    async def handle(self, msgs: list[Any]) -> int:
-        """Publish what ``msgs`` call for, concurrently; ack each message whose publish was acknowledged.
+    async def follow(self, msgs: list[Any], heads: Any = None) -> None:
+        """Publish what ``msgs`` call for, concurrently, and return once JetStream acknowledged every one; the
+        caller acks the batch after that, then calls ``acked``. Publishes that failed are retried (only those)
+        for up to RETRY_FOR_S; then this raises and the batch is delivered again. ``heads``: unused (the
+        subscriber's follower signature); an invalidation needs the whole event."""
+        self._in_hand_from = msgs[0].metadata.sequence.stream if msgs else None  # (one parse per batch)
+        try:
+            todo = [inv for inv in map(self._invalidation, msgs) if inv is not None]
+            self.ignored += len(msgs) - len(todo)
+            deadline = time.monotonic() + RETRY_FOR_S
+            while todo and (todo := await self._publish(todo)):  # those not acknowledged, again
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(todo)} invalidation(s) not acknowledged for {RETRY_FOR_S:g}s")
+                await asyncio.sleep(0.1)  # NATS struggling (a stream-leader election, a restart)
+        except BaseException:
+            self._in_hand_from = None  # delivered again; the server's ack floor decides meanwhile
+            raise
 
-        Returns how many publishes failed; their event messages were nak'd and will be redelivered.
-        """
+    def acked(self) -> None:
+        """The batch ``follow`` had in hand is acknowledged (called by whoever acked it)."""
+        self._in_hand_from = None
+        self._acked.set()
+
+    def _invalidation(self, msg: Any) -> Invalidation | None:
+        """(invalidation, event id) for an event message, or None if it calls for none."""
+        try:
+            recorded = decode_envelope(msg.data)
+            reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
+            inv = _fallback(msg.data) if reduced else invalidation_for(recorded)
+            return None if inv is None else (inv, recorded.id)
+        except Exception as exc:
+            log.error("undecodable event %s (%s); invalidating conservatively", msg.subject, exc)
+            inv = _fallback(msg.data)
+            return None if inv is None else (inv, _msg_id(msg.data))
+
+    async def _publish(self, todo: list[Invalidation]) -> list[Invalidation]:
+        """Publish ``todo`` together; return those JetStream did not acknowledge."""
         js = await self.bus.ready()
         topology = self.bus.topology
         self.fence()
-        todo: list[tuple[Any, dict[str, Any] | None, str | None]] = []
-        for msg in msgs:
-            self._unacked.add(msg.metadata.sequence.stream)
-            try:
-                recorded = decode_envelope(msg.data)
-                reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
-                todo.append((msg, _fallback(msg.data) if reduced else invalidation_for(recorded), recorded.id))
-            except Exception as exc:
-                log.error("undecodable event %s (%s); invalidating conservatively", msg.subject, exc)
-                todo.append((msg, _fallback(msg.data), _msg_id(msg.data)))
         results = await asyncio.gather(
-            *(
-                js.publish(
-                    topology.invalidation_subject,
-                    _encoder.encode(inv),
-                    timeout=self.publish_timeout,
-                    stream=topology.invalidations_stream,
-                    headers={"Nats-Msg-Id": f"{event_id}:inv"} if event_id else None,
-                )
-                for _, inv, event_id in todo
-                if inv is not None
-            ),
+            *(js.publish(topology.invalidation_subject, _encoder.encode(inv), timeout=self.publish_timeout,
+                         stream=topology.invalidations_stream,
+                         headers={"Nats-Msg-Id": f"{event_id}:inv"} if event_id else None)
+              for inv, event_id in todo),
             return_exceptions=True,
         )
-        outcomes = iter(results)
-        failures = 0
-        for msg, inv, _ in todo:
-            if inv is None:
-                self.ignored += 1
-                await self._ack(msg)
-                continue
-            result = next(outcomes)
-            if isinstance(result, BaseException):
-                failures += 1
-                try:
-                    await msg.nak(delay=0.1)  # redelivered soon, not after ack_wait
-                except Exception:  # NATS down: ack_wait redelivers it instead
-                    pass
-            else:
-                self.published += 1
-                await self._ack(msg)
-        if failures:
-            self.failed += failures
+        failed = [item for item, result in zip(todo, results) if isinstance(result, BaseException)]
+        self.published += len(todo) - len(failed)
+        if failed:
+            self.failed += len(failed)
             error = next(r for r in results if isinstance(r, BaseException))
-            log.warning("%d invalidation publish(es) not acknowledged (%s); events will be redelivered",
-                        failures, type(error).__name__)
+            log.warning("%d invalidation publish(es) not acknowledged (%s); retrying", len(failed),
+                        type(error).__name__)
             # The invalidations stream may be gone (deleted, a wiped server): then a publish times out, or finds
             # no stream. Declare it again, or every retry fails the same way. Caches notice (their cursor no longer
             # fits the stream) and flush.
             if isinstance(error, NoStreamResponseError) or not await self._stream_exists(js):
                 with contextlib.suppress(Exception):
                     await ensure_streams(js, topology, self.bus.streams)
-        return failures
-
-    async def _ack(self, msg: Any) -> None:
-        await msg.ack()
-        self._unacked.discard(msg.metadata.sequence.stream)
-        self._acked.set()
+        return failed
 
     async def _stream_exists(self, js: Any) -> bool:
         try:
@@ -265,7 +278,7 @@ class InvalidationProjection:
     async def _release_forever(self) -> None:
         js = await self.bus.ready()
         topology = self.bus.topology
-        durable = term_consumer(topology.consumer(NAME), self.epoch)
+        durable = term_consumer(topology.consumer(self.consumer), self.epoch)
         looks = 0
         while True:
             if self._held is None:
@@ -275,9 +288,10 @@ class InvalidationProjection:
                 continue
             checkpoint = self._held
             covered = checkpoint.stream_seq
-            if looks == 0 and any(s <= covered for s in self._unacked):
-                # An event it covers is still being handled here: wait for our own acks rather than ask the
-                # server in vain (bounded: the hint may hold a sequence that will never come back to us).
+            in_hand = self._in_hand_from
+            if looks == 0 and in_hand is not None and in_hand <= covered:
+                # An event it covers is still being handled here: wait for the batch's ack rather than ask the
+                # server in vain (bounded: the batch may fail). A later batch begins after ``covered``.
                 self._acked.clear()
                 try:
                     await asyncio.wait_for(self._acked.wait(), 0.5)
@@ -294,7 +308,6 @@ class InvalidationProjection:
                 looks += 1  # an invalidation is not acknowledged yet (or our acks are still on their way to the
                 await asyncio.sleep(min(0.005 * looks, 0.1))  # server): look again soon, less often if stuck
                 continue
-            self._unacked = {s for s in self._unacked if s > covered}  # acknowledged, whoever acked them
             looks = 0
             self.fence()
             await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]

@@ -55,7 +55,6 @@ from ..background.bus import Bus
 from ..core.events import EnvelopeHead, decode_envelope
 from ..core.freshness import Receipt, decode_receipt
 from ..storage.connections import long_lived
-from . import consumer
 from .consumer import run_forever
 
 log = logging.getLogger("keyledger.projections.receipts")
@@ -275,24 +274,13 @@ class ReceiptsProjection:
                 await self._load(conn)
             # If one loop fails, the other stops too before the retry starts both again on a new connection
             # (a bare gather would leave it running beside its replacement). The clean-up ends on its own.
-            loops = [asyncio.ensure_future(c) for c in (self._receive_forever(), self._sweep_forever(),
-                                                        self._drop_own_consumers())]
+            loops = [asyncio.ensure_future(c) for c in (self._receive_forever(), self._sweep_forever())]
             self._loaded.set()
             try:
                 await asyncio.gather(*loops)
             finally:
                 self._loaded.clear()
                 await tasks.stop(loops)
-
-    async def _drop_own_consumers(self) -> None:
-        """Delete the events-stream consumers this projection had before it followed the active-keys subscriber
-        (``<prefix>-receipts``, ``-e<term>``): nobody reads them, and NATS would keep them, and their backlog."""
-        js = await self.bus.ready()
-        stream = self.bus.topology.events_stream
-        try:
-            await consumer.delete(js, stream, await consumer.terms(js, stream, self.bus.topology.consumer(NAME)))
-        except Exception as exc:  # NATS unavailable: harmless, the next term tries again
-            log.info("receipts: old consumers not deleted: %s: %s", type(exc).__name__, exc)
 
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """A term's start: the live caches and the pending revocations, from the tables."""

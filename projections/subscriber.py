@@ -5,13 +5,15 @@ makes that harmless: for each key in a batch we look up the version the projecti
 it has, and let ``catch_up`` fill anything newer *from the log*, in version order. A message is acked only
 after the transaction that applied it (or proved it already applied) committed.
 
-The same batches feed the ``followers``: the receipts projection records the batch's revocations
-(``receipts.ReceiptsProjection.record``), and no batch is acked before both made it durable. Each envelope's head
-is decoded once, here, and handed to the followers beside the messages. One consumer, not
-one each: every consumer of the events stream makes NATS deliver every event once more and the service parse
-and acknowledge it; the receipts projection, when it had a consumer of its own, cost revoke throughput about
-4% in all (docs/benchmarks.md). A follower that fails fails the batch: it is delivered again, and both projections take
-repeats in their stride.
+The same batches feed the ``followers``: the invalidation projection publishes the batch's invalidations
+(``invalidations.InvalidationProjection.follow``) and the receipts projection records its revocations
+(``receipts.ReceiptsProjection.record``), and no batch is acked before all of them made it durable (then the
+``on_ack`` hooks hear of it: the invalidation projection's checkpoints wait for this consumer's acks). Each
+envelope's head is decoded once, here, and handed to the followers beside the messages. One consumer, not one
+each: every consumer of the events stream makes NATS deliver every event once more and the service parse and
+acknowledge it; the receipts projection, when it had a consumer of its own, cost revoke throughput about 4% in
+all (docs/benchmarks.md). A follower that fails fails the batch: it is delivered again, and every projection
+takes repeats in its stride.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ class ActiveKeysSubscriber:
     """Feeds ``active_api_keys`` from NATS (the inline writer usually got there first), then the followers."""
 
     name = active_keys.NAME
+    consumer = name.replace("_", "-")  # its durable consumer's name (per term: consumer.py)
 
     def __init__(self, database_url: str, bus: Bus, *, fence: Callable[[], None] = lambda: None,
-                 epoch: int | None = None, followers: Sequence[Follower] = ()) -> None:
+                 epoch: int | None = None, followers: Sequence[Follower] = (),
+                 on_ack: Sequence[Callable[[], None]] = ()) -> None:
         self.database_url = database_url
         self.bus = bus
         self.fence = fence
         self.epoch = epoch  # the leadership term: its own durable consumer (consumer.py)
         self.followers = followers
+        self.on_ack = on_ack
         self.applied = 0
         self.skipped = 0
 
@@ -56,7 +61,7 @@ class ActiveKeysSubscriber:
                                                          **long_lived(self.database_url, name="active keys")
                                                          ) as conn:
             # AckAll: one ack per batch (acking the last message acks everything delivered before it).
-            await consume(self.bus, self.name.replace("_", "-"), lambda msgs: self.handle(conn, msgs),
+            await consume(self.bus, self.consumer, lambda msgs: self.handle(conn, msgs),
                           ack_policy=AckPolicy.ALL, ack_wait=5, epoch=self.epoch)
 
     async def handle(self, conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> None:
@@ -73,6 +78,8 @@ class ActiveKeysSubscriber:
                 raise outcome
         if msgs:
             await msgs[-1].ack()  # AckAll: covers the whole batch, only after every projection had it
+            for hook in self.on_ack:
+                hook()
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], heads: list[EnvelopeHead]) -> None:
         newest: dict[str, int] = {}

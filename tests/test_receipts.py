@@ -189,33 +189,35 @@ def test_receipts_go_on_after_the_projections_database_connection_is_cut(deploym
     assert "receipts projection" in svc.log_tail(400)  # it noticed the cut and retried
 
 
-def test_a_new_term_deletes_the_events_consumer_receipts_once_had(deployment: Service) -> None:
-    """Receipts once read the events stream through a durable consumer of their own; they now take the active-keys
-    subscriber's batches. A deployment upgraded from then still has that consumer, which NATS would keep, with an
-    ever-growing backlog: a term's start deletes it, and revocations are recorded as before."""
+def test_a_new_term_deletes_the_events_consumers_receipts_and_invalidations_once_had(deployment: Service) -> None:
+    """Receipts, then invalidations, once read the events stream through durable consumers of their own; both now
+    take the active-keys subscriber's batches. A deployment upgraded from then still has those consumers, which
+    NATS would keep, with an ever-growing backlog: a term's start deletes them, and revocations are recorded as
+    before."""
     svc = deployment
     me = svc.session()
-    stream, left_over = svc.topology.events_stream, svc.topology.consumer("receipts") + "-e1"
+    stream = svc.topology.events_stream
+    left_over = [svc.topology.consumer("receipts") + "-e1", svc.topology.consumer("invalidations") + "-e1"]
 
     async def consumers(add: bool = False) -> set[str]:
         nc = await nats.connect(svc.nats_url)
         try:
             js = nc.jetstream()
-            if add:
+            for name in left_over if add else []:
                 await js.add_consumer(stream, ConsumerConfig(
-                    durable_name=left_over, deliver_subject=f"_KL_DELIVER.{left_over}", deliver_group=left_over,
+                    durable_name=name, deliver_subject=f"_KL_DELIVER.{name}", deliver_group=name,
                     ack_policy=AckPolicy.ALL, filter_subject=svc.topology.event_only_subjects))
             return {c.name for c in await js.consumers_info(stream)}
         finally:
             await nc.close()
 
     svc.stop()
-    assert left_over in asyncio.run(consumers(add=True))
+    assert set(left_over) <= asyncio.run(consumers(add=True))
     svc.start()
     wait_until(lambda: httpx.get(f"{svc.url}/ready", timeout=5).status_code == 200, timeout=20, what="ready again")
-    wait_until(lambda: left_over not in asyncio.run(consumers()), timeout=10, what="the left-over consumer deleted")
+    wait_until(lambda: not set(left_over) & asyncio.run(consumers()), timeout=10, what="left-overs deleted")
     kinds = {name.rsplit("-e", 1)[0] for name in asyncio.run(consumers())}
-    assert kinds == {svc.topology.consumer("active-api-keys"), svc.topology.consumer("invalidations")}, kinds
+    assert kinds == {svc.topology.consumer("active-api-keys")}, kinds
     key = svc.create_key(me)
     assert svc.delete(me, key["id"]).status_code == 200
     answer = wait_until(lambda: (r := receipt(svc, me, key["id"])).status_code == 200 and r.json(), timeout=10,

@@ -18,7 +18,10 @@ from .. import tasks
 from ..config import Settings, nats_connect_options
 from ..core.freshness import Prober
 from ..ops.audit import AuditSealer
+from ..projections import consumer
+from ..projections.invalidations import NAME as INVALIDATIONS
 from ..projections.invalidations import InvalidationProjection
+from ..projections.receipts import NAME as RECEIPTS
 from ..projections.receipts import ReceiptsProjection
 from ..projections.subscriber import ActiveKeysSubscriber
 from ..storage.connections import long_lived
@@ -195,14 +198,19 @@ class Runtime:
                                  epoch=lambda: self.lease.epoch)
             workers.append(asyncio.create_task(sealer.run(), name="audit-sealer"))
         if self.settings.run_projections:
-            # Receipts take their revocations from the active-keys subscriber's batches (one consumer for both).
+            # Invalidations and receipts take their events from the active-keys subscriber's batches: one
+            # consumer for all three (subscriber.py), whose acks vouch for the invalidations' checkpoints.
             receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence)
             workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
+            self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch,
+                                                        consumer=ActiveKeysSubscriber.consumer)
+            workers.append(asyncio.create_task(self.invalidations.run_checkpoints(), name="invalidation-checkpoints"))
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch,
-                                       followers=[receipts.record])
+                                       followers=[self.invalidations.follow, receipts.record],
+                                       on_ack=[self.invalidations.acked])
             workers.append(asyncio.create_task(sub.run(), name="projection-active-keys"))
-            self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch)
-            workers.append(asyncio.create_task(self.invalidations.run(), name="projection-invalidations"))
+            workers.append(asyncio.create_task(consumer.retire(self.bus, [RECEIPTS, INVALIDATIONS]),
+                                               name="retire-consumers"))
             sweeper = ExpirySweeper(self.settings.database_url, on_recorded=self.relay.nudge, fence=fence)
             workers.append(asyncio.create_task(sweeper.run(), name="expiry-sweeper"))
         workers.append(asyncio.create_task(self.bus.listen(self._wake_subject, lambda _: self.relay.nudge()),

@@ -11,9 +11,9 @@ The same batches feed the ``followers``: the invalidation projection publishes t
 ``on_ack`` hooks hear of it: the invalidation projection's checkpoints wait for this consumer's acks). Each
 envelope's head is decoded once, here, and handed to the followers beside the messages. One consumer, not one
 each: every consumer of the events stream makes NATS deliver every event once more and the service parse and
-acknowledge it; the receipts projection, when it had a consumer of its own, cost revoke throughput about 4% in
-all (docs/benchmarks.md). A follower that fails fails the batch: it is delivered again, and every projection
-takes repeats in its stride.
+acknowledge it (and the invalidation projection, with a consumer of its own, acked every event): the receipts'
+consumer cost revoke throughput about 4%, the invalidations' about 2% (one run each, docs/benchmarks.md). A
+follower that fails fails the batch: it is delivered again, and every projection takes repeats in its stride.
 """
 
 from __future__ import annotations

@@ -177,6 +177,7 @@ class _RuntimeCollector(Collector):
                                   value=runtime.relay.checkpoints)
         yield _gauge("keyledger_checkpoint_age_seconds",
                      "Age of this process's freshness proof (+Inf: none yet)", figures.checkpoint_age)
+        # One durable consumer feeds the three projections (subscriber.py): its backlog is the invalidations'.
         pending = GaugeMetricFamily("keyledger_consumer_pending", "Messages a projection's consumer has not "
                                     "acknowledged (leader only)", labels=("projection",))
         for name, value in figures.consumer_pending.items():

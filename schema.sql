@@ -519,8 +519,8 @@ END $$;
 CREATE TABLE IF NOT EXISTS receipt_caches (
     cache_id     text PRIMARY KEY,
     service      text,
-    position     bigint      NOT NULL,  -- the highest position it has confirmed
-    last_seen_at timestamptz NOT NULL
+    position     bigint      NOT NULL,  -- the highest position it has confirmed (noted at most once a second)
+    last_seen_at timestamptz NOT NULL   -- likewise: liveness within a term is kept in memory (receipts.py)
 );
 CREATE TABLE IF NOT EXISTS revocations (
     position                bigint PRIMARY KEY,  -- the event's position in the log

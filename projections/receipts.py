@@ -26,7 +26,7 @@ after a second (a hung cache) has its confirmations so far written by the sweepe
 leadership term reloads the pending revocations from the table; a confirmation the previous leader held but had
 not written yet comes again with that cache's next heartbeat, dated later, never wrongly earlier.
 
-Every time is the database's clock (``clock_timestamp()``, returned by the statement that notes the receipt),
+Every time is the database's clock (``clock_timestamp()``, returned by the statement that dates the receipts),
 so no host's clock skews a receipt. A receipt can arrive before the revocation's event is projected (it raced
 through the invalidation path): the projection remembers each cache's recent receipts (``HeardCache``) and
 dates such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
@@ -110,16 +110,22 @@ LIVE_CACHES = """
 SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM receipt_caches
 WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 """
-# One statement for a batch of receipts (at most one per cache): note each cache, its proven position, and when
-# (the database's clock: the moment every confirmation in this receipt is dated from). NO_WAIT: see above.
+# One statement for a batch of receipts (at most one per cache): read the database's clock, the moment every
+# confirmation in the batch is dated from, and note the caches not noted for NOTE_EVERY_S (their proven position,
+# and when last heard: the receipt's ``lastSeenAt``, and who is live for a new term). Liveness within a term is
+# kept in memory, so a busy cache's row need not be rewritten with every burst of receipts: a batch that notes
+# nobody writes nothing (no WAL, no commit). NO_WAIT: see above.
+NOTE_EVERY_S = 1.0
 RECEIVE = """
-INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
-SELECT cache, service, position, clock_timestamp()
-FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint)
-WHERE {NO_WAIT}
-ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
-    position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
-RETURNING cache_id, last_seen_at
+WITH noted AS (
+    INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
+    SELECT cache, service, position, clock_timestamp()
+    FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint)
+    WHERE {NO_WAIT}
+    ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
+        position = greatest(c.position, excluded.position), last_seen_at = excluded.last_seen_at
+)
+SELECT clock_timestamp()
 """.format(NO_WAIT=NO_WAIT)
 PRUNE = """
 WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
@@ -182,6 +188,7 @@ class HeardCache:
 
     def __init__(self, heard: float) -> None:
         self.heard = heard
+        self.noted = float("-inf")  # when its row in receipt_caches was last written (the event-loop clock)
         self.waiting: list[int] = []
         self._proven: list[int] = []  # strictly increasing proven positions ...
         self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
@@ -371,21 +378,23 @@ class ReceiptsProjection:
                 await sub.unsubscribe()
 
     async def _receive(self, receipts: list[Receipt]) -> None:
-        """Note a batch of receipts (one per cache) in one statement, confirm the pending revocations they
-        cover, and complete those that no longer wait for anyone. Two statements whose commits do not wait for
-        the disk (NO_WAIT): a confirmation lost in a database crash comes back with the cache's next heartbeat,
-        which covers every position its checkpoints proved (dated later, never wrongly earlier). If the second
-        fails, memory is ahead of the tables: the projection's retry reloads it from them (``_load``)."""
+        """Date a batch of receipts (one per cache) and note the caches due (RECEIVE), confirm the pending
+        revocations they cover, and complete those that no longer wait for anyone (SAVE). Two statements whose
+        commits do not wait for the disk (NO_WAIT): a confirmation lost in a database crash comes back with the
+        cache's next heartbeat, which covers every position its checkpoints proved (dated later, never wrongly
+        earlier). If the second fails, memory is ahead of the tables: the projection's retry reloads it from them
+        (``_load``)."""
         self.fence()
-        by_id = {r.cache_id: r for r in receipts}
-        rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in receipts]
         async with self._lock:
             assert self._conn is not None
-            seen = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchall()
             now = asyncio.get_running_loop().time()
+            due = [r for r in receipts if r.cache_id not in self._caches
+                   or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
+            rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in due]
+            (at,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
             touched: dict[int, Pending] = {}
-            for cache_id, at in seen:
-                receipt = by_id[cache_id]
+            for receipt in receipts:
+                cache_id = receipt.cache_id
                 cache = self._caches.get(cache_id)
                 if cache is None:
                     cache = self._caches[cache_id] = HeardCache(now)
@@ -396,6 +405,8 @@ class ReceiptsProjection:
                     if pending is not None and cache_id in pending.waiting:
                         pending.confirm(cache_id, at)
                         touched[position] = pending
+            for receipt in due:
+                self._caches[receipt.cache_id].noted = now
             done = await self._save({p: pending for p, pending in touched.items() if not pending.waiting})
         await self._announce(done)
 

@@ -325,6 +325,43 @@ def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deploym
     assert states["by-hand"] == "confirmed", answer
 
 
+def test_a_chatty_cache_is_noted_at_most_once_a_second_and_its_receipts_still_count(deployment: Service) -> None:
+    """Under a burst of revocations a cache sends a receipt per burst of invalidations: its row in receipt_caches is
+    rewritten at most once a second (liveness is kept in memory), and what its receipts confirm still counts."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+
+    def last_seen() -> dt.datetime | None:
+        with psycopg.connect(svc.database_url, autocommit=True) as conn:
+            row = conn.execute("SELECT last_seen_at FROM receipt_caches WHERE cache_id = 'chatty'").fetchone()
+        return None if row is None else row[0]
+
+    async def scenario() -> tuple[set[dt.datetime], float, dict[str, Any]]:
+        nc = await nats.connect(svc.nats_url)
+        positions = await invalidated_positions(nc, svc)
+        seen: set[dt.datetime] = set()
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # ~100 receipts a second for 2.5 s
+                await send_receipts(nc, svc, {"cacheId": "chatty", "position": 0, "applied": []})
+                if (at := await asyncio.to_thread(last_seen)) is not None:
+                    seen.add(at)
+                await asyncio.sleep(0.01)
+            elapsed = time.monotonic() - started
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            await send_receipts(nc, svc, {"cacheId": "chatty", "position": 0, "applied": positions})
+            return seen, elapsed, await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
+        finally:
+            await nc.close()
+
+    seen, elapsed, answer = asyncio.run(scenario())
+    # Noted when first heard, then again once a second while it keeps reporting (every write moves last_seen_at).
+    assert 2 <= len(seen) <= elapsed + 2, (len(seen), elapsed)
+    assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"chatty": "confirmed"}, answer
+
+
 def test_a_quiet_cache_stays_live(deployment: Service) -> None:
     """With nothing revoked for longer than GONE_AFTER_S, a running cache is still live (its heartbeats go on),
     so the next revocation waits for its confirmation instead of calling it gone."""

@@ -13,7 +13,7 @@ Guarantees, and how:
   JetStream acknowledged every one (the PubAck proves it is stored in the invalidations stream, where a cache
   that was disconnected finds it); the subscriber acks the batch only after that. A failed publish is retried
   for up to ``RETRY_FOR_S``, then the batch fails and is delivered again. A crash between the two redelivers it.
-  (``run`` alone, for tests and tools, gives it a consumer of its own with the same discipline.)
+  (``run`` alone, for tests and tools, gives it a consumer of its own, each message acked after its batch.)
 * **Duplicates are harmless.** The invalidation is a pure function of the event, published with
   ``Nats-Msg-Id = <event id>:inv``: JetStream drops a repeat inside its duplicate window, and a repeat after
   it is an identical message (same ``position``) whose only effect is a second eviction.
@@ -48,7 +48,6 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
-from nats.js.api import AckPolicy
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from .. import tasks
@@ -164,7 +163,9 @@ class InvalidationProjection:
         self._acked = asyncio.Event()
 
     async def run(self) -> None:
-        """Alone, on a durable consumer of its own (tests, tools): each batch acked once ``follow`` returned."""
+        """Alone, on a durable consumer of its own (tests, tools): each message acked once ``follow`` returned
+        for its batch (explicit acks with a short ack_wait, as this consumer always had: after a restart, what the
+        server had already pushed to the subscription going away comes back within 2 s)."""
         checkpoints = asyncio.ensure_future(self.run_checkpoints())
         try:
             await run_forever(f"{self.name} projection", self._consume)
@@ -181,12 +182,12 @@ class InvalidationProjection:
             await tasks.stop(loops)
 
     async def _consume(self) -> None:
-        await consume(self.bus, self.consumer, self._own_batch, ack_policy=AckPolicy.ALL, ack_wait=5,
-                      epoch=self.epoch)
+        await consume(self.bus, self.consumer, self._own_batch, ack_wait=2, epoch=self.epoch)
 
     async def _own_batch(self, msgs: list[Any]) -> None:
         await self.follow(msgs)
-        await msgs[-1].ack()  # AckAll: the whole batch
+        for msg in msgs:
+            await msg.ack()
         self.acked()
 
     async def follow(self, msgs: list[Any], heads: Any = None) -> None:

@@ -28,8 +28,8 @@ Guarantees, and how:
   with the events stream's sequence ``S`` that covers the events it vouches for. One is forwarded to
   ``<prefix>.cache.checkpoint`` only once the consumer it reads through has acknowledged everything up to ``S``
   (its ack floor): every one of those events has had its invalidation acknowledged by JetStream, whoever
-  handled it (an earlier leader, a redelivery). The server is asked only once no batch is in hand here
-  (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
+  handled it (an earlier leader, a redelivery). The server is asked only once the batch in hand here, if it
+  begins at or below ``S``, was acked (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
   checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
 * **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 

@@ -332,9 +332,10 @@ def test_a_chatty_cache_is_noted_at_most_once_a_second_and_its_receipts_still_co
     me = svc.session()
     key = svc.create_key(me)
 
+    db = psycopg.connect(svc.database_url, autocommit=True)  # one connection for the ~250 looks below
+
     def last_seen() -> dt.datetime | None:
-        with psycopg.connect(svc.database_url, autocommit=True) as conn:
-            row = conn.execute("SELECT last_seen_at FROM receipt_caches WHERE cache_id = 'chatty'").fetchone()
+        row = db.execute("SELECT last_seen_at FROM receipt_caches WHERE cache_id = 'chatty'").fetchone()
         return None if row is None else row[0]
 
     async def scenario() -> tuple[set[dt.datetime], float, dict[str, Any]]:
@@ -356,7 +357,8 @@ def test_a_chatty_cache_is_noted_at_most_once_a_second_and_its_receipts_still_co
         finally:
             await nc.close()
 
-    seen, elapsed, answer = asyncio.run(scenario())
+    with db:
+        seen, elapsed, answer = asyncio.run(scenario())
     # Noted when first heard, then again once a second while it keeps reporting (every write moves last_seen_at).
     assert 2 <= len(seen) <= elapsed + 2, (len(seen), elapsed)
     assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"chatty": "confirmed"}, answer

@@ -531,6 +531,15 @@ CREATE TABLE IF NOT EXISTS revocations (
     caches                  jsonb       NOT NULL DEFAULT '{}'  -- cache id -> effective at (or null)
 );
 ALTER TABLE revocations ADD COLUMN IF NOT EXISTS caches jsonb NOT NULL DEFAULT '{}';
+-- A revocation's row is written once its caches confirmed it (or after a second), not when it is projected; every
+-- revocation-like event at or below this position has its row, and a new leadership term takes those above it
+-- that have none from the log (receipts.py). One row. A database that had receipts before starts from its newest
+-- row (that code wrote each row before its event was acknowledged).
+CREATE TABLE IF NOT EXISTS receipts_written (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    position bigint  NOT NULL
+);
+INSERT INTO receipts_written (position) SELECT coalesce(max(position), 0) FROM revocations ON CONFLICT DO NOTHING;
 -- No index on key_id: the rare read by key finds the key's positions through its events (receipts.py, LATEST);
 -- the index cost every revocation an insert.
 DROP INDEX IF EXISTS revocations_key_idx;

@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -143,12 +143,14 @@ class InvalidationProjection:
     name = NAME
 
     def __init__(self, bus: Bus, *, publish_timeout: float = 2.0, fence: Callable[[], None] = _unfenced,
-                 epoch: int | None = None, consumer: str = NAME) -> None:
+                 epoch: int | None = None, consumer: str = NAME,
+                 on_forward: Sequence[Callable[[int], None]] = ()) -> None:
         self.bus = bus
         self.publish_timeout = publish_timeout
         self.fence = fence
         self.epoch = epoch  # the leadership term: its durable consumers are the term's own (consumer.py)
         self.consumer = consumer  # the durable consumer whose ack floor vouches for the checkpoints
+        self.on_forward = on_forward  # told each forwarded checkpoint's position (the receipts' cursor)
         self.published = 0  # invalidations acknowledged by JetStream (duplicates included)
         self.ignored = 0  # events that call for no invalidation
         self.failed = 0  # publishes not acknowledged (retried; then the batch is delivered again)
@@ -314,5 +316,7 @@ class InvalidationProjection:
             await self.bus.nc.publish(topology.checkpoint_subject, encode_checkpoint(checkpoint))  # type: ignore[union-attr]
             self.forwarded += 1
             self.last_forwarded = time.monotonic()
+            for hook in self.on_forward:
+                hook(checkpoint.position)
             if self._held is checkpoint:  # (a newer one may have come meanwhile: it waits its turn)
                 self._held = None

@@ -14,17 +14,30 @@ This projection (in the background leader) keeps two tables (schema.sql):
   for ``GONE_AFTER_S`` is *gone*: listed, but it no longer blocks "everywhere");
 * ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
   event stream (the batches of the active-keys subscriber's durable consumer, which acks none before ``record``
-  wrote it: subscriber.py), with ``caches``: every cache that was live when it was projected -> the moment
+  took it in: subscriber.py), with ``caches``: every cache that was live when it was projected -> the moment
   keyledger received the first receipt covering its position (naming it in ``applied``, or proving every
   position up to it), or null.
 
-The bookkeeping lives in memory; a revocation's row is written when it is projected and once more when the last
-live cache confirms it (or the last pending one is declared gone): ``effective_everywhere_at`` is set and
-``<prefix>.revocation.effective`` announces it. A row per (revocation, cache), inserted and then updated, cost
-PostgreSQL more than the revocation itself once ten caches reported (docs/benchmarks.md). What is still pending
-after a second (a hung cache) has its confirmations so far written by the sweeper, once a second. A new
-leadership term reloads the pending revocations from the table; a confirmation the previous leader held but had
-not written yet comes again with that cache's next heartbeat, dated later, never wrongly earlier.
+The bookkeeping lives in memory, and each revocation's row is written once, as a rule: when the last live cache
+confirmed it (or the last pending one was declared gone), with ``effective_everywhere_at``, then
+``<prefix>.revocation.effective`` announces it. One still pending after ``WRITE_AFTER_S`` (a hung cache) is written
+by the sweeper, pending, and its later confirmations once a second. (Written when projected and again once
+confirmed, a revocation cost PostgreSQL two row versions and their WAL while caches were live; a row per
+(revocation, cache), inserted then updated, cost it more than the revocation itself: docs/benchmarks.md.)
+
+What is held but not written yet would be lost with this process (its events are acked), so the log is the
+backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row, and a
+new leadership term (or a reconnection) takes those above it that have none from the events table, pending on
+the caches live then, beside the pending rows. The sweeper moves that cursor to the newest freshness checkpoint
+this process forwarded (``forwarded``: the active-keys consumer's acks cover every event up to its position, so
+each passed ``record``), but never to or past a revocation held unwritten: the gap problem cannot bite, as the
+checkpoint's position is a safe horizon and what is unwritten holds the cursor below it. Every write commits
+without waiting for the disk (NO_WAIT): WAL is flushed in order, so a cursor that survived a database crash
+proves the rows written before it survived too; a row lost with it is taken from the log again, and a
+confirmation lost comes back with the cache's next heartbeat, dated later, never wrongly earlier.
+
+The read side (``read``) answers for a revocation in the log that has no row yet (the milliseconds after the
+delete's 200, or up to ``WRITE_AFTER_S`` while a cache is slow): pending, on the caches live now.
 
 Every time is the database's clock (``clock_timestamp()``, returned by the statement that dates the receipts),
 so no host's clock skews a receipt. A receipt can arrive before the revocation's event is projected (it raced
@@ -68,43 +81,49 @@ RETENTION_DAYS = 30
 LOAD_WAIT_S = 4.0
 REVOKING = ("ApiKeyRevoked", "ApiKeyDisabled", "ApiKeyExpired", "ApiKeyRotated")
 
-# A delivery batch's revocations in one statement, each with its caches (id -> confirmed at, or null) and, when
-# none is left to wait for, the moment it took effect everywhere (the last confirmation; now, with no live cache).
-# RETURNING leaves out those recorded before (redeliveries). (ON CONFLICT: each row is checked by a primary-key
-# probe. A NOT EXISTS spared a WAL record per row, but in a young table the planner made it a hash anti-join over
-# a sequential scan of the whole table, every batch: the rows it read per revoke grew from 92 to 350 in a minute.)
-RECORD = """
-INSERT INTO revocations (position, key_id, type, revoked_at, caches, effective_everywhere_at)
-SELECT r.position, r.key_id, r.type, r.revoked_at, r.caches,
-       CASE WHEN r.done THEN coalesce(r.everywhere, clock_timestamp()) END
-FROM jsonb_to_recordset(%s::jsonb) AS r(position bigint, key_id text, type text, revoked_at timestamptz,
-                                        caches jsonb, done boolean, everywhere timestamptz)
-ON CONFLICT DO NOTHING RETURNING position, effective_everywhere_at
-"""
-# The receipts' writes (RECEIVE, SAVE) need not wait for the disk: a confirmation lost in a database crash comes
-# back with the cache's next heartbeat, dated later, never wrongly earlier (waiting cost a revocation's
-# "everywhere" a disk flush: p99 10.4-15.3 ms against 10). NO_WAIT, true for every row, sets synchronous_commit
-# off for the statement's own implicit transaction (set_config(..., true) lasts until its commit, which reads it):
-# one autocommitted statement each, where BEGIN, SET LOCAL and COMMIT were three more round trips per batch.
+# A revocation's row is written once it took effect everywhere, or once it waited WRITE_AFTER_S (then again as its
+# confirmations come, once a second).
+WRITE_AFTER_S = 1.0
+# The receipts' writes need not wait for the disk (module docstring: the cursor, written after, vouches for them;
+# waiting cost a revocation's "everywhere" a disk flush: p99 10.4-15.3 ms against 10). NO_WAIT, true for every
+# row, sets synchronous_commit off for the statement's own implicit transaction (set_config(..., true) lasts until
+# its commit, which reads it): one autocommitted statement each, where BEGIN, SET LOCAL and COMMIT were three more
+# round trips per batch.
 NO_WAIT = "set_config('synchronous_commit', 'off', true) = 'off'"
-# Pending revocations' confirmations so far, completing those marked done (the moment: their last confirmation,
-# or now when a cache that never confirmed was declared gone). Each row is found by its primary key, however the
-# planner sees the table: ``positions`` (the rows' positions again, as an array) makes it an index scan. Without it,
-# in a table never analyzed, the planner joined the rows to a sequential scan of the whole table, every save (the
-# rows read per revoke grew from 84 to 568 within a bench run). And "still pending" is written so that the partial
-# index of pending revocations cannot serve it (coalesce: a clock time is never -infinity): through that index
-# PostgreSQL took a bitmap scan over every entry it ever held, dead ones included until a vacuum, so each save cost
-# more than the one before (3.8 ms and 600 pages for 50 rows after 40,000 revocations, against 0.7 ms by key).
-SAVE = """
-UPDATE revocations r
-SET caches = x.caches, effective_everywhere_at = CASE WHEN x.done THEN coalesce(x.everywhere, clock_timestamp()) END
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(position bigint, caches jsonb, done boolean, everywhere timestamptz)
-WHERE r.position = ANY(%(positions)s::bigint[]) AND r.position = x.position
-  AND coalesce(r.effective_everywhere_at, '-infinity') = '-infinity' AND {NO_WAIT}
+# Revocations' rows, new or pending, in one statement: each with its caches (id -> confirmed at, or null) and, when
+# none is left to wait for, the moment it took effect everywhere (its last confirmation; now, when a cache that
+# never confirmed was declared gone, or none was live). A row completed before (by an earlier term: a redelivered
+# event) is left alone and not returned. Each row is found by a primary-key probe (ON CONFLICT), never through
+# the partial index of pending revocations (whose bitmap scans once visited every entry it ever held, dead ones
+# included until a vacuum, so each save cost more than the one before), nor by joining the batch to a sequential
+# scan of a table never analyzed (the rows read per revoke once grew from 84 to 568 within a bench run).
+WRITE = """
+INSERT INTO revocations AS r (position, key_id, type, revoked_at, caches, effective_everywhere_at)
+SELECT x.position, x.key_id, x.type, x.revoked_at, x.caches,
+       CASE WHEN x.done THEN coalesce(x.everywhere, clock_timestamp()) END
+FROM jsonb_to_recordset(%s::jsonb) AS x(position bigint, key_id text, type text, revoked_at timestamptz,
+                                        caches jsonb, done boolean, everywhere timestamptz)
+WHERE {NO_WAIT}
+ON CONFLICT (position) DO UPDATE
+    SET caches = excluded.caches, effective_everywhere_at = excluded.effective_everywhere_at
+WHERE r.effective_everywhere_at IS NULL
 RETURNING r.position, r.effective_everywhere_at
 """.format(NO_WAIT=NO_WAIT)
-# What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those).
-PENDING = "SELECT position, key_id, caches FROM revocations WHERE effective_everywhere_at IS NULL"
+# Every revocation-like event at or below it has its row (the module docstring); moved by the sweeper.
+CURSOR = "SELECT position FROM receipts_written"
+ADVANCE = "UPDATE receipts_written SET position = %s WHERE {NO_WAIT}".format(NO_WAIT=NO_WAIT)
+# What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those) ...
+PENDING = ("SELECT position, key_id, type, revoked_at, caches FROM revocations"
+           " WHERE effective_everywhere_at IS NULL")
+# ... and the revocation-like events above the cursor that have no row (held unwritten by the term before).
+# (A rotation is one only without grace: ``_revocation``.) A range of the events' primary key.
+REVOKING_EVENTS = """
+SELECT e.position, e.stream_id, e.type, e.recorded_at FROM events e
+WHERE e.position > %(after)s AND e.type = ANY(%(types)s)
+  AND (e.type <> 'ApiKeyRotated' OR e.data->>'graceUntil' IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.position = e.position)
+ORDER BY e.position
+"""
 # Caches heard of within the last GONE_AFTER_S seconds, and how long ago (seeds a new term's view of them).
 LIVE_CACHES = """
 SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM receipt_caches
@@ -131,19 +150,30 @@ PRUNE = """
 WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
-# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, its caches.
-# Found through the key's events (their (stream_id, version) index; a key has a handful), then by position: an
-# index on revocations (key_id) would cost every revocation one more index insert for this rare read.
+# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event with a row,
+# or above the cursor (its row not written yet: pending), and whether it has its row. Found through the key's
+# events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
+# (key_id) would cost every revocation one more index insert for this rare read. Below the cursor, an event
+# without a row is one whose row was pruned (RETENTION_DAYS).
 LATEST = """
-WITH mine AS MATERIALIZED (SELECT position FROM events WHERE stream_id = %s)
-SELECT r.position, r.type, r.revoked_at, r.effective_everywhere_at
-FROM mine JOIN revocations r ON r.position = mine.position ORDER BY r.position DESC LIMIT 1
+WITH mine AS MATERIALIZED (
+    SELECT position, type, recorded_at FROM events
+    WHERE stream_id = %(key)s AND type = ANY(%(types)s) AND (type <> 'ApiKeyRotated' OR data->>'graceUntil' IS NULL))
+SELECT m.position, m.type, coalesce(r.revoked_at, m.recorded_at), r.effective_everywhere_at, r.position IS NOT NULL
+FROM mine m LEFT JOIN revocations r ON r.position = m.position
+WHERE r.position IS NOT NULL OR m.position > (SELECT position FROM receipts_written)
+ORDER BY m.position DESC LIMIT 1
 """
+# Its caches: those of its row, or (no row yet) those live now, pending.
 CACHES_OF = """
 SELECT e.key, c.service, (e.value #>> '{}')::timestamptz, c.last_seen_at,
        c.last_seen_at IS NULL OR c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
 FROM revocations r CROSS JOIN jsonb_each(r.caches) e LEFT JOIN receipt_caches c ON c.cache_id = e.key
 WHERE r.position = %s ORDER BY e.key
+"""
+CACHES_NOW = """
+SELECT cache_id, service, NULL::timestamptz, last_seen_at, false FROM receipt_caches
+WHERE last_seen_at > clock_timestamp() - %s * interval '1 second' ORDER BY cache_id
 """
 
 _encoder = msgspec.json.Encoder()
@@ -158,12 +188,14 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
     """The receipt of a key's latest revocation-like event, or None if it has none.
 
     A cache's state: ``confirmed`` once a receipt covered the position; otherwise ``gone`` if the revocation
-    completed without it (it was declared gone) or it is silent now, else ``pending``."""
-    row = await (await conn.execute(LATEST, (key_id,))).fetchone()
+    completed without it (it was declared gone) or it is silent now, else ``pending``. A revocation whose row is
+    not written yet is pending on the caches live now (the projection waits for those it saw live)."""
+    row = await (await conn.execute(LATEST, {"key": key_id, "types": list(REVOKING)})).fetchone()
     if row is None:
         return None
-    position, type_, revoked_at, everywhere = row
-    caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position))).fetchall()
+    position, type_, revoked_at, everywhere, written = row
+    caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position)) if written
+                    else await conn.execute(CACHES_NOW, (GONE_AFTER_S,))).fetchall()
     return {
         "keyId": key_id, "position": position, "type": type_, "revokedAt": _iso(revoked_at),
         "effectiveEverywhereAt": _iso(everywhere),
@@ -225,13 +257,18 @@ class Pending:
     """A revocation's confirmations by the caches that were live when it was projected; held in memory until
     none of them is left to wait for (each confirmed it, or was declared gone)."""
 
-    __slots__ = ("key_id", "caches", "waiting", "dirty")
+    __slots__ = ("key_id", "type", "revoked_at", "caches", "waiting", "since", "written", "dirty")
 
-    def __init__(self, key_id: str, caches: dict[str, dt.datetime | None]) -> None:
+    def __init__(self, key_id: str, type_: str, revoked_at: dt.datetime, caches: dict[str, dt.datetime | None],
+                 *, since: float, written: bool = False) -> None:
         self.key_id = key_id
+        self.type = type_
+        self.revoked_at = revoked_at
         self.caches = caches  # every cache live at projection -> when a receipt covered the position, or None
         self.waiting = {c for c, at in caches.items() if at is None}  # neither confirmed nor declared gone
-        self.dirty = False  # confirmations not written yet
+        self.since = since  # when it was projected (the event-loop clock)
+        self.written = written  # its row exists
+        self.dirty = not written  # its row, or confirmations in it, not written yet
 
     def confirm(self, cache_id: str, at: dt.datetime) -> None:
         if cache_id in self.waiting:
@@ -244,11 +281,12 @@ class Pending:
         return self.key_id, position, everywhere, len(self.caches)
 
     def row(self, position: int) -> dict[str, Any]:
-        """Its SAVE row: done once nothing is waiting; everywhere = the last confirmation if every cache
-        confirmed, else None (now: a cache was declared gone)."""
+        """Its WRITE row: done once nothing is waiting; everywhere = the last confirmation if every cache
+        confirmed, else None (now: a cache was declared gone, or none was live)."""
         confirmed = [at for at in self.caches.values() if at is not None]
         everywhere = max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
-        return {"position": position, "caches": self.caches, "done": not self.waiting, "everywhere": everywhere}
+        return {"position": position, "key_id": self.key_id, "type": self.type, "revoked_at": self.revoked_at,
+                "caches": self.caches, "done": not self.waiting, "everywhere": everywhere}
 
 
 class ReceiptsProjection:
@@ -269,6 +307,8 @@ class ReceiptsProjection:
         self._lock = asyncio.Lock()  # one connection, shared by ``record`` and the two loops, and the memory above
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._loaded = asyncio.Event()  # the memory above is the tables' state, and ``_conn`` is open
+        self._written_through = 0  # the cursor as last written (receipts_written)
+        self._forwarded = 0  # the newest freshness checkpoint's position this process forwarded
 
     async def run(self) -> None:
         await run_forever(f"{self.name} projection", self._run)
@@ -290,14 +330,27 @@ class ReceiptsProjection:
                 await tasks.stop(loops)
 
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """A term's start: the live caches and the pending revocations, from the tables."""
+        """A term's start (or a reconnection's): the live caches, the pending revocations, and those in the log
+        above the cursor that have no row (held unwritten when the term before ended), pending on the caches
+        live now."""
         now = asyncio.get_running_loop().time()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
                         await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
         self._pending = {}
-        for position, key_id, caches in await (await conn.execute(PENDING)).fetchall():
+        for position, key_id, type_, revoked_at, caches in await (await conn.execute(PENDING)).fetchall():
             confirmed = {c: None if at is None else dt.datetime.fromisoformat(at) for c, at in caches.items()}
-            self._hold(position, Pending(key_id, confirmed))
+            self._hold(position, Pending(key_id, type_, revoked_at, confirmed, since=now, written=True))
+        (self._written_through,) = await (await conn.execute(CURSOR)).fetchone()
+        self._forwarded = max(self._forwarded, self._written_through)
+        unwritten = await (await conn.execute(REVOKING_EVENTS, {"after": self._written_through,
+                                                                 "types": list(REVOKING)})).fetchall()
+        for position, key_id, type_, revoked_at in unwritten:
+            self._hold(position, Pending(key_id, type_, revoked_at, dict.fromkeys(self._caches), since=now))
+
+    def forwarded(self, position: int) -> None:
+        """A freshness checkpoint was forwarded (the invalidation projection calls this): every event up to
+        ``position`` passed ``record``, in this term or an earlier one."""
+        self._forwarded = max(self._forwarded, position)
 
     def _hold(self, position: int, pending: Pending) -> None:
         """Keep ``pending`` until its caches confirm: each one it waits for gets its position in its heap; one
@@ -311,12 +364,9 @@ class ReceiptsProjection:
                 pending.waiting.discard(cache_id)
 
     async def record(self, msgs: list[Any], heads: list[EnvelopeHead]) -> None:
-        """Record a delivery batch's revocations in one statement; the active-keys subscriber calls it with each
-        batch of its consumer and acks the batch only after it returned (subscriber.py). Raises if this
-        projection cannot write now: the batch is delivered again.
-
-        One commit per batch, not three per revocation: under a burst of revokes this projection's commits
-        were a visible share of PostgreSQL's work on the revoke path's machine."""
+        """Take in a delivery batch's revocations; the active-keys subscriber calls it with each batch of its
+        consumer and acks the batch only after it returned (subscriber.py). Raises if this projection cannot
+        take them now (not loaded): the batch is delivered again."""
         self.fence()
         revocations = [row for row in map(_revocation, msgs, heads) if row is not None]
         if revocations:
@@ -326,28 +376,21 @@ class ReceiptsProjection:
             await self._record(revocations)
 
     async def _record(self, revocations: list[tuple[int, str, str, dt.datetime]]) -> None:
+        """Hold each new revocation for the caches live now. Those already in effect everywhere (every live
+        cache's receipt outran the event, or no cache is live) are written at once, the others once confirmed
+        (``_receive``) or by the sweeper: nothing is written for them here."""
         async with self._lock:
-            assert self._conn is not None
             now = asyncio.get_running_loop().time()
-            live = {c: h for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S}
-            rows, fresh = [], {}
+            live = [c for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S]
+            fresh = {}
             for position, key_id, type_, revoked_at in revocations:
                 if position in self._pending or position in fresh:
                     continue  # a redelivery of one already waiting (or twice in this batch)
                 # A cache whose receipt raced ahead of the event confirmed it already: date it from that receipt.
-                pending = Pending(key_id, {c: h.covered_at(position) for c, h in live.items()})
-                rows.append({"position": position, "key_id": key_id, "type": type_, "revoked_at": revoked_at,
-                             **pending.row(position)})
-                fresh[position] = pending
-            if not rows:
-                return
-            recorded = await (await self._conn.execute(RECORD, (_encoder.encode(rows).decode(),))).fetchall()
-            done = []
-            for position, everywhere in recorded:  # (those recorded before, by an earlier term, are not here)
-                if everywhere is not None:
-                    done.append(fresh[position].announcement(position, everywhere))
-                else:
-                    self._hold(position, fresh[position])
+                fresh[position] = pending = Pending(
+                    key_id, type_, revoked_at, {c: self._caches[c].covered_at(position) for c in live}, since=now)
+                self._hold(position, pending)
+            done = await self._save({p: pending for p, pending in fresh.items() if not pending.waiting})
         await self._announce(done)
 
     async def _receive_forever(self) -> None:
@@ -379,7 +422,7 @@ class ReceiptsProjection:
 
     async def _receive(self, receipts: list[Receipt]) -> None:
         """Date a batch of receipts (one per cache) and note the caches due (RECEIVE), confirm the pending
-        revocations they cover, and complete those that no longer wait for anyone (SAVE). Two statements whose
+        revocations they cover, and write those that no longer wait for anyone (WRITE). Two statements whose
         commits do not wait for the disk (NO_WAIT): a confirmation lost in a database crash comes back with the
         cache's next heartbeat, which covers every position its checkpoints proved (dated later, never wrongly
         earlier). If the second fails, memory is ahead of the tables: the projection's retry reloads it from them
@@ -412,7 +455,7 @@ class ReceiptsProjection:
 
     async def _sweep_forever(self) -> None:
         """Once a second: declare caches silent for GONE_AFTER_S gone, complete what they no longer block, write
-        the confirmations of what is still pending; prune old rows hourly."""
+        what waited WRITE_AFTER_S and the confirmations since, move the cursor; prune old rows hourly."""
         pruned_at = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -426,31 +469,43 @@ class ReceiptsProjection:
                         pending = self._pending.get(position)
                         if pending is not None:
                             pending.waiting.discard(cache_id)
-                done = await self._save({p: pending for p, pending in self._pending.items()
-                                         if pending.dirty or not pending.waiting})
+                done = await self._save({p: pending for p, pending in self._pending.items() if not pending.waiting
+                                         or pending.dirty and now - pending.since >= WRITE_AFTER_S})
+                await self._advance()
                 if loop.time() - pruned_at > 3600:
                     pruned_at = loop.time()
                     await self._conn.execute(PRUNE, {"days": RETENTION_DAYS})
             await self._announce(done)
 
+    async def _advance(self) -> None:
+        """Move the cursor to the newest forwarded checkpoint, short of the first revocation held unwritten (that
+        checkpoint's events all passed ``record``: each is written, or held, and what is held holds the cursor
+        back). It may go back (a redelivered event held again): that only widens the next term's look at the log.
+        Written after the rows it vouches for, each commit not waiting for the disk: WAL is flushed in order."""
+        assert self._conn is not None
+        unwritten = [position for position, pending in self._pending.items() if not pending.written]
+        cursor = min(self._forwarded, min(unwritten) - 1) if unwritten else self._forwarded
+        if cursor != self._written_through:
+            await self._conn.execute(ADVANCE, (cursor,))
+            self._written_through = cursor
+
     async def _save(self, pendings: dict[int, Pending]) -> list[tuple[str, int, dt.datetime, int]]:
-        """Write these pending revocations' confirmations, completing those nothing waits for any more; they
-        leave memory. Returns what took effect everywhere; the caller holds the lock."""
+        """Write these revocations' rows (new, or their confirmations since), completing those nothing waits for
+        any more; those leave memory, as do those an earlier term completed (a redelivery: not returned). Returns
+        what took effect everywhere; the caller holds the lock."""
         assert self._conn is not None
         if not pendings:
             return []
         rows = [pending.row(position) for position, pending in pendings.items()]
-        saved = await (await self._conn.execute(SAVE, {"rows": _encoder.encode(rows).decode(),
-                                                       "positions": list(pendings)})).fetchall()
+        saved = dict(await (await self._conn.execute(WRITE, (_encoder.encode(rows).decode(),))).fetchall())
         done = []
-        for position, everywhere in saved:
-            pending = pendings[position]
-            pending.dirty = False
-            if everywhere is not None:
-                done.append(pending.announcement(position, everywhere))
         for position, pending in pendings.items():
-            if not pending.waiting:
-                del self._pending[position]  # completed (or completed before: not in ``saved``)
+            pending.written, pending.dirty = True, False
+            if position not in saved:
+                del self._pending[position]  # completed before, by an earlier term: it stays as it was
+            elif saved[position] is not None:
+                del self._pending[position]
+                done.append(pending.announcement(position, saved[position]))
         return done
 
     async def _announce(self, done: list[tuple[str, int, dt.datetime, int]]) -> None:

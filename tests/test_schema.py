@@ -212,9 +212,12 @@ def test_schema_applies_onto_an_existing_better_auth_database_without_touching_i
 
 def test_receipts_of_the_earlier_layout_are_folded_into_their_revocations(db_factory: DatabaseFactory) -> None:
     """Receipts were once a row per (revocation, cache) in ``revocation_receipts``: migrating moves each into its
-    revocation's ``caches`` (cache id -> effective at, or null), times unchanged, and drops the old table."""
+    revocation's ``caches`` (cache id -> effective at, or null), times unchanged, and drops the old table. The
+    cursor below which every revocation has its row starts at the newest row (that code wrote each before its
+    event was acknowledged), not at 0 (a new leader would take every revocation ever made from the log)."""
     url = db_factory.create("receipts_layout")
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE receipts_written")
         conn.execute("ALTER TABLE revocations DROP COLUMN caches")
         conn.execute("""CREATE TABLE revocation_receipts (position bigint NOT NULL REFERENCES revocations (position)
                         ON DELETE CASCADE, cache_id text NOT NULL, effective_at timestamptz,
@@ -228,6 +231,7 @@ def test_receipts_of_the_earlier_layout_are_folded_into_their_revocations(db_fac
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('revocation_receipts')").fetchone()[0] is None
         caches = dict(conn.execute("SELECT position, caches FROM revocations").fetchall())
+        assert conn.execute("SELECT position FROM receipts_written").fetchall() == [(9,)]
     assert caches[9] == {}
     assert caches[7].keys() == {"a", "b"} and caches[7]["b"] is None
     assert dt.datetime.fromisoformat(caches[7]["a"]) == dt.datetime(2026, 12, 1, 10, 0, 0, 1234, tzinfo=dt.timezone.utc)

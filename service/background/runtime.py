@@ -203,7 +203,8 @@ class Runtime:
             receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence)
             workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
             self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch,
-                                                        consumer=ActiveKeysSubscriber.consumer)
+                                                        consumer=ActiveKeysSubscriber.consumer,
+                                                        on_forward=[receipts.forwarded])
             workers.append(asyncio.create_task(self.invalidations.run_checkpoints(), name="invalidation-checkpoints"))
             sub = ActiveKeysSubscriber(self.settings.database_url, self.bus, fence=fence, epoch=self.lease.epoch,
                                        followers=[self.invalidations.follow, receipts.record],

@@ -52,7 +52,8 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from .. import tasks
 from ..background.bus import Bus, ensure_streams
-from ..core.events import ApiKeyRotated, ApiKeyUpdated, RecordedEvent, decode_envelope
+from ..core.events import (EVENT_TYPES, ApiKeyRotated, ApiKeyUpdated, EnvelopeHead, RecordedEvent,
+                           decode_envelope)
 from ..core.freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
 from .consumer import consume, run_forever, term_consumer
 
@@ -82,6 +83,10 @@ REASONS = {
 UPDATE_FIELDS_THAT_INVALIDATE = ("expires_at", "permissions", "metadata", "remaining", "refill_amount",
                                  "refill_interval", "rate_limit_enabled", "rate_limit_time_window",
                                  "rate_limit_max")
+# Known event types that never invalidate: ``follow`` skips them by their head, without decoding the whole
+# envelope (a creation or an import burst is mostly these). A type this code does not know is decoded, and
+# invalidates conservatively (``_fallback``), as does a reduced envelope of any type.
+NEVER_INVALIDATE = frozenset(EVENT_TYPES) - set(REASONS) - {"ApiKeyUpdated"}
 
 _encoder = msgspec.json.Encoder()
 Invalidation = tuple[dict[str, Any], "str | None"]  # (message, the event's id for Nats-Msg-Id)
@@ -192,15 +197,18 @@ class InvalidationProjection:
             await msg.ack()
         self.acked()
 
-    async def follow(self, msgs: list[Any], heads: Any = None) -> None:
+    async def follow(self, msgs: list[Any], heads: list[EnvelopeHead] | None = None) -> None:
         """Publish what ``msgs`` call for, concurrently, and return once JetStream acknowledged every one; the
         caller acks the batch after that, then calls ``acked``. Publishes that failed are retried (only those)
-        for up to RETRY_FOR_S; then this raises and the batch is delivered again. ``heads``: unused (the
-        subscriber's follower signature); an invalidation needs the whole event."""
+        for up to RETRY_FOR_S; then this raises and the batch is delivered again. ``heads``: the envelopes' heads
+        (decoded by the subscriber; None alone), to skip the events that never invalidate."""
         self._in_hand_from = msgs[0].metadata.sequence.stream if msgs else None  # (one parse per batch)
         try:
+            delivered = len(msgs)
+            if heads is not None:
+                msgs = [msg for msg, head in zip(msgs, heads) if head.reduced or head.type not in NEVER_INVALIDATE]
             todo = [inv for inv in map(self._invalidation, msgs) if inv is not None]
-            self.ignored += len(msgs) - len(todo)
+            self.ignored += delivered - len(todo)
             deadline = time.monotonic() + RETRY_FOR_S
             while todo and (todo := await self._publish(todo)):  # those not acknowledged, again
                 if time.monotonic() > deadline:

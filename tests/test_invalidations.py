@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import nats
 import pytest
 
@@ -32,11 +33,12 @@ from keyledger.core.events import (
     ApiKeyEnabled,
     ApiKeyRevoked,
     ApiKeyUpdated,
+    EVENT_TYPES,
     RecordedEvent,
     encode_envelope,
     kind,
 )
-from keyledger.projections.invalidations import InvalidationProjection, invalidation_for
+from keyledger.projections.invalidations import NEVER_INVALIDATE, InvalidationProjection, invalidation_for
 from keyledger.core.records import hash_key, new_key, new_key_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,20 @@ def test_which_events_invalidate_and_with_what_reason() -> None:
             continue
         assert inv == {"keyId": "k" * 32, "keyHash": h, "reason": reason, "position": 42,
                        "occurredAt": "2025-01-02T03:04:05.678901Z"}, event
+
+
+def test_the_types_skipped_by_their_head_are_exactly_those_that_never_invalidate() -> None:
+    """``follow`` skips events by their head's type without decoding them (NEVER_INVALIDATE): every known type
+    but the update (which depends on its fields) is either skipped and never invalidates, or decoded and always
+    does. A type added to the log without a thought here fails (no sample, or on the wrong side)."""
+    h = hash_key("x" * 64)
+    fills = {"key_hash": h, "reference_id": "u1", "previous_key_hash": hash_key("y" * 64)}
+    for name, cls in EVENT_TYPES.items():
+        if name == "ApiKeyUpdated":
+            assert name not in NEVER_INVALIDATE
+            continue
+        event = cls(**{f.name: fills[f.name] for f in msgspec.structs.fields(cls) if f.required})
+        assert (invalidation_for(recorded(event, position=7)) is None) == (name in NEVER_INVALIDATE), name
 
 
 def test_invalidation_is_a_pure_function_of_the_event_and_matches_the_envelope_time() -> None:

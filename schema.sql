@@ -511,17 +511,19 @@ END $$;
 -- ---------------------------------------------------------------------------------------------------------
 -- Revocation receipts (projections/receipts.py): when did a revocation take effect in every cache?
 -- Caches report the log position through which they have applied invalidations (no keys, no hashes: positions
--- only). For each revocation-like event (revoked, disabled, expired, rotated without grace), one row; its
--- ``caches`` maps every cache that was live when it was projected to keyledger's (the database's) clock when the
--- first receipt covering the position arrived, or null. Bounded: a row per revocation with an entry per live
--- cache, pruned after the retention period.
+-- only). For each revocation-like event (revoked, disabled, expired, rotated without grace) projected while caches
+-- were live, one row; its ``caches`` maps each of them to keyledger's (the database's) clock when the first receipt
+-- covering the position arrived, or null. (With none live, no row: it took effect everywhere at its commit.)
+-- Bounded: a row per such revocation with an entry per live cache, pruned after the retention period.
 -- ---------------------------------------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS receipt_caches (
-    cache_id     text PRIMARY KEY,
-    service      text,
-    position     bigint      NOT NULL,  -- the highest position it has confirmed (noted at most once a second)
-    last_seen_at timestamptz NOT NULL   -- likewise: liveness within a term is kept in memory (receipts.py)
+    cache_id      text PRIMARY KEY,
+    service       text,
+    position      bigint      NOT NULL,  -- the highest position it has confirmed (noted at most once a second)
+    last_seen_at  timestamptz NOT NULL,  -- likewise: liveness within a term is kept in memory (receipts.py)
+    first_seen_at timestamptz NOT NULL DEFAULT '-infinity'  -- a revocation before it never waits for it
 );
+ALTER TABLE receipt_caches ADD COLUMN IF NOT EXISTS first_seen_at timestamptz NOT NULL DEFAULT '-infinity';
 CREATE TABLE IF NOT EXISTS revocations (
     position                bigint PRIMARY KEY,  -- the event's position in the log
     key_id                  text        NOT NULL,
@@ -532,9 +534,9 @@ CREATE TABLE IF NOT EXISTS revocations (
 );
 ALTER TABLE revocations ADD COLUMN IF NOT EXISTS caches jsonb NOT NULL DEFAULT '{}';
 -- A revocation's row is written once its caches confirmed it (or after a second), not when it is projected; every
--- revocation-like event at or below this position has its row, and a new leadership term takes those above it
--- that have none from the log (receipts.py). One row. A database that had receipts before starts from its newest
--- row (that code wrote each row before its event was acknowledged).
+-- revocation-like event at or below this position has its row (or had no cache live), and a new leadership term
+-- takes those above it that have none from the log (receipts.py). One row. A database that had receipts before
+-- starts from its newest row (that code wrote each row before its event was acknowledged).
 CREATE TABLE IF NOT EXISTS receipts_written (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     position bigint  NOT NULL

@@ -26,26 +26,30 @@ confirmed, a revocation cost PostgreSQL two row versions and their WAL while cac
 (revocation, cache), inserted then updated, cost it more than the revocation itself: docs/benchmarks.md.)
 
 What is held but not written yet would be lost with this process (its events are acked), so the log is the
-backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row, and a
-new leadership term (or a reconnection) takes those above it that have none from the events table, pending on
-the caches live then, beside the pending rows. The sweeper moves that cursor to the newest freshness checkpoint
-this process forwarded (``forwarded``: the active-keys consumer's acks cover every event up to its position, so
-each passed ``record``), but never to or past a revocation held unwritten: the gap problem cannot bite, as the
-checkpoint's position is a safe horizon and what is unwritten holds the cursor below it. Every write commits
-without waiting for the disk (NO_WAIT): WAL is flushed in order, so a cursor that survived a database crash
-proves the rows written before it survived too; a row lost with it is taken from the log again, and a
-confirmation lost comes back with the cache's next heartbeat, dated later, never wrongly earlier.
+backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row (or
+needs none: no cache was live), and a new leadership term (or a reconnection) takes those above it that have
+none from the events table, pending on the caches live then, beside the pending rows. The sweeper moves that
+cursor to the newest freshness checkpoint this process forwarded (``forwarded``: the active-keys consumer's acks
+cover every event up to its position, so each passed ``record``), but never to or past a revocation held
+unwritten: the gap problem cannot bite, as the checkpoint's position is a safe horizon and what is unwritten
+holds the cursor below it. Every write commits without waiting for the disk (NO_WAIT): WAL is flushed in order,
+so a cursor that survived a database crash proves the rows written before it survived too; a row lost with it is
+taken from the log again, and a confirmation lost comes back with the cache's next heartbeat, dated later, never
+wrongly earlier.
 
-The read side (``read``) answers for a revocation in the log that has no row yet (the milliseconds after the
-delete's 200, or up to ``WRITE_AFTER_S`` while a cache is slow): pending, on the caches live now.
+A revocation projected while no cache was live gets no row at all: it took effect everywhere at its commit (no
+cache held the key; verify reads the database), and that is what is announced. The read side (``read``) answers
+from the log for a revocation that has no row: pending on the caches live now (and heard of before it) while it
+is above the cursor and some are (the milliseconds after the delete's 200, or up to ``WRITE_AFTER_S`` while a
+cache is slow), else in effect everywhere at its commit, listing no cache.
 
 Every time is the database's clock (``clock_timestamp()``, returned by the statement that dates the receipts),
 so no host's clock skews a receipt. A receipt can arrive before the revocation's event is projected (it raced
 through the invalidation path): the projection remembers each cache's recent receipts (``HeardCache``) and
 dates such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
 
-Storage: one ``revocations`` row per revocation-like event, holding one entry per cache that was live, kept
-``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
+Storage: one ``revocations`` row per revocation-like event projected while caches were live, holding one entry per
+such cache, kept ``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ WRITE_AFTER_S = 1.0
 NO_WAIT = "set_config('synchronous_commit', 'off', true) = 'off'"
 # Revocations' rows, new or pending, in one statement: each with its caches (id -> confirmed at, or null) and, when
 # none is left to wait for, the moment it took effect everywhere (its last confirmation; now, when a cache that
-# never confirmed was declared gone, or none was live). A row completed before (by an earlier term: a redelivered
+# never confirmed was declared gone). A row completed before (by an earlier term: a redelivered
 # event) is left alone and not returned. Each row is found by a primary-key probe (ON CONFLICT), never through
 # the partial index of pending revocations (whose bitmap scans once visited every entry it ever held, dead ones
 # included until a vacuum, so each save cost more than the one before), nor by joining the batch to a sequential
@@ -109,7 +113,7 @@ ON CONFLICT (position) DO UPDATE
 WHERE r.effective_everywhere_at IS NULL
 RETURNING r.position, r.effective_everywhere_at
 """.format(NO_WAIT=NO_WAIT)
-# Every revocation-like event at or below it has its row (the module docstring); moved by the sweeper.
+# Every revocation-like event at or below it has its row, or needs none (the module docstring); moved by the sweeper.
 CURSOR = "SELECT position FROM receipts_written"
 ADVANCE = "UPDATE receipts_written SET position = %s WHERE {NO_WAIT}".format(NO_WAIT=NO_WAIT)
 # What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those) ...
@@ -137,8 +141,8 @@ WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 NOTE_EVERY_S = 1.0
 RECEIVE = """
 WITH noted AS (
-    INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at)
-    SELECT cache, service, position, clock_timestamp()
+    INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at, first_seen_at)
+    SELECT cache, service, position, clock_timestamp(), clock_timestamp()
     FROM jsonb_to_recordset(%s::jsonb) AS r(cache text, service text, position bigint)
     WHERE {NO_WAIT}
     ON CONFLICT (cache_id) DO UPDATE SET service = excluded.service,
@@ -150,21 +154,22 @@ PRUNE = """
 WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
-# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event with a row,
-# or above the cursor (its row not written yet: pending), and whether it has its row. Found through the key's
-# events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
-# (key_id) would cost every revocation one more index insert for this rare read. Below the cursor, an event
-# without a row is one whose row was pruned (RETENTION_DAYS).
+# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, whether it
+# has its row, and whether it is above the cursor (no row yet: pending, if caches are live). Found through the
+# key's events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
+# (key_id) would cost every revocation one more index insert for this rare read. One older than RETENTION_DAYS
+# without a row is left out: its row, if it had one, was pruned.
 LATEST = """
 WITH mine AS MATERIALIZED (
     SELECT position, type, recorded_at FROM events
     WHERE stream_id = %(key)s AND type = ANY(%(types)s) AND (type <> 'ApiKeyRotated' OR data->>'graceUntil' IS NULL))
-SELECT m.position, m.type, coalesce(r.revoked_at, m.recorded_at), r.effective_everywhere_at, r.position IS NOT NULL
+SELECT m.position, m.type, coalesce(r.revoked_at, m.recorded_at), r.effective_everywhere_at, r.position IS NOT NULL,
+       m.position > (SELECT position FROM receipts_written)
 FROM mine m LEFT JOIN revocations r ON r.position = m.position
-WHERE r.position IS NOT NULL OR m.position > (SELECT position FROM receipts_written)
+WHERE r.position IS NOT NULL OR m.recorded_at > clock_timestamp() - %(days)s * interval '1 day'
 ORDER BY m.position DESC LIMIT 1
 """
-# Its caches: those of its row, or (no row yet) those live now, pending.
+# Its caches: those of its row, or (no row yet) those live now that were heard of before it, pending.
 CACHES_OF = """
 SELECT e.key, c.service, (e.value #>> '{}')::timestamptz, c.last_seen_at,
        c.last_seen_at IS NULL OR c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
@@ -173,7 +178,7 @@ WHERE r.position = %s ORDER BY e.key
 """
 CACHES_NOW = """
 SELECT cache_id, service, NULL::timestamptz, last_seen_at, false FROM receipt_caches
-WHERE last_seen_at > clock_timestamp() - %s * interval '1 second' ORDER BY cache_id
+WHERE last_seen_at > clock_timestamp() - %s * interval '1 second' AND first_seen_at <= %s ORDER BY cache_id
 """
 
 _encoder = msgspec.json.Encoder()
@@ -188,14 +193,19 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
     """The receipt of a key's latest revocation-like event, or None if it has none.
 
     A cache's state: ``confirmed`` once a receipt covered the position; otherwise ``gone`` if the revocation
-    completed without it (it was declared gone) or it is silent now, else ``pending``. A revocation whose row is
-    not written yet is pending on the caches live now (the projection waits for those it saw live)."""
-    row = await (await conn.execute(LATEST, {"key": key_id, "types": list(REVOKING)})).fetchone()
+    completed without it (it was declared gone) or it is silent now, else ``pending``. A revocation without a row
+    is pending on the caches live now while the projection may still hold it (above the cursor); with none live,
+    or below the cursor, no cache was live when it was projected: in effect everywhere at its commit."""
+    row = await (await conn.execute(LATEST, {"key": key_id, "types": list(REVOKING),
+                                             "days": RETENTION_DAYS})).fetchone()
     if row is None:
         return None
-    position, type_, revoked_at, everywhere, written = row
-    caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position)) if written
-                    else await conn.execute(CACHES_NOW, (GONE_AFTER_S,))).fetchall()
+    position, type_, revoked_at, everywhere, written, unsettled = row
+    if written:
+        caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position))).fetchall()
+    else:
+        caches = await (await conn.execute(CACHES_NOW, (GONE_AFTER_S, revoked_at))).fetchall() if unsettled else []
+        everywhere = None if caches else revoked_at
     return {
         "keyId": key_id, "position": position, "type": type_, "revokedAt": _iso(revoked_at),
         "effectiveEverywhereAt": _iso(everywhere),
@@ -282,7 +292,7 @@ class Pending:
 
     def row(self, position: int) -> dict[str, Any]:
         """Its WRITE row: done once nothing is waiting; everywhere = the last confirmation if every cache
-        confirmed, else None (now: a cache was declared gone, or none was live)."""
+        confirmed, else None (now: a cache was declared gone)."""
         confirmed = [at for at in self.caches.values() if at is not None]
         everywhere = max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
         return {"position": position, "key_id": self.key_id, "type": self.type, "revoked_at": self.revoked_at,
@@ -377,8 +387,8 @@ class ReceiptsProjection:
 
     async def _record(self, revocations: list[tuple[int, str, str, dt.datetime]]) -> None:
         """Hold each new revocation for the caches live now. Those already in effect everywhere (every live
-        cache's receipt outran the event, or no cache is live) are written at once, the others once confirmed
-        (``_receive``) or by the sweeper: nothing is written for them here."""
+        cache's receipt outran the event) are written at once, those no cache was live for never; the others once
+        confirmed (``_receive``) or by the sweeper: nothing is written for them here."""
         async with self._lock:
             now = asyncio.get_running_loop().time()
             live = [c for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S]
@@ -491,14 +501,18 @@ class ReceiptsProjection:
 
     async def _save(self, pendings: dict[int, Pending]) -> list[tuple[str, int, dt.datetime, int]]:
         """Write these revocations' rows (new, or their confirmations since), completing those nothing waits for
-        any more; those leave memory, as do those an earlier term completed (a redelivery: not returned). Returns
-        what took effect everywhere; the caller holds the lock."""
+        any more; those leave memory, as do those an earlier term completed (a redelivery: not returned), and those
+        no cache was live for (no row). Returns what took effect everywhere; the caller holds the lock."""
         assert self._conn is not None
+        done = []
+        for position, pending in list(pendings.items()):
+            if not pending.caches:  # no cache was live: in effect everywhere at its commit, and no row says so
+                del pendings[position], self._pending[position]
+                done.append(pending.announcement(position, pending.revoked_at))
         if not pendings:
-            return []
+            return done
         rows = [pending.row(position) for position, pending in pendings.items()]
         saved = dict(await (await self._conn.execute(WRITE, (_encoder.encode(rows).decode(),))).fetchall())
-        done = []
         for position, pending in pendings.items():
             pending.written, pending.dirty = True, False
             if position not in saved:

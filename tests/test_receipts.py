@@ -129,6 +129,15 @@ def test_every_cache_confirms_and_the_revocation_completes_everywhere(
                what="the revocation.effective announcement")
     history = svc.get("api-key/history", me, params={"id": answer["keyId"]}).json()
     assert history["revocation"]["effectiveEverywhereAt"] == answer["effectiveEverywhereAt"]
+    # The command line says the same (an operator's or auditor's view, straight from the database).
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "keyledger.cli", *args], env=svc.env(), cwd=ROOT, check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+    by_cli = json.loads(cli("receipts", answer["keyId"], "--json"))
+    assert {k: v for k, v in by_cli.items() if k != "caches"} == {k: v for k, v in answer.items() if k != "caches"}
+    assert {c["cacheId"]: c["effectiveAt"] for c in by_cli["caches"]} == {c: states[c]["effectiveAt"] for c in states}
+    assert f"everywhere: {answer['effectiveEverywhereAt']}" in cli("receipts", answer["keyId"])
+    assert f"effective everywhere: {answer['effectiveEverywhereAt']}" in cli("history", answer["keyId"])
 
 
 def test_a_hung_cache_blocks_everywhere_until_it_is_gone(deployment: Service,
@@ -391,6 +400,47 @@ def test_a_revocation_confirmed_within_a_second_is_written_once(deployment: Serv
     wait_until(lambda: cursor(svc) >= position, timeout=10, what="the cursor past the written revocation")
 
 
+def test_a_revocation_no_cache_held_has_no_row_and_took_effect_everywhere_at_its_commit(
+        deployment: Service) -> None:
+    """With no cache live, a revocation is in effect everywhere the moment it commits (verify reads the database):
+    the receipt says so from the delete's 200 on (``effectiveEverywhereAt`` = ``revokedAt``, no cache listed), and
+    so does the announcement, and no row is written for it (a row per revocation cost a deployment without caches
+    an insert and its WAL per revoke). A cache that joins later changes nothing."""
+    svc = deployment
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        conn.execute(NOTE_WRITES)
+    me = svc.session()
+    key = svc.create_key(me)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        nc = await nats.connect(svc.nats_url)
+        announced: list[dict[str, Any]] = []
+
+        async def heard(msg: Any) -> None:
+            announced.append(json.loads(msg.data))
+
+        await nc.subscribe(svc.topology.effective_subject, cb=heard)
+        try:
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            first = (await asyncio.to_thread(receipt, svc, me, key["id"])).json()
+            await wait_for(lambda: announced, 5, "the revocation.effective announcement")
+            await send_receipts(nc, svc, {"cacheId": "late", "position": 0})
+            await wait_for(lambda: "late" in live_caches(svc), 10, "a cache live after it")
+            return first, announced[0]
+        finally:
+            await nc.close()
+
+    first, announcement = asyncio.run(scenario())
+    assert first["effectiveEverywhereAt"] == first["revokedAt"] and first["caches"] == [], first
+    assert announcement["effectiveEverywhereAt"] == first["revokedAt"] and announcement["caches"] == 0, announcement
+    assert announcement["keyId"] == key["id"] and announcement["position"] == first["position"]
+    later = receipt(svc, me, key["id"]).json()
+    assert later["effectiveEverywhereAt"] == first["revokedAt"] and later["caches"] == [], later
+    wait_until(lambda: cursor(svc) >= first["position"], timeout=10, what="the cursor past it")
+    assert receipt(svc, me, key["id"]).json() == later
+    assert writes(svc) == []
+
+
 def test_a_revocation_held_unwritten_when_the_leader_dies_is_taken_from_the_log(deployment: Service) -> None:
     """A revocation's event is acked while the projection still holds it unwritten (its cache has not confirmed).
     The leader killed (-9) then takes that memory with it: the next term finds the revocation in the log, above
@@ -612,7 +662,9 @@ def test_writing_and_reading_revocations_find_each_by_its_key_however_many_were_
                             "done": done, "everywhere": None} for p in range(lo, hi)])
 
     def plan(conn: psycopg.Connection[Any], statement: str, *literals: Any) -> str:
-        statement = statement.replace("%(key)s", "%s").replace("%(types)s", "%s").replace("%s", "{}")
+        for name in ("key", "types", "days"):
+            statement = statement.replace(f"%({name})s", "%s")
+        statement = statement.replace("%s", "{}")
         explain = sql.SQL("EXPLAIN (COSTS OFF) " + statement).format(*map(sql.Literal, literals))
         return "\n".join(r[0] for r in conn.execute(explain))
 
@@ -622,7 +674,7 @@ def test_writing_and_reading_revocations_find_each_by_its_key_however_many_were_
             assert len(conn.execute(WRITE, (rows(lo, lo + 500, done=True),)).fetchall()) == 500
         p = plan(conn, WRITE, rows(5001, 5051, done=True))
         assert "revocations_pending_idx" not in p and "Seq Scan on revocations" not in p, p
-        assert "Seq Scan on revocations" not in (p := plan(conn, LATEST, "k42", list(REVOKING))), p
+        assert "Seq Scan on revocations" not in (p := plan(conn, LATEST, "k42", list(REVOKING), 30)), p
         assert len(conn.execute(WRITE, (rows(4990, 5051, done=True),)).fetchall()) == 50  # 4990-5000: done before
         count = "SELECT count(*) FILTER (WHERE effective_everywhere_at IS NULL), count(*) FROM revocations"
         assert conn.execute(count).fetchone() == (0, 5050)

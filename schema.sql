@@ -521,9 +521,9 @@ CREATE TABLE IF NOT EXISTS receipt_caches (
     service       text,
     position      bigint      NOT NULL,  -- the highest position it has confirmed (noted at most once a second)
     last_seen_at  timestamptz NOT NULL,  -- likewise: liveness within a term is kept in memory (receipts.py)
-    first_seen_at timestamptz NOT NULL DEFAULT '-infinity'  -- a revocation before it never waits for it
+    first_seen_at timestamptz  -- a revocation before it never waits for it (null: heard of before this column)
 );
-ALTER TABLE receipt_caches ADD COLUMN IF NOT EXISTS first_seen_at timestamptz NOT NULL DEFAULT '-infinity';
+ALTER TABLE receipt_caches ADD COLUMN IF NOT EXISTS first_seen_at timestamptz;
 CREATE TABLE IF NOT EXISTS revocations (
     position                bigint PRIMARY KEY,  -- the event's position in the log
     key_id                  text        NOT NULL,

@@ -26,16 +26,16 @@ confirmed, a revocation cost PostgreSQL two row versions and their WAL while cac
 (revocation, cache), inserted then updated, cost it more than the revocation itself: docs/benchmarks.md.)
 
 What is held but not written yet would be lost with this process (its events are acked), so the log is the
-backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row (or
-needs none: no cache was live), and a new leadership term (or a reconnection) takes those above it that have
-none from the events table, pending on the caches live then, beside the pending rows. The sweeper moves that
-cursor to the newest freshness checkpoint this process forwarded (``forwarded``: the active-keys consumer's acks
-cover every event up to its position, so each passed ``record``), but never to or past a revocation held
-unwritten: the gap problem cannot bite, as the checkpoint's position is a safe horizon and what is unwritten
-holds the cursor below it. Every write commits without waiting for the disk (NO_WAIT): WAL is flushed in order,
-so a cursor that survived a database crash proves the rows written before it survived too; a row lost with it is
-taken from the log again, and a confirmation lost comes back with the cache's next heartbeat, dated later, never
-wrongly earlier.
+backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row (or needs
+none: no cache was live), and a new leadership term (or a reconnection) takes those above it that have none from
+the events table, pending on the caches live then (those heard of before it), beside the pending rows. The sweeper
+moves that cursor to the newest freshness checkpoint this process forwarded (``forwarded``: the active-keys
+consumer's acks cover every event up to its position, so each passed ``record``), but never to or past a revocation
+held unwritten: the gap problem cannot bite, as the checkpoint's position is a safe horizon and what is unwritten
+holds the cursor below it. Every write commits without waiting for the disk (NO_WAIT): WAL is flushed in order, so
+a cursor that survived a database crash proves the rows written before it survived too; a row lost with it is taken
+from the log again, and a confirmation lost comes back with the cache's next heartbeat, dated later, never wrongly
+earlier.
 
 A revocation projected while no cache was live gets no row at all: it took effect everywhere at its commit (no
 cache held the key; verify reads the database), and that is what is announced. The read side (``read``) answers
@@ -128,9 +128,9 @@ WHERE e.position > %(after)s AND e.type = ANY(%(types)s)
   AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.position = e.position)
 ORDER BY e.position
 """
-# Caches heard of within the last GONE_AFTER_S seconds, and how long ago (seeds a new term's view of them).
+# Caches heard of within the last GONE_AFTER_S seconds, how long ago, and since when (seeds a new term's view).
 LIVE_CACHES = """
-SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8 FROM receipt_caches
+SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8, first_seen_at FROM receipt_caches
 WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 """
 # One statement for a batch of receipts (at most one per cache): read the database's clock, the moment every
@@ -178,7 +178,8 @@ WHERE r.position = %s ORDER BY e.key
 """
 CACHES_NOW = """
 SELECT cache_id, service, NULL::timestamptz, last_seen_at, false FROM receipt_caches
-WHERE last_seen_at > clock_timestamp() - %s * interval '1 second' AND first_seen_at <= %s ORDER BY cache_id
+WHERE last_seen_at > clock_timestamp() - %s * interval '1 second' AND coalesce(first_seen_at <= %s, true)
+ORDER BY cache_id
 """
 
 _encoder = msgspec.json.Encoder()
@@ -344,8 +345,8 @@ class ReceiptsProjection:
         above the cursor that have no row (held unwritten when the term before ended), pending on the caches
         live now."""
         now = asyncio.get_running_loop().time()
-        self._caches = {cache_id: HeardCache(now - age) for cache_id, age in
-                        await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()}
+        live = await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()
+        self._caches = {cache_id: HeardCache(now - age) for cache_id, age, _ in live}
         self._pending = {}
         for position, key_id, type_, revoked_at, caches in await (await conn.execute(PENDING)).fetchall():
             confirmed = {c: None if at is None else dt.datetime.fromisoformat(at) for c, at in caches.items()}
@@ -354,8 +355,9 @@ class ReceiptsProjection:
         self._forwarded = max(self._forwarded, self._written_through)
         unwritten = await (await conn.execute(REVOKING_EVENTS, {"after": self._written_through,
                                                                  "types": list(REVOKING)})).fetchall()
-        for position, key_id, type_, revoked_at in unwritten:
-            self._hold(position, Pending(key_id, type_, revoked_at, dict.fromkeys(self._caches), since=now))
+        for position, key_id, type_, revoked_at in unwritten:  # (a cache heard of only after it is not waited for)
+            caches = dict.fromkeys(c for c, _, first_seen in live if first_seen is None or first_seen <= revoked_at)
+            self._hold(position, Pending(key_id, type_, revoked_at, caches, since=now))
 
     def forwarded(self, position: int) -> None:
         """A freshness checkpoint was forwarded (the invalidation projection calls this): every event up to

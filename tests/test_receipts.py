@@ -444,7 +444,8 @@ def test_a_revocation_no_cache_held_has_no_row_and_took_effect_everywhere_at_its
 def test_a_revocation_held_unwritten_when_the_leader_dies_is_taken_from_the_log(deployment: Service) -> None:
     """A revocation's event is acked while the projection still holds it unwritten (its cache has not confirmed).
     The leader killed (-9) then takes that memory with it: the next term finds the revocation in the log, above
-    the cursor and without a row, waits for the cache again, and writes it once the cache confirms."""
+    the cursor and without a row, waits for the cache again, and writes it once the cache confirms. A cache first
+    heard of after the revocation, live at the restart too, is not waited for."""
     svc = deployment
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
         conn.execute(NOTE_WRITES)
@@ -461,9 +462,11 @@ def test_a_revocation_held_unwritten_when_the_leader_dies_is_taken_from_the_log(
             await send_receipts(nc, svc, slow)
             await wait_for(lambda: "slow" in live_caches(svc), 10, "the hand-made cache live")
             assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await send_receipts(nc, svc, {"cacheId": "newcomer", "position": 0})
             await wait_for(lambda: positions, 5, "the invalidation")
             # A checkpoint forwarded past it: the consumer's acks cover its event, which will not come again.
             await wait_for(lambda: checkpoints and checkpoints[-1] >= positions[0], 5, "a checkpoint past it")
+            await wait_for(lambda: "newcomer" in live_caches(svc), 5, "the newcomer live")
             svc.kill()
             return positions[0], noted
         finally:

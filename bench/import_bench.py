@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from keyledger.ops.importer import run_import  # noqa: E402
 from keyledger.storage.schema import migrate  # noqa: E402
-from test_import import APIKEY_1_5, BETTER_AUTH_CORE  # noqa: E402  (the one copy of better-auth's DDL)
+from better_auth_schema import APIKEY_1_5, BETTER_AUTH_CORE  # noqa: E402  (tests/: better-auth's DDL)
 
 TARGET_S = 10.0
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"

@@ -674,7 +674,7 @@ def import_keys(servers: Servers, service: "Service", n: int, what: str) -> list
     stream one ``ApiKeyImported`` event where a created key has ``ApiKeyCreated``), not verified. Returns once the
     service has published every imported event (the outbox is empty)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_import import APIKEY_1_5  # the one copy of better-auth's DDL (as bench/import_bench.py)
+    from better_auth_schema import APIKEY_1_5  # tests/: the one copy of better-auth's DDL
 
     t = time.monotonic()
     src = f"{servers.dbname}_src"

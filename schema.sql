@@ -524,6 +524,9 @@ CREATE TABLE IF NOT EXISTS receipt_caches (
     first_seen_at timestamptz  -- a revocation before it never waits for it (null: heard of before this column)
 );
 ALTER TABLE receipt_caches ADD COLUMN IF NOT EXISTS first_seen_at timestamptz;
+-- (2ae9159 made it NOT NULL DEFAULT '-infinity', which psycopg cannot load: null says the same.)
+ALTER TABLE receipt_caches ALTER COLUMN first_seen_at DROP NOT NULL, ALTER COLUMN first_seen_at DROP DEFAULT;
+UPDATE receipt_caches SET first_seen_at = NULL WHERE first_seen_at = '-infinity';
 CREATE TABLE IF NOT EXISTS revocations (
     position                bigint PRIMARY KEY,  -- the event's position in the log
     key_id                  text        NOT NULL,

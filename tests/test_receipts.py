@@ -296,15 +296,20 @@ async def send_receipts(nc: Any, svc: Service, *receipts: dict[str, Any] | bytes
     await nc.flush()
 
 
-async def invalidated_positions(nc: Any, svc: Service) -> list[int]:
-    """The positions of the invalidations published from now on, appended as they arrive."""
+async def positions_on(nc: Any, subject: str) -> list[int]:
+    """The ``position`` of each message on ``subject`` from now on, appended as they arrive."""
     positions: list[int] = []
 
-    async def on_invalidation(msg: Any) -> None:
+    async def arrived(msg: Any) -> None:
         positions.append(json.loads(msg.data)["position"])
 
-    await nc.subscribe(svc.topology.invalidation_subject, cb=on_invalidation)
+    await nc.subscribe(subject, cb=arrived)
     return positions
+
+
+async def invalidated_positions(nc: Any, svc: Service) -> list[int]:
+    """The positions of the invalidations published from now on."""
+    return await positions_on(nc, svc.topology.invalidation_subject)
 
 
 def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deployment: Service) -> None:
@@ -355,13 +360,7 @@ def cursor(svc: Service) -> int:
 
 async def forwarded_positions(nc: Any, svc: Service) -> list[int]:
     """The positions of the freshness checkpoints forwarded to caches from now on."""
-    positions: list[int] = []
-
-    async def on_checkpoint(msg: Any) -> None:
-        positions.append(json.loads(msg.data)["position"])
-
-    await nc.subscribe(svc.topology.checkpoint_subject, cb=on_checkpoint)
-    return positions
+    return await positions_on(nc, svc.topology.checkpoint_subject)
 
 
 def test_a_revocation_confirmed_within_a_second_is_written_once(deployment: Service) -> None:

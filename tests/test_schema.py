@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from better_auth_schema import BETTER_AUTH_CORE
 from harness import Service, delete_streams, unique_topology, wait_until
 from keyledger.http.auth import cookie_value
 from keyledger.storage.schema import SCHEMA_PATH, migrate
@@ -98,15 +99,9 @@ def test_an_unchanged_schema_is_not_applied_again(service: Service) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # schema.sql applied onto a database that better-auth (or Rybbit) already owns
 # ---------------------------------------------------------------------------------------------------------
-# better-auth's core tables, as its Postgres migration creates them (no admin plugin: no ban columns).
-BETTER_AUTH = """
-create table "user" ("id" text not null primary key, "name" text not null, "email" text not null unique,
-  "emailVerified" boolean not null, "image" text, "createdAt" timestamptz default CURRENT_TIMESTAMP not null,
-  "updatedAt" timestamptz default CURRENT_TIMESTAMP not null);
-create table "session" ("id" text not null primary key, "expiresAt" timestamptz not null,
-  "token" text not null unique, "createdAt" timestamptz default CURRENT_TIMESTAMP not null,
-  "updatedAt" timestamptz not null, "ipAddress" text, "userAgent" text,
-  "userId" text not null references "user" ("id") on delete cascade);
+# better-auth's core tables, as its Postgres migration creates them (no admin plugin: no ban columns), and an
+# apikey table of its own.
+BETTER_AUTH = BETTER_AUTH_CORE + """
 create table "apikey" ("id" text not null primary key, "name" text, "start" text, "prefix" text,
   "key" text not null, "userId" text not null references "user" ("id") on delete cascade,
   "enabled" boolean, "createdAt" timestamptz not null, "updatedAt" timestamptz not null, "metadata" text);

@@ -535,9 +535,11 @@ class ReceiptsProjection:
 
 
 def _revocation(msg: Any, head: EnvelopeHead) -> tuple[int, str, str, dt.datetime] | None:
-    """(position, key id, type, recorded at) of a revocation-like event (its message and head), else None."""
-    if head.type not in REVOKING or head.reduced or head.occurred_at is None:
-        return None  # not a revocation; or reduced: not one we can date (the log still has it whole)
+    """(position, key id, type, recorded at) of a revocation-like event (its message and head), else None. A
+    reduced envelope (too large for NATS whole: relay.py) keeps all of that; a rotation's reduced form has lost its
+    grace, so it counts as one without, conservatively (every cache evicted it anyway: invalidations.py)."""
+    if head.type not in REVOKING or head.occurred_at is None:
+        return None
     if head.type == "ApiKeyRotated":  # only its data says whether the old secret keeps working for a while
         try:
             if getattr(decode_envelope(msg.data).event, "grace_until", None) is not None:

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -25,7 +27,10 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
-from keyledger.projections.receipts import GONE_AFTER_S, LATEST, REVOKING, WRITE, HeardCache
+from keyledger.core.events import (ApiKeyRevoked, ApiKeyRotated, RecordedEvent, decode_envelope_head,
+                                   encode_envelope, encode_reduced_envelope)
+from keyledger.core.records import hash_key
+from keyledger.projections.receipts import GONE_AFTER_S, LATEST, REVOKING, WRITE, HeardCache, _revocation
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -645,6 +650,26 @@ def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
     cache.add(10, [11], t(4))  # a proven position never goes back; 11 was proven at t(3) already
     assert [cache.covered_at(p) for p in (3, 5, 9, 7, 11, 12)] == [t(1), t(1), t(2), t(3), t(3), t(3)]
     assert cache.covered_at(13) is None
+
+
+def test_a_revocation_that_reached_nats_reduced_is_still_followed() -> None:
+    """An event too large for NATS travels in a reduced form (relay.py): a revocation's still names its position, key
+    and time, so the receipts follow it (the code before skipped it, and its receipt, read from the log, would then
+    claim it took effect at its commit with no cache listed). A rotation's reduced form has lost its grace: it counts
+    as a revocation, conservatively; whole, a rotation with grace does not."""
+    at = dt.datetime(2026, 12, 6, 1, 2, 3, 456789, tzinfo=dt.timezone.utc)
+
+    def msg_and_head(event: Any, *, reduced: bool) -> tuple[Any, Any]:
+        rec = RecordedEvent(id=str(uuid.uuid4()), stream_id="k" * 32, version=2, position=42, recorded_at=at,
+                            metadata={"userAgent": "x" * 500}, event=event)
+        payload = (encode_reduced_envelope if reduced else encode_envelope)(rec)
+        return SimpleNamespace(data=payload), decode_envelope_head(payload)
+
+    h, h2 = hash_key("a" * 64), hash_key("b" * 64)
+    assert _revocation(*msg_and_head(ApiKeyRevoked(key_hash=h), reduced=True)) == (42, "k" * 32, "ApiKeyRevoked", at)
+    graced = ApiKeyRotated(key_hash=h, previous_key_hash=h2, grace_until=at + dt.timedelta(hours=1))
+    assert _revocation(*msg_and_head(graced, reduced=False)) is None
+    assert _revocation(*msg_and_head(graced, reduced=True)) == (42, "k" * 32, "ApiKeyRotated", at)
 
 
 def test_writing_and_reading_revocations_find_each_by_its_key_however_many_were_completed(

@@ -27,13 +27,13 @@ most 8 % busy, the two idle services included: the side just measured finishes i
 The figure is the geometric mean of the rounds' ratios. ``--runs N`` repeats the whole run N times, both services
 and their keys afresh each time, and then reports the geometric mean of the runs' figures with their range: what
 holds for a whole run (where the processes and their data landed) is not seen by its rounds, and two runs of the
-same code minutes apart gave 0.972 and 0.854 on machine A, so one run is one sample, however many rounds. Measured on machine A, the phase that comes first in a
-round ran faster than the second (in 5 of 6 rounds of one run, by 5-10 %) whichever side it was: the order
-alternates, so the rounds with A first and those with B first lean opposite ways, and the geometric mean of an even
-number of rounds weighs both alike; the median of six can land on either lean. Also printed: each phase, each
-round's ratio, their median, and the ratio of the total rates; ``bench/results/revoke-interleaved-latest.json``
-keeps it all. Without DATABASE_URL and NATS_URL it starts an embedded PostgreSQL
-and nats-server for the run (keyledger.embedded).
+same code minutes apart gave 0.972 and 0.854 on machine A, so one run is one sample, however many rounds. Measured
+on machine A, the phase that comes first in a round ran faster than the second (in 5 of 6 rounds of one run, by
+5-10%) whichever side it was: the order alternates, so the rounds with A first and those with B first lean opposite
+ways, and the geometric mean of an even number of rounds weighs both alike; the median of six can land on either
+lean. Also printed: each phase, each round's ratio, their median, and the ratio of the total rates;
+``bench/results/revoke-interleaved-latest.json`` keeps it all. Without DATABASE_URL and NATS_URL it starts an
+embedded PostgreSQL and nats-server for the run (keyledger.embedded).
 """
 
 from __future__ import annotations

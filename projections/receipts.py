@@ -119,14 +119,15 @@ ADVANCE = "UPDATE receipts_written SET position = %s WHERE {NO_WAIT}".format(NO_
 # What a new term takes over: the revocations not yet in effect everywhere (a partial index holds just those) ...
 PENDING = ("SELECT position, key_id, type, revoked_at, caches FROM revocations"
            " WHERE effective_everywhere_at IS NULL")
+# A revocation-like event, as a condition on an events row (a rotation is one only without grace: ``_revocation``).
+REVOCATION_LIKE = "type = ANY(%(types)s) AND (type <> 'ApiKeyRotated' OR data->>'graceUntil' IS NULL)"
 # ... and the revocation-like events above the cursor that have no row (held unwritten by the term before).
-# (A rotation is one only without grace: ``_revocation``.) A range of the events' primary key.
-REVOKING_EVENTS = """
-SELECT e.position, e.stream_id, e.type, e.recorded_at FROM events e
-WHERE e.position > %(after)s AND e.type = ANY(%(types)s)
-  AND (e.type <> 'ApiKeyRotated' OR e.data->>'graceUntil' IS NULL)
+# A range of the events' primary key.
+REVOKING_EVENTS = f"""
+SELECT position, stream_id, type, recorded_at FROM events e
+WHERE position > %(after)s AND {REVOCATION_LIKE}
   AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.position = e.position)
-ORDER BY e.position
+ORDER BY position
 """
 # Caches heard of within the last GONE_AFTER_S seconds, how long ago, and since when (seeds a new term's view).
 LIVE_CACHES = """
@@ -159,10 +160,9 @@ DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * i
 # key's events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
 # (key_id) would cost every revocation one more index insert for this rare read. One older than RETENTION_DAYS
 # without a row is left out: its row, if it had one, was pruned.
-LATEST = """
+LATEST = f"""
 WITH mine AS MATERIALIZED (
-    SELECT position, type, recorded_at FROM events
-    WHERE stream_id = %(key)s AND type = ANY(%(types)s) AND (type <> 'ApiKeyRotated' OR data->>'graceUntil' IS NULL))
+    SELECT position, type, recorded_at FROM events WHERE stream_id = %(key)s AND {REVOCATION_LIKE})
 SELECT m.position, m.type, coalesce(r.revoked_at, m.recorded_at), r.effective_everywhere_at, r.position IS NOT NULL,
        m.position > (SELECT position FROM receipts_written)
 FROM mine m LEFT JOIN revocations r ON r.position = m.position
@@ -507,10 +507,11 @@ class ReceiptsProjection:
         no cache was live for (no row). Returns what took effect everywhere; the caller holds the lock."""
         assert self._conn is not None
         done = []
-        for position, pending in list(pendings.items()):
+        for position, pending in pendings.items():
             if not pending.caches:  # no cache was live: in effect everywhere at its commit, and no row says so
-                del pendings[position], self._pending[position]
+                del self._pending[position]
                 done.append(pending.announcement(position, pending.revoked_at))
+        pendings = {position: pending for position, pending in pendings.items() if pending.caches}
         if not pendings:
             return done
         rows = [pending.row(position) for position, pending in pendings.items()]

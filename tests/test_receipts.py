@@ -353,6 +353,11 @@ CREATE TRIGGER note_writes AFTER INSERT OR UPDATE ON revocations
 """
 
 
+def note_writes(svc: Service) -> None:
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        conn.execute(NOTE_WRITES)
+
+
 def writes(svc: Service) -> list[tuple[str, int]]:
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
         return conn.execute("SELECT op, position FROM revocation_writes ORDER BY n").fetchall()
@@ -374,8 +379,7 @@ def test_a_revocation_confirmed_within_a_second_is_written_once(deployment: Serv
     revocation while caches were live). Meanwhile the receipt answers from the log, pending on the live caches,
     never a 404 (the row is not there yet). Then the cursor passes it."""
     svc = deployment
-    with psycopg.connect(svc.database_url, autocommit=True) as conn:
-        conn.execute(NOTE_WRITES)
+    note_writes(svc)
     me = svc.session()
     key = svc.create_key(me)
 
@@ -411,8 +415,7 @@ def test_a_revocation_no_cache_held_has_no_row_and_took_effect_everywhere_at_its
     so does the announcement, and no row is written for it (a row per revocation cost a deployment without caches
     an insert and its WAL per revoke). A cache that joins later changes nothing."""
     svc = deployment
-    with psycopg.connect(svc.database_url, autocommit=True) as conn:
-        conn.execute(NOTE_WRITES)
+    note_writes(svc)
     me = svc.session()
     key = svc.create_key(me)
 
@@ -451,8 +454,7 @@ def test_a_revocation_held_unwritten_when_the_leader_dies_is_taken_from_the_log(
     the cursor and without a row, waits for the cache again, and writes it once the cache confirms. A cache first
     heard of after the revocation, live at the restart too, is not waited for."""
     svc = deployment
-    with psycopg.connect(svc.database_url, autocommit=True) as conn:
-        conn.execute(NOTE_WRITES)
+    note_writes(svc)
     me = svc.session()
     key = svc.create_key(me)
     slow = {"cacheId": "slow", "position": 0}

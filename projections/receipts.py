@@ -43,8 +43,9 @@ from the log for a revocation that has no row: pending on the caches live now (a
 is above the cursor and some are (the milliseconds after the delete's 200, or up to ``WRITE_AFTER_S`` while a
 cache is slow), else in effect everywhere at its commit, listing no cache.
 
-Every time is the database's clock (``clock_timestamp()``, returned by the statement that dates the receipts),
-so no host's clock skews a receipt. A receipt can arrive before the revocation's event is projected (it raced
+Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt: read by a
+statement at most once a second (when caches are noted) and carried forward on this process's monotonic clock
+(``DbClock``), so that most batches of receipts are dated without a round trip, never earlier than they arrived. A receipt can arrive before the revocation's event is projected (it raced
 through the invalidation path): the projection remembers each cache's recent receipts (``HeardCache``) and
 dates such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
 
@@ -134,12 +135,13 @@ LIVE_CACHES = """
 SELECT cache_id, extract(epoch FROM clock_timestamp() - last_seen_at)::float8, first_seen_at FROM receipt_caches
 WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 """
-# One statement for a batch of receipts (at most one per cache): read the database's clock, the moment every
-# confirmation in the batch is dated from, and note the caches not noted for NOTE_EVERY_S (their proven position,
-# and when last heard: the receipt's ``lastSeenAt``, and who is live for a new term). Liveness within a term is
-# kept in memory, so a busy cache's row need not be rewritten with every burst of receipts: a batch that notes
-# nobody writes nothing (no WAL, no commit). NO_WAIT: see above.
+# One statement for a batch of receipts (at most one per cache) with caches to note: those not noted for
+# NOTE_EVERY_S (their proven position, and when last heard: the receipt's ``lastSeenAt``, and who is live for a new
+# term) or never; it reads the database's clock too (``DbClock``). Liveness within a term is kept in memory, so a
+# busy cache's row need not be rewritten with every burst of receipts, and a batch that notes nobody (most, under
+# load) costs no statement at all: it is dated from the clock read last. NO_WAIT: see above.
 NOTE_EVERY_S = 1.0
+CLOCK_EVERY_S = 1.0  # a batch of receipts reads the database's clock (RECEIVE) if the last reading is older
 RECEIVE = """
 WITH noted AS (
     INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at, first_seen_at)
@@ -215,6 +217,26 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
                     "state": "confirmed" if effective else ("gone" if everywhere or silent else "pending")}
                    for cache_id, service, effective, seen, silent in caches],
     }
+
+
+class DbClock:
+    """The database's clock as last read (RECEIVE), carried forward on this process's monotonic clock. The reading
+    is pinned to the moment its statement was sent: the database read its clock then or later, so a time derived
+    from it is never earlier than the database's clock at the same instant (later by at most that round trip), but
+    for the two clocks' drift over CLOCK_EVERY_S (none on one host; NTP's 500 ppm at most is 0.5 ms)."""
+
+    def __init__(self) -> None:
+        self._sent = float("-inf")  # the event-loop clock when the reading's statement was sent
+        self._read = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+    def stale(self, now: float) -> bool:
+        return now - self._sent >= CLOCK_EVERY_S
+
+    def set(self, sent: float, read: dt.datetime) -> None:
+        self._sent, self._read = sent, read
+
+    def at(self, now: float) -> dt.datetime:
+        return self._read + dt.timedelta(seconds=now - self._sent)
 
 
 class HeardCache:
@@ -318,6 +340,7 @@ class ReceiptsProjection:
         self._lock = asyncio.Lock()  # one connection, shared by ``record`` and the two loops, and the memory above
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._loaded = asyncio.Event()  # the memory above is the tables' state, and ``_conn`` is open
+        self._clock = DbClock()
         self._written_through = 0  # the cursor as last written (receipts_written)
         self._forwarded = 0  # the newest freshness checkpoint's position this process forwarded
 
@@ -345,6 +368,7 @@ class ReceiptsProjection:
         above the cursor that have no row (held unwritten when the term before ended), pending on the caches
         live now."""
         now = asyncio.get_running_loop().time()
+        self._clock = DbClock()  # (read again on this connection: it may be another server's after a failover)
         live = await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age, _ in live}
         self._pending = {}
@@ -433,9 +457,9 @@ class ReceiptsProjection:
                 await sub.unsubscribe()
 
     async def _receive(self, receipts: list[Receipt]) -> None:
-        """Date a batch of receipts (one per cache) and note the caches due (RECEIVE), confirm the pending
-        revocations they cover, and write those that no longer wait for anyone (WRITE). Two statements whose
-        commits do not wait for the disk (NO_WAIT): a confirmation lost in a database crash comes back with the
+        """Date a batch of receipts (one per cache), noting the caches due (RECEIVE), confirm the pending
+        revocations they cover, and write those that no longer wait for anyone (WRITE). At most two statements
+        (under load, mostly the write alone), whose commits do not wait for the disk (NO_WAIT): a confirmation lost in a database crash comes back with the
         cache's next heartbeat, which covers every position its checkpoints proved (dated later, never wrongly
         earlier). If the second fails, memory is ahead of the tables: the projection's retry reloads it from them
         (``_load``)."""
@@ -445,8 +469,12 @@ class ReceiptsProjection:
             now = asyncio.get_running_loop().time()
             due = [r for r in receipts if r.cache_id not in self._caches
                    or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
-            rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in due]
-            (at,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
+            if due or self._clock.stale(now):
+                rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in due]
+                sent = asyncio.get_running_loop().time()
+                (read,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
+                self._clock.set(sent, read)
+            at = self._clock.at(now)
             touched: dict[int, Pending] = {}
             for receipt in receipts:
                 cache_id = receipt.cache_id

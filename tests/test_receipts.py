@@ -127,9 +127,11 @@ def test_every_cache_confirms_and_the_revocation_completes_everywhere(
     assert {"mem-0", "mem-1", "mem-2", "proc-cache"} <= set(states)
     assert states["proc-cache"]["service"] == "reports" and states["mem-0"]["service"] == "api"
     revoked = at(answer["revokedAt"])
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:  # (the database's clock, after the answer)
+        (answered,) = conn.execute("SELECT clock_timestamp()").fetchone()
     for cache in states.values():
         assert cache["state"] == "confirmed"
-        assert revoked <= at(cache["effectiveAt"]) <= at(answer["effectiveEverywhereAt"])
+        assert revoked <= at(cache["effectiveAt"]) <= at(answer["effectiveEverywhereAt"]) <= answered
     wait_until(lambda: any(answer["keyId"].encode() in m for m in announced), timeout=5,
                what="the revocation.effective announcement")
     history = svc.get("api-key/history", me, params={"id": answer["keyId"]}).json()

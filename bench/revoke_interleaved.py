@@ -31,7 +31,10 @@ same code minutes apart gave 0.972 and 0.854 on machine A, so one run is one sam
 on machine A, the phase that comes first in a round ran faster than the second (in 5 of 6 rounds of one run, by
 5-10%) whichever side it was: the order alternates, so the rounds with A first and those with B first lean opposite
 ways, and the geometric mean of an even number of rounds weighs both alike; the median of six can land on either
-lean. Also printed: each phase, each round's ratio, their median, and the ratio of the total rates;
+lean. The side set up first (and measured first in round 1) leaned too: the same code, ten reporting caches on
+one side and ten silent ones on the other, gave 0.895 with the reporting side first and 1.008 (silent / reporting)
+with it second, one run each on machine B. ``--swap`` sets up and measures B first in every second run, so over an
+even number of runs that lean falls on both sides alike (the ratio is always A/B). Also printed: each phase, each round's ratio, their median, and the ratio of the total rates;
 ``bench/results/revoke-interleaved-latest.json`` keeps it all. Without DATABASE_URL and NATS_URL it starts an
 embedded PostgreSQL and nats-server for the run (keyledger.embedded).
 """
@@ -136,6 +139,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6, help="measured phases per side, even (default 6)")
     ap.add_argument("--runs", type=int, default=1, help="whole runs, each with both services and their keys afresh "
                                                         "(default 1): one run is one sample")
+    ap.add_argument("--swap", action="store_true",
+                    help="every second run sets up and measures B first (A, the candidate, stays A): what favours "
+                         "the side that comes first cancels over an even number of runs")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
     ap.add_argument("--margin", type=float, default=1.6, help="keys seeded per phase: calibrated rate x duration x "
                                                                 "this (default 1.6)")
@@ -180,9 +186,11 @@ def main() -> int:
             else:
                 infos[name] = revoke_ab.extract(rev, tmp / f"code-{name}")
         for n in range(args.runs):
+            first = "B" if args.swap and n % 2 else "A"
             if args.runs > 1:
-                bench.say(f"\n##### run {n + 1} of {args.runs}: both services started afresh, their keys made anew")
-            runs.append(one_run(args, infos, tmp / f"run-{n + 1}"))
+                bench.say(f"\n##### run {n + 1} of {args.runs}: both services started afresh, their keys made anew"
+                          f", {first} first")
+            runs.append(one_run(args, infos, tmp / f"run-{n + 1}", first))
             if runs[-1]["geometric_mean"] is None or not all(c["ok"] for c in runs[-1]["checks"].values()):
                 return 1
     finally:
@@ -204,13 +212,14 @@ def main() -> int:
     return 0
 
 
-def one_run(args: argparse.Namespace, infos: dict[str, dict[str, str]], work: Path) -> dict[str, Any]:
-    """Both sides served afresh (their own databases, streams, services and keys), measured in turns; returns the
-    run's rounds, figures and checks, having printed them."""
+def one_run(args: argparse.Namespace, infos: dict[str, dict[str, str]], work: Path, first: str) -> dict[str, Any]:
+    """Both sides served afresh (their own databases, streams, services and keys), ``first`` set up, calibrated,
+    seeded and measured first in odd rounds, measured in turns; returns the run's rounds, figures and checks (the
+    ratios always A/B), having printed them."""
     sides: list[Side] = []
     failed = True
     try:
-        for name, info in infos.items():
+        for name, info in sorted(infos.items(), key=lambda item: item[0] != first):
             sides.append(Side(name, info, work / name, getattr(args, f"{name.lower()}_caches"),
                               getattr(args, f"{name.lower()}_receipts") == "on", args.profile, args.seed))
         machine = bench.machine_info(sides[0].servers.pg_version, sides[0].servers.pg_settings)
@@ -252,7 +261,7 @@ def one_run(args: argparse.Namespace, infos: dict[str, dict[str, str]], work: Pa
                       + ("met" if mean >= TARGET_RATIO else "MISSED"))
         bench.say("=" * 100)
         failed = mean is None or not all(c["ok"] for c in checks.values())
-        return {"machine": machine, "rounds": rounds, "geometric_mean": mean, "median": median,
+        return {"machine": machine, "first": first, "rounds": rounds, "geometric_mean": mean, "median": median,
                 "overall": total["A"] / total["B"], "checks": checks,
                 "sides": {s.name: {**s.info, "code": s.code, "caches": s.caches, "receipts": s.receipts,
                                    "phases": [{k: p[k] for k in ("rps", "p50_ms", "p99_ms", "requests", "seconds",

@@ -43,11 +43,12 @@ from the log for a revocation that has no row: pending on the caches live now (a
 is above the cursor and some are (the milliseconds after the delete's 200, or up to ``WRITE_AFTER_S`` while a
 cache is slow), else in effect everywhere at its commit, listing no cache.
 
-Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt: read by a
-statement at most once a second (when caches are noted) and carried forward on this process's monotonic clock
-(``DbClock``), so that most batches of receipts are dated without a round trip, never earlier than they arrived. A receipt can arrive before the revocation's event is projected (it raced
-through the invalidation path): the projection remembers each cache's recent receipts (``HeardCache``) and
-dates such a cache's confirmation from the first one that covered the position. The revoke path pays nothing.
+Every time is the database's clock (``clock_timestamp()``), so no host's clock skews a receipt: read by a statement
+at most once a second (when caches are noted) and carried forward on this process's monotonic clock (``DbClock``),
+so that most batches of receipts are dated without a round trip, never earlier than they arrived. A receipt can
+arrive before the revocation's event is projected (it raced through the invalidation path): the projection remembers
+each cache's recent receipts (``HeardCache``) and dates such a cache's confirmation from the first one that covered
+the position. The revoke path does none of this work (what it costs a machine that runs both: docs/benchmarks.md).
 
 Storage: one ``revocations`` row per revocation-like event projected while caches were live, holding one entry per
 such cache, kept ``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
@@ -459,10 +460,10 @@ class ReceiptsProjection:
     async def _receive(self, receipts: list[Receipt]) -> None:
         """Date a batch of receipts (one per cache), noting the caches due (RECEIVE), confirm the pending
         revocations they cover, and write those that no longer wait for anyone (WRITE). At most two statements
-        (under load, mostly the write alone), whose commits do not wait for the disk (NO_WAIT): a confirmation lost in a database crash comes back with the
-        cache's next heartbeat, which covers every position its checkpoints proved (dated later, never wrongly
-        earlier). If the second fails, memory is ahead of the tables: the projection's retry reloads it from them
-        (``_load``)."""
+        (under load, mostly the write alone), whose commits do not wait for the disk (NO_WAIT): a confirmation lost
+        in a database crash comes back with the cache's next heartbeat, which covers every position its checkpoints
+        proved (dated later, never wrongly earlier). If the second fails, memory is ahead of the tables: the
+        projection's retry reloads it from them (``_load``)."""
         self.fence()
         async with self._lock:
             assert self._conn is not None

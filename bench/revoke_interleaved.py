@@ -33,7 +33,7 @@ on machine A, the phase that comes first in a round ran faster than the second (
 ways, and the geometric mean of an even number of rounds weighs both alike; the median of six can land on either
 lean. The side set up first (and measured first in round 1) leaned too: the same code, ten reporting caches on one
 side and ten silent ones on the other, gave 0.895 with the reporting side first and 1.008 (silent / reporting) with
-it second, one run each on machine B. ``--swap`` sets up and measures B first in every second run, so over an even
+it second, one run each on machine C. ``--swap`` sets up and measures B first in every second run, so over an even
 number of runs that lean falls on both sides alike (the ratio is always A/B). Also printed: each phase, each round's
 ratio, their median, and the ratio of the total rates; ``bench/results/revoke-interleaved-latest.json`` keeps it
 all. Without DATABASE_URL and NATS_URL it starts an embedded PostgreSQL and nats-server for the run

@@ -142,7 +142,6 @@ WHERE last_seen_at > clock_timestamp() - %s * interval '1 second'
 # busy cache's row need not be rewritten with every burst of receipts, and a batch that notes nobody (most, under
 # load) costs no statement at all: it is dated from the clock read last. NO_WAIT: see above.
 NOTE_EVERY_S = 1.0
-CLOCK_EVERY_S = 1.0  # a batch of receipts reads the database's clock (RECEIVE) if the last reading is older
 RECEIVE = """
 WITH noted AS (
     INSERT INTO receipt_caches AS c (cache_id, service, position, last_seen_at, first_seen_at)
@@ -224,14 +223,13 @@ class DbClock:
     """The database's clock as last read (RECEIVE), carried forward on this process's monotonic clock. The reading
     is pinned to the moment its statement was sent: the database read its clock then or later, so a time derived
     from it is never earlier than the database's clock at the same instant (later by at most that round trip), but
-    for the two clocks' drift over CLOCK_EVERY_S (none on one host; NTP's 500 ppm at most is 0.5 ms)."""
+    for the two clocks' drift over NOTE_EVERY_S (none on one host; NTP's 500 ppm at most is 0.5 ms). Never older
+    than that when used: a batch in which no cache is due holds only caches noted, so the clock read, within it
+    (and a term starts with every cache due)."""
 
     def __init__(self) -> None:
         self._sent = float("-inf")  # the event-loop clock when the reading's statement was sent
         self._read = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-
-    def stale(self, now: float) -> bool:
-        return now - self._sent >= CLOCK_EVERY_S
 
     def set(self, sent: float, read: dt.datetime) -> None:
         self._sent, self._read = sent, read
@@ -369,7 +367,7 @@ class ReceiptsProjection:
         above the cursor that have no row (held unwritten when the term before ended), pending on the caches
         live now."""
         now = asyncio.get_running_loop().time()
-        self._clock = DbClock()  # (read again on this connection: it may be another server's after a failover)
+        self._clock = DbClock()  # (read again on this connection, every cache due: it may be another server's)
         live = await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age, _ in live}
         self._pending = {}
@@ -470,7 +468,7 @@ class ReceiptsProjection:
             now = asyncio.get_running_loop().time()
             due = [r for r in receipts if r.cache_id not in self._caches
                    or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
-            if due or self._clock.stale(now):
+            if due:  # (else the clock was read less than NOTE_EVERY_S ago: ``DbClock``)
                 rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in due]
                 sent = asyncio.get_running_loop().time()
                 (read,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()

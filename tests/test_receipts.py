@@ -30,7 +30,7 @@ from keyledger.client import KeyCache
 from keyledger.core.events import (ApiKeyRevoked, ApiKeyRotated, RecordedEvent, decode_envelope_head,
                                    encode_envelope, encode_reduced_envelope)
 from keyledger.core.records import hash_key
-from keyledger.projections.receipts import GONE_AFTER_S, LATEST, REVOKING, WRITE, HeardCache, _revocation
+from keyledger.projections.receipts import GONE_AFTER_S, LATEST, REVOKING, WRITE, DbClock, HeardCache, _revocation
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -654,6 +654,19 @@ def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
     cache.add(10, [11], t(4))  # a proven position never goes back; 11 was proven at t(3) already
     assert [cache.covered_at(p) for p in (3, 5, 9, 7, 11, 12)] == [t(1), t(1), t(2), t(3), t(3), t(3)]
     assert cache.covered_at(13) is None
+
+
+def test_the_database_clock_is_carried_forward_from_when_it_was_asked() -> None:
+    """``DbClock`` (pure): a reading of the database's clock is pinned to the moment its statement was sent (the
+    database read it after that), and carried forward on the event-loop clock, so a receipt that arrived later is
+    dated later by exactly the time between."""
+    clock = DbClock()
+    read = dt.datetime(2026, 12, 7, 4, 0, 0, tzinfo=dt.timezone.utc)
+    clock.set(100.0, read)
+    assert clock.at(100.0) == read
+    assert clock.at(100.75) == read + dt.timedelta(milliseconds=750)
+    clock.set(101.5, read + dt.timedelta(seconds=2))  # a later reading replaces the carried-forward one
+    assert clock.at(102.0) == read + dt.timedelta(seconds=2.5)
 
 
 def test_a_revocation_that_reached_nats_reduced_is_still_followed() -> None:

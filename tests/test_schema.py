@@ -230,3 +230,27 @@ def test_receipts_of_the_earlier_layout_are_folded_into_their_revocations(db_fac
     assert caches[9] == {}
     assert caches[7].keys() == {"a", "b"} and caches[7]["b"] is None
     assert dt.datetime.fromisoformat(caches[7]["a"]) == dt.datetime(2026, 12, 1, 10, 0, 0, 1234, tzinfo=dt.timezone.utc)
+
+
+def test_caches_heard_of_before_first_seen_at_was_nullable_load_after_migrating(db_factory: DatabaseFactory) -> None:
+    """2ae9159 made ``receipt_caches.first_seen_at`` NOT NULL DEFAULT '-infinity', a value psycopg cannot load into a
+    datetime (a new leader reading the live caches failed on it). Migrating turns those into null, which says the
+    same (heard of before the column), and drops the constraint and the default; a real first sighting is kept."""
+    url = db_factory.create("receipts_first_seen")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE receipt_caches DROP COLUMN first_seen_at")
+        conn.execute("ALTER TABLE receipt_caches ADD COLUMN first_seen_at timestamptz NOT NULL DEFAULT '-infinity'")
+        conn.execute("INSERT INTO receipt_caches (cache_id, service, position, last_seen_at) VALUES "
+                     "('old', 's', 3, '2026-12-06 22:00:00+00')")
+        conn.execute("INSERT INTO receipt_caches VALUES ('new', 's', 4, '2026-12-06 22:00:01+00', "
+                     "'2026-12-06 21:00:00+00')")
+        with pytest.raises(psycopg.DataError):  # the state the migration mends
+            conn.execute("SELECT first_seen_at FROM receipt_caches").fetchall()
+    assert migrate(url, force=True) is True
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert dict(conn.execute("SELECT cache_id, first_seen_at FROM receipt_caches").fetchall()) == {
+            "old": None, "new": dt.datetime(2026, 12, 6, 21, tzinfo=dt.timezone.utc)}
+        assert conn.execute("SELECT is_nullable, column_default FROM information_schema.columns "
+                            "WHERE table_name = 'receipt_caches' AND column_name = 'first_seen_at'").fetchone() == (
+            "YES", None)
+

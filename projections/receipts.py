@@ -62,6 +62,7 @@ import contextlib
 import datetime as dt
 import heapq
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -225,17 +226,24 @@ class DbClock:
     from it is never earlier than the database's clock at the same instant (later by at most that round trip), but
     for the two clocks' drift over NOTE_EVERY_S (none on one host; NTP's 500 ppm at most is 0.5 ms). Never older
     than that when used: a batch in which no cache is due holds only caches noted, so the clock read, within it
-    (and a term starts with every cache due)."""
+    (and a term starts with every cache due).
+
+    ``time.monotonic``, not the event loop's ``time()``: under uvloop (the service's loop) that counts whole
+    milliseconds, so every date was a whole number of milliseconds after the reading (effectiveAt to the ms, and
+    up to a millisecond early)."""
+
+    now = staticmethod(time.monotonic)
 
     def __init__(self) -> None:
-        self._sent = float("-inf")  # the event-loop clock when the reading's statement was sent
+        self._sent = float("-inf")  # ``now()`` when the reading's statement was sent
         self._read = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
     def set(self, sent: float, read: dt.datetime) -> None:
         self._sent, self._read = sent, read
 
-    def at(self, now: float) -> dt.datetime:
-        return self._read + dt.timedelta(seconds=now - self._sent)
+    def at(self) -> dt.datetime:
+        """The database's clock now."""
+        return self._read + dt.timedelta(seconds=self.now() - self._sent)
 
 
 class HeardCache:
@@ -470,10 +478,10 @@ class ReceiptsProjection:
                    or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
             if due:  # (else the clock was read less than NOTE_EVERY_S ago: ``DbClock``)
                 rows = [{"cache": r.cache_id, "service": r.service, "position": r.position} for r in due]
-                sent = asyncio.get_running_loop().time()
+                sent = self._clock.now()
                 (read,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
                 self._clock.set(sent, read)
-            at = self._clock.at(now)
+            at = self._clock.at()
             touched: dict[int, Pending] = {}
             for receipt in receipts:
                 cache_id = receipt.cache_id

@@ -22,6 +22,7 @@ import httpx
 import nats
 import psycopg
 import pytest
+import uvloop
 from psycopg import sql
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -656,17 +657,30 @@ def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
     assert cache.covered_at(13) is None
 
 
-def test_the_database_clock_is_carried_forward_from_when_it_was_asked() -> None:
-    """``DbClock`` (pure): a reading of the database's clock is pinned to the moment its statement was sent (the
-    database read it after that), and carried forward on the event-loop clock, so a receipt that arrived later is
-    dated later by exactly the time between."""
-    clock = DbClock()
+def test_the_database_clock_is_carried_forward_from_when_it_was_asked_to_the_microsecond() -> None:
+    """``DbClock`` (pure, on the service's event loop, uvloop): a reading of the database's clock is pinned to the
+    moment its statement was sent and carried forward on the monotonic clock, to the microsecond; not on the
+    loop's time (the code before), which counts whole milliseconds under uvloop: every receipt was dated a whole
+    number of milliseconds after the reading."""
     read = dt.datetime(2026, 12, 7, 4, 0, 0, tzinfo=dt.timezone.utc)
-    clock.set(100.0, read)
-    assert clock.at(100.0) == read
-    assert clock.at(100.75) == read + dt.timedelta(milliseconds=750)
-    clock.set(101.5, read + dt.timedelta(seconds=2))  # a later reading replaces the carried-forward one
-    assert clock.at(102.0) == read + dt.timedelta(seconds=2.5)
+
+    async def dated() -> tuple[dt.timedelta, list[dt.timedelta]]:
+        clock = DbClock()
+        clock.set(clock.now() - 0.75, read)  # read 750 ms ago
+        first = clock.at() - read
+        clock.set(clock.now(), read)
+        later = []
+        for _ in range(30):  # 30 receipts, 100 us of work apart
+            started = time.monotonic()
+            while time.monotonic() - started < 0.0001:
+                pass
+            later.append(clock.at() - read)
+        return first, later
+
+    first, later = uvloop.run(dated())
+    assert dt.timedelta(milliseconds=750) <= first < dt.timedelta(milliseconds=850)
+    assert later == sorted(later) and dt.timedelta(milliseconds=3) <= later[-1] < dt.timedelta(milliseconds=500)
+    assert any(d.microseconds % 1000 for d in later), later
 
 
 def test_a_revocation_that_reached_nats_reduced_is_still_followed() -> None:

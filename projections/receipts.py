@@ -241,9 +241,9 @@ class DbClock:
     def set(self, sent: float, read: dt.datetime) -> None:
         self._sent, self._read = sent, read
 
-    def at(self) -> dt.datetime:
-        """The database's clock now."""
-        return self._read + dt.timedelta(seconds=self.now() - self._sent)
+    def at(self, now: float) -> dt.datetime:
+        """The database's clock at ``now()`` = ``now``."""
+        return self._read + dt.timedelta(seconds=now - self._sent)
 
 
 class HeardCache:
@@ -473,7 +473,7 @@ class ReceiptsProjection:
         self.fence()
         async with self._lock:
             assert self._conn is not None
-            now = asyncio.get_running_loop().time()
+            now, taken = asyncio.get_running_loop().time(), self._clock.now()  # liveness; the receipts' date
             due = [r for r in receipts if r.cache_id not in self._caches
                    or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
             if due:  # (else the clock was read less than NOTE_EVERY_S ago: ``DbClock``)
@@ -481,7 +481,7 @@ class ReceiptsProjection:
                 sent = self._clock.now()
                 (read,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
                 self._clock.set(sent, read)
-            at = self._clock.at()
+            at = self._clock.at(taken)
             touched: dict[int, Pending] = {}
             for receipt in receipts:
                 cache_id = receipt.cache_id

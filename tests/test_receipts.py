@@ -667,14 +667,14 @@ def test_the_database_clock_is_carried_forward_from_when_it_was_asked_to_the_mic
     async def dated() -> tuple[dt.timedelta, list[dt.timedelta]]:
         clock = DbClock()
         clock.set(clock.now() - 0.75, read)  # read 750 ms ago
-        first = clock.at() - read
+        first = clock.at(clock.now()) - read
         clock.set(clock.now(), read)
         later = []
         for _ in range(30):  # 30 receipts, 100 us of work apart
             started = time.monotonic()
             while time.monotonic() - started < 0.0001:
                 pass
-            later.append(clock.at() - read)
+            later.append(clock.at(clock.now()) - read)
         return first, later
 
     first, later = uvloop.run(dated())

@@ -9,12 +9,20 @@ One ``keyledger serve`` (bench/run.py's Service, on a fresh database and unique 
 one at a time; for each, the time from reading delete's 200 to receiving ``<prefix>.revocation.effective`` for
 that key (a core-NATS subscription in this process) is taken on this process's ``time.perf_counter``, and the
 answer of ``GET /api/auth/api-key/revocation`` is checked (every cache confirmed). Prints p50, p99 and max.
+
+``--breakdown`` also prints where that time goes, from each revocation's row (its ``revokedAt``, the start of the
+delete's transaction, and each cache's ``effectiveAt``, on the database's clock) and this process's wall clock at
+the 200 and at the announcement (the same host's clock: for servers on this machine only): the delete's
+transaction to its 200; its start to the first cache's receipt (the relay, the invalidation and a cache's receipt,
+as dated by the projection); the first cache's to the last's; the last to the announcement (the row's write and
+the publication).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import statistics
 import sys
@@ -23,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,7 +41,9 @@ from keyledger.client import KeyCache  # noqa: E402
 from keyledger.config import Topology  # noqa: E402
 
 
-async def measure(service: Service, servers: Servers, caches_n: int, revokes: int) -> list[float]:
+async def measure(service: Service, servers: Servers, caches_n: int, revokes: int,
+                  walls: dict[str, tuple[float, float]]) -> list[float]:
+    """The latencies; ``walls``: each key's wall-clock times of the 200 and the announcement (``--breakdown``)."""
     topology = Topology(prefix=servers.prefix, events_stream=servers.events_stream,
                         invalidations_stream=servers.inv_stream)
     cookie = service.dev_session()
@@ -40,8 +51,12 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
     arrived: dict[str, float] = {}
     nc = await nats.connect(servers.nats_url)
 
+    arrived_wall: dict[str, float] = {}
+
     async def effective(msg: object) -> None:
-        arrived.setdefault(json.loads(msg.data)["keyId"], time.perf_counter())  # type: ignore[attr-defined]
+        key_id = json.loads(msg.data)["keyId"]  # type: ignore[attr-defined]
+        arrived.setdefault(key_id, time.perf_counter())
+        arrived_wall.setdefault(key_id, time.time())
 
     await nc.subscribe(topology.effective_subject, cb=effective)
     caches = [KeyCache(service.base, servers.nats_url, topology=topology, cache_id=f"bench-{i}", service="bench")
@@ -65,7 +80,7 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
         await asyncio.sleep(2.0)  # every cache has reported since (heartbeats): all are live
         for key in keys:
             r = await http.post("/api/auth/api-key/delete", headers=headers, json={"keyId": key["id"]})
-            answered = time.perf_counter()
+            answered, answered_wall = time.perf_counter(), time.time()
             assert r.status_code == 200, r.text
             deadline = time.monotonic() + 10
             while key["id"] not in arrived:
@@ -73,6 +88,7 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
                     raise RuntimeError(f"no revocation.effective for {key['id']}")
                 await asyncio.sleep(0.0005)
             latencies.append(arrived[key["id"]] - answered)
+            walls[key["id"]] = (answered_wall, arrived_wall[key["id"]])
         check = await http.get("/api/auth/api-key/revocation", params={"id": keys[-1]["id"]}, headers=headers)
         states = [c["state"] for c in check.json()["caches"]]
         if len(states) < caches_n or set(states) != {"confirmed"}:
@@ -83,17 +99,43 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
     return latencies
 
 
+def breakdown(servers: Servers, walls: dict[str, tuple[float, float]]) -> None:
+    """Print where the time went (``--breakdown``): see the module docstring."""
+    with psycopg.connect(servers.db_url) as conn:
+        rows = conn.execute("SELECT key_id, revoked_at, caches FROM revocations").fetchall()
+    parts: dict[str, list[float]] = {"transaction -> 200": [], "transaction -> first receipt": [],
+                                     "first -> last receipt": [], "last receipt -> announcement": []}
+    for key_id, revoked_at, caches in rows:
+        if key_id not in walls or None in caches.values():
+            continue
+        answered, announced = walls[key_id]
+        start = revoked_at.timestamp()
+        receipts = sorted(dt.datetime.fromisoformat(at).timestamp() for at in caches.values())
+        parts["transaction -> 200"].append(answered - start)
+        parts["transaction -> first receipt"].append(receipts[0] - start)
+        parts["first -> last receipt"].append(receipts[-1] - receipts[0])
+        parts["last receipt -> announcement"].append(announced - receipts[-1])
+    for name, values in parts.items():
+        ms = sorted(v * 1000 for v in values)
+        print(f"  {name:30s} p50 {statistics.median(ms):6.2f}  p90 {ms[int(len(ms) * 0.9)]:6.2f}  "
+              f"p99 {ms[min(len(ms) - 1, int(len(ms) * 0.99))]:6.2f} ms  ({len(ms)} revocations)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caches", type=int, default=10)
     ap.add_argument("--revokes", type=int, default=300)
+    ap.add_argument("--breakdown", action="store_true", help="also where the time goes (servers on this host)")
     args = ap.parse_args()
     servers = Servers()
+    walls: dict[str, tuple[float, float]] = {}
     workdir = Path(servers._tmp if getattr(servers, "_tmp", None) else "/tmp")
     service = Service(servers, workdir / f"receipts-bench-{servers.rand}.log")
     try:
         service.wait_ready(lambda r: r.status_code == 200)
-        lat = asyncio.run(measure(service, servers, args.caches, args.revokes))
+        lat = asyncio.run(measure(service, servers, args.caches, args.revokes, walls))
+        if args.breakdown:
+            breakdown(servers, walls)
     finally:
         service.stop()
         servers.stop()

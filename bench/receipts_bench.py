@@ -49,9 +49,8 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
     cookie = service.dev_session()
     headers = {"cookie": cookie, "origin": ORIGIN, "content-type": "application/json"}
     arrived: dict[str, float] = {}
+    arrived_wall: dict[str, float] = {}  # (--breakdown)
     nc = await nats.connect(servers.nats_url)
-
-    arrived_wall: dict[str, float] = {}
 
     async def effective(msg: object) -> None:
         key_id = json.loads(msg.data)["keyId"]  # type: ignore[attr-defined]

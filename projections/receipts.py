@@ -242,7 +242,7 @@ class DbClock:
         self._sent, self._read = sent, read
 
     def at(self, now: float) -> dt.datetime:
-        """The database's clock at ``now()`` = ``now``."""
+        """The database's clock at ``now``, a reading of ``now()``."""
         return self._read + dt.timedelta(seconds=now - self._sent)
 
 

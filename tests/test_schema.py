@@ -253,4 +253,3 @@ def test_caches_heard_of_before_first_seen_at_was_nullable_load_after_migrating(
         assert conn.execute("SELECT is_nullable, column_default FROM information_schema.columns "
                             "WHERE table_name = 'receipt_caches' AND column_name = 'first_seen_at'").fetchone() == (
             "YES", None)
-

@@ -346,6 +346,48 @@ def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deploym
     assert states["by-hand"] == "confirmed", answer
 
 
+
+def test_a_receipt_that_outran_the_revocation_confirms_it_once_it_is_projected(deployment: Service) -> None:
+    """A receipt can reach the projection before the revocation's event does (a redelivered event, a cache faster
+    than the projection): that cache is confirmed, dated from that receipt, when the event is projected. A cache by
+    hand names the log's next positions before the delete, and says nothing more of them; a second one, live,
+    names the delete's only after it. The first is confirmed before the second confirms (the revocation held,
+    then written pending), and before the revocation itself: dated from its receipt, not from a later one."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        (last,) = conn.execute("SELECT max(position) FROM events").fetchone()
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        nc = await nats.connect(svc.nats_url)
+        positions = await invalidated_positions(nc, svc)
+        try:
+            await send_receipts(nc, svc, {"cacheId": "ahead", "position": 0, "applied": list(range(last + 1,
+                                                                                                    last + 21))},
+                                {"cacheId": "behind", "position": 0, "applied": []})
+            await wait_for(lambda: {"ahead", "behind"} <= live_caches(svc), 10, "both caches live")
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            assert last < positions[0] <= last + 20, (last, positions)
+            heartbeats = ({"cacheId": c, "position": 0, "applied": []} for c in ("ahead", "behind"))
+            await send_receipts(nc, svc, *heartbeats)  # live, neither covering it by this
+            states = {"ahead": "confirmed", "behind": "pending"}
+            held = await receipt_when(svc, me, key["id"], lambda a: {c["cacheId"]: c["state"] for c in a["caches"]}
+                                      == states, within=GONE_AFTER_S - 4)
+            await send_receipts(nc, svc, {"cacheId": "behind", "position": 0, "applied": positions})
+            return held, await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 4)
+        finally:
+            await nc.close()
+
+    held, answer = asyncio.run(scenario())
+    assert held["effectiveEverywhereAt"] is None, held
+    caches = {c["cacheId"]: c for c in answer["caches"]}
+    assert {c["state"] for c in caches.values()} == {"confirmed"}, answer
+    assert at(caches["ahead"]["effectiveAt"]) < at(answer["revokedAt"]) < at(caches["behind"]["effectiveAt"]), answer
+    assert answer["effectiveEverywhereAt"] == caches["behind"]["effectiveAt"], answer
+
+
 # A trigger of the test's own (its database is a clone of its own): every write of a revocation's row, in order.
 NOTE_WRITES = """
 CREATE TABLE revocation_writes (n bigserial, op text NOT NULL, position bigint NOT NULL);
@@ -649,10 +691,12 @@ def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
         return dt.datetime(2026, 1, 1, 0, 0, second, tzinfo=dt.timezone.utc)
 
     cache = HeardCache(heard=0.0)
-    cache.add(5, [], t(1))
-    cache.add(5, [9], t(2))
-    cache.add(12, [], t(3))
-    cache.add(10, [11], t(4))  # a proven position never goes back; 11 was proven at t(3) already
+    cache.prove(5, t(1))
+    cache.prove(5, t(2))
+    cache.named(9, t(2))
+    cache.prove(12, t(3))
+    cache.prove(10, t(4))  # a proven position never goes back
+    cache.named(11, t(4))  # 11 was proven at t(3) already
     assert [cache.covered_at(p) for p in (3, 5, 9, 7, 11, 12)] == [t(1), t(1), t(2), t(3), t(3), t(3)]
     assert cache.covered_at(13) is None
 

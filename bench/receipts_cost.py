@@ -55,14 +55,13 @@ async def measure(projection: ReceiptsProjection, conn: psycopg.AsyncConnection[
     pid = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone())[0]
     lsn = "SELECT pg_current_wal_insert_lsn()"
     (wal0,) = await (await conn.execute(lsn)).fetchone()
-    loop = asyncio.get_running_loop()
     now = dt.datetime.now(dt.timezone.utc)
     completed = projection.completed
     cpu, pg = time.process_time(), backend_cpu(pid)
     position = first
     for _ in range(batches):
         for cache_id in caches:  # their receipts keep them live, as their heartbeats would
-            projection._caches[cache_id].heard = loop.time()
+            projection._caches[cache_id].heard = time.monotonic()
         positions = range(position, position + 2 * batch, 2)  # other events between them, as in the log
         heads = [EnvelopeHead(id=str(p), type="ApiKeyRevoked", key_id=f"key{p:028d}", version=2, position=p,
                               occurred_at=now) for p in positions]

@@ -247,7 +247,7 @@ class DbClock:
 
 
 class HeardCache:
-    """One live cache as this projection heard it: when last (the event-loop clock, for liveness), and when (the
+    """One live cache as this projection heard it: when last (the monotonic clock, for liveness), and when (the
     database's clock) its recent receipts proved a position or named one not held, so that a revocation projected
     after the receipt that covered it (a redelivered event, or a cache faster than this projection) is dated from
     that receipt. Usually the event comes first (``record`` runs beside the invalidation's publication): under a
@@ -262,7 +262,7 @@ class HeardCache:
 
     def __init__(self, heard: float) -> None:
         self.heard = heard
-        self.noted = float("-inf")  # when its row in receipt_caches was last written (the event-loop clock)
+        self.noted = float("-inf")  # when its row in receipt_caches was last written (the monotonic clock)
         self.waiting: list[int] = []
         self.reach = 0  # the highest position its receipts covered (proven, or named while not held)
         self._proven: list[int] = []  # strictly increasing proven positions ...
@@ -312,7 +312,7 @@ class Pending:
         self.revoked_at = revoked_at
         self.caches = caches  # every cache live at projection -> when a receipt covered the position, or None
         self.waiting = {c for c, at in caches.items() if at is None}  # neither confirmed nor declared gone
-        self.since = since  # when it was projected (the event-loop clock)
+        self.since = since  # when it was projected (the monotonic clock)
         self.written = written  # its row exists
         self.dirty = not written  # its row, or confirmations in it, not written yet
 
@@ -383,7 +383,7 @@ class ReceiptsProjection:
         """A term's start (or a reconnection's): the live caches, the pending revocations, and those in the log
         above the cursor that have no row (held unwritten when the term before ended), pending on the caches
         live now."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         self._clock = DbClock()  # (read again on this connection, every cache due: it may be another server's)
         live = await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age, _ in live}
@@ -432,7 +432,7 @@ class ReceiptsProjection:
         cache's receipt outran the event) are written at once, those no cache was live for never; the others once
         confirmed (``_receive``) or by the sweeper: nothing is written for them here."""
         async with self._lock:
-            now = asyncio.get_running_loop().time()
+            now = time.monotonic()
             live = [c for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S]
             # Caches whose receipts already covered a position this high: one raced ahead of the event (a
             # redelivery, or a cache faster than this projection): date it from that receipt. Usually none:
@@ -488,7 +488,7 @@ class ReceiptsProjection:
         self.fence()
         async with self._lock:
             assert self._conn is not None
-            now, taken = asyncio.get_running_loop().time(), self._clock.now()  # liveness; the receipts' date
+            now = self._clock.now()  # (for liveness too: one clock, the monotonic one, in this projection)
             due = [r for r in receipts if r.cache_id not in self._caches
                    or now - self._caches[r.cache_id].noted >= NOTE_EVERY_S]
             if due:  # (else the clock was read less than NOTE_EVERY_S ago: ``DbClock``)
@@ -496,7 +496,7 @@ class ReceiptsProjection:
                 sent = self._clock.now()
                 (read,) = await (await self._conn.execute(RECEIVE, (_encoder.encode(rows).decode(),))).fetchone()
                 self._clock.set(sent, read)
-            at = self._clock.at(taken)
+            at = self._clock.at(now)
             touched: dict[int, Pending] = {}
             for receipt in receipts:
                 cache_id = receipt.cache_id
@@ -524,14 +524,13 @@ class ReceiptsProjection:
     async def _sweep_forever(self) -> None:
         """Once a second: declare caches silent for GONE_AFTER_S gone, complete what they no longer block, write
         what waited WRITE_AFTER_S and the confirmations since, move the cursor; prune old rows hourly."""
-        pruned_at = 0.0
-        loop = asyncio.get_running_loop()
+        pruned_at = float("-inf")  # (the first sweep prunes)
         while True:
             await asyncio.sleep(1.0)
             self.fence()
             async with self._lock:
                 assert self._conn is not None
-                now = loop.time()
+                now = time.monotonic()
                 for cache_id in [c for c, h in self._caches.items() if now - h.heard >= GONE_AFTER_S]:
                     for position in self._caches.pop(cache_id).waiting:
                         pending = self._pending.get(position)
@@ -540,8 +539,8 @@ class ReceiptsProjection:
                 done = await self._save({p: pending for p, pending in self._pending.items() if not pending.waiting
                                          or pending.dirty and now - pending.since >= WRITE_AFTER_S})
                 await self._advance()
-                if loop.time() - pruned_at > 3600:
-                    pruned_at = loop.time()
+                if now - pruned_at > 3600:
+                    pruned_at = now
                     await self._conn.execute(PRUNE, {"days": RETENTION_DAYS})
             await self._announce(done)
 
@@ -562,17 +561,19 @@ class ReceiptsProjection:
         any more; those leave memory, as do those an earlier term completed (a redelivery: not returned), and those
         no cache was live for (no row). Returns what took effect everywhere; the caller holds the lock."""
         assert self._conn is not None
-        done = []
+        done, rows = [], []
         for position, pending in pendings.items():
-            if not pending.caches:  # no cache was live: in effect everywhere at its commit, and no row says so
+            if pending.caches:
+                rows.append(pending.row(position))
+            else:  # no cache was live: in effect everywhere at its commit, and no row says so
                 del self._pending[position]
                 done.append(pending.announcement(position, pending.revoked_at))
-        pendings = {position: pending for position, pending in pendings.items() if pending.caches}
-        if not pendings:
+        if not rows:
             return done
-        rows = [pending.row(position) for position, pending in pendings.items()]
         saved = dict(await (await self._conn.execute(WRITE, (_encoder.encode(rows).decode(),))).fetchall())
-        for position, pending in pendings.items():
+        for row in rows:
+            position = row["position"]
+            pending = pendings[position]
             pending.written, pending.dirty = True, False
             if position not in saved:
                 del self._pending[position]  # completed before, by an earlier term: it stays as it was
@@ -583,12 +584,13 @@ class ReceiptsProjection:
 
     async def _announce(self, done: list[tuple[str, int, dt.datetime, int]]) -> None:
         """Say on NATS which revocations just took effect everywhere (after their commit)."""
+        nc, subject = self.bus.nc, self.bus.topology.effective_subject
         for key_id, position, everywhere, caches in done:
             self.completed += 1
             message = {"keyId": key_id, "position": position, "effectiveEverywhereAt": _iso(everywhere),
                        "caches": caches}
             with contextlib.suppress(Exception):
-                await self.bus.nc.publish(self.bus.topology.effective_subject, _encoder.encode(message))  # type: ignore[union-attr]
+                await nc.publish(subject, _encoder.encode(message))  # type: ignore[union-attr]
 
 
 def _revocation(msg: Any, head: EnvelopeHead) -> tuple[int, str, str, dt.datetime] | None:

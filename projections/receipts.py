@@ -399,6 +399,14 @@ class ReceiptsProjection:
             caches = dict.fromkeys(c for c, _, first_seen in live if first_seen is None or first_seen <= revoked_at)
             self._hold(position, Pending(key_id, type_, revoked_at, caches, since=now))
 
+    def gauges(self) -> tuple[int, int, float]:
+        """For /metrics: the caches live now, the revocations still waiting for a live cache's receipt, and how
+        long the oldest of those has waited (seconds since this process took it in; 0 when none waits)."""
+        now = time.monotonic()
+        live = sum(1 for cache in self._caches.values() if now - cache.heard < GONE_AFTER_S)
+        waiting = [pending.since for pending in self._pending.values() if pending.waiting]
+        return live, len(waiting), now - min(waiting) if waiting else 0.0
+
     def forwarded(self, position: int) -> None:
         """A freshness checkpoint was forwarded (the invalidation projection calls this): every event up to
         ``position`` passed ``record``, in this term or an earlier one."""

@@ -388,6 +388,49 @@ def test_a_receipt_that_outran_the_revocation_confirms_it_once_it_is_projected(d
     assert answer["effectiveEverywhereAt"] == caches["behind"]["effectiveAt"], answer
 
 
+
+def metric(svc: Service, name: str) -> float:
+    """One unlabelled sample of the service's /metrics."""
+    for line in httpx.get(f"{svc.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_metrics_count_the_live_caches_and_what_waits_for_them(deployment: Service) -> None:
+    """/metrics (the leader's): the caches live, the receipts taken in, the revocations waiting for a cache's receipt
+    and how long the oldest has waited (what an operator alerts on: a cache that stopped confirming makes it grow,
+    up to GONE_AFTER_S), and the revocations announced in effect everywhere."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+    waiting, oldest = "keyledger_revocations_waiting", "keyledger_revocation_oldest_waiting_seconds"
+    effective = "keyledger_revocations_effective_total"
+
+    async def scenario() -> None:
+        nc = await nats.connect(svc.nats_url)
+        positions = await invalidated_positions(nc, svc)
+        try:
+            live = metric(svc, "keyledger_receipt_caches_live")
+            received = metric(svc, "keyledger_receipts_received_total")
+            await send_receipts(nc, svc, *({"cacheId": c, "position": 0, "applied": []} for c in ("one", "two")))
+            await wait_for(lambda: metric(svc, "keyledger_receipt_caches_live") == live + 2, 10, "two caches live")
+            assert metric(svc, "keyledger_receipts_received_total") >= received + 2
+            announced = metric(svc, effective)
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            await send_receipts(nc, svc, {"cacheId": "one", "position": 0, "applied": positions})
+            await wait_for(lambda: metric(svc, waiting) == 1 and metric(svc, oldest) > 0.3, 5, "waiting for two")
+            assert metric(svc, effective) == announced
+            await send_receipts(nc, svc, {"cacheId": "two", "position": 0, "applied": positions})
+            await wait_for(lambda: metric(svc, effective) == announced + 1, 5, "announced")
+            assert (metric(svc, waiting), metric(svc, oldest)) == (0, 0)
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
 # A trigger of the test's own (its database is a clone of its own): every write of a revocation's row, in order.
 NOTE_WRITES = """
 CREATE TABLE revocation_writes (n bigserial, op text NOT NULL, position bigint NOT NULL);

@@ -114,6 +114,7 @@ class Runtime:
         self.relay = OutboxRelay(settings.database_url, self.bus, poll_interval=settings.relay_poll_s,
                                  fence=self.lease.check, epoch=lambda: self.lease.epoch)
         self.invalidations: InvalidationProjection | None = None
+        self.receipts: ReceiptsProjection | None = None
         # lastRequest of keys without limits: noted by verify in memory, written in batches (usage.py).
         self.last_requests = LastRequests(self.pool, settings.last_request_flush_s)
         self.freshness = Prober()
@@ -200,7 +201,7 @@ class Runtime:
         if self.settings.run_projections:
             # Invalidations and receipts take their events from the active-keys subscriber's batches: one
             # consumer for all three (subscriber.py), whose acks vouch for the invalidations' checkpoints.
-            receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence)
+            receipts = self.receipts = ReceiptsProjection(self.settings.database_url, self.bus, fence=fence)
             workers.append(asyncio.create_task(receipts.run(), name="projection-receipts"))
             self.invalidations = InvalidationProjection(self.bus, fence=fence, epoch=self.lease.epoch,
                                                         consumer=ActiveKeysSubscriber.consumer,

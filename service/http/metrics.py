@@ -63,6 +63,13 @@ class Figures:
     checkpoint_age: float = math.inf
     leader: bool = False
     consumer_pending: dict[str, float] = field(default_factory=dict)
+    # The receipts projection's (leader only; 0 elsewhere): receipts taken in, revocations announced in effect
+    # everywhere, caches live, revocations waiting for a cache's receipt and the oldest one's wait.
+    receipts_received: float = 0.0
+    revocations_effective: float = 0.0
+    caches_live: float = 0.0
+    revocations_waiting: float = 0.0
+    oldest_waiting_s: float = 0.0
 
     @classmethod
     async def gather(cls, runtime: "Runtime") -> "Figures":
@@ -78,6 +85,10 @@ class Figures:
         figures.outbox_oldest_age = float(oldest or 0.0)
         if runtime.leader and runtime.invalidations is not None:
             figures.consumer_pending["invalidations"] = runtime.invalidations.pending
+        if runtime.leader and runtime.receipts is not None:
+            receipts = runtime.receipts
+            figures.receipts_received, figures.revocations_effective = receipts.received, receipts.completed
+            figures.caches_live, figures.revocations_waiting, figures.oldest_waiting_s = receipts.gauges()
         return figures
 
     def reasons(self) -> list[str]:
@@ -183,6 +194,16 @@ class _RuntimeCollector(Collector):
         for name, value in figures.consumer_pending.items():
             pending.add_metric((name,), value)
         yield pending
+        yield CounterMetricFamily("keyledger_receipts_received", "Cache receipts taken in (leader)",
+                                  value=figures.receipts_received)
+        yield CounterMetricFamily("keyledger_revocations_effective", "Revocations announced in effect everywhere "
+                                  "(leader)", value=figures.revocations_effective)
+        yield _gauge("keyledger_receipt_caches_live", "Caches heard within the gone bound (leader)",
+                     figures.caches_live)
+        yield _gauge("keyledger_revocations_waiting", "Revocations waiting for a live cache's receipt (leader)",
+                     figures.revocations_waiting)
+        yield _gauge("keyledger_revocation_oldest_waiting_seconds", "How long the oldest of those has waited "
+                     "(leader)", figures.oldest_waiting_s)
         yield _gauge("keyledger_audit_unsealed_events", "Events not yet in the audit hash chain", figures.unsealed)
         yield _gauge("keyledger_leader", "1 in the process that runs the background work", float(figures.leader))
         yield _gauge("keyledger_ready", "1 when /ready answers 200", float(not figures.reasons()))

@@ -346,7 +346,6 @@ def test_an_applied_receipt_confirms_the_revocation_without_a_checkpoint(deploym
     assert states["by-hand"] == "confirmed", answer
 
 
-
 def test_a_receipt_that_outran_the_revocation_confirms_it_once_it_is_projected(deployment: Service) -> None:
     """A receipt can reach the projection before the revocation's event does (a redelivered event, a cache faster
     than the projection): that cache is confirmed, dated from that receipt, when the event is projected. A cache by
@@ -386,7 +385,6 @@ def test_a_receipt_that_outran_the_revocation_confirms_it_once_it_is_projected(d
     assert {c["state"] for c in caches.values()} == {"confirmed"}, answer
     assert at(caches["ahead"]["effectiveAt"]) < at(answer["revokedAt"]) < at(caches["behind"]["effectiveAt"]), answer
     assert answer["effectiveEverywhereAt"] == caches["behind"]["effectiveAt"], answer
-
 
 
 def metric(svc: Service, name: str) -> float:

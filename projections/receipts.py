@@ -269,6 +269,10 @@ class HeardCache:
         self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
         self._applied: OrderedDict[int, dt.datetime] = OrderedDict()  # applied position -> when first named
 
+    def live(self, now: float) -> bool:
+        """Heard within GONE_AFTER_S (else it is gone: it no longer blocks "everywhere")."""
+        return now - self.heard < GONE_AFTER_S
+
     def named(self, position: int, at: dt.datetime) -> None:
         """A receipt named ``position`` in ``applied`` at ``at`` (kept only for a revocation not projected yet)."""
         self._applied.setdefault(position, at)
@@ -403,7 +407,7 @@ class ReceiptsProjection:
         """For /metrics: the caches live now, the revocations still waiting for a live cache's receipt, and how
         long the oldest of those has waited (seconds since this process took it in; 0 when none waits)."""
         now = time.monotonic()
-        live = sum(1 for cache in self._caches.values() if now - cache.heard < GONE_AFTER_S)
+        live = sum(1 for cache in self._caches.values() if cache.live(now))
         waiting = [pending.since for pending in self._pending.values() if pending.waiting]
         return live, len(waiting), now - min(waiting) if waiting else 0.0
 
@@ -441,7 +445,7 @@ class ReceiptsProjection:
         confirmed (``_receive``) or by the sweeper: nothing is written for them here."""
         async with self._lock:
             now = time.monotonic()
-            live = [c for c, h in self._caches.items() if now - h.heard < GONE_AFTER_S]
+            live = [c for c, h in self._caches.items() if h.live(now)]
             # Caches whose receipts already covered a position this high: one raced ahead of the event (a
             # redelivery, or a cache faster than this projection): date it from that receipt. Usually none:
             # no checkpoint proves an event before its batch is acked, and the receipts naming it come after.
@@ -539,7 +543,7 @@ class ReceiptsProjection:
             async with self._lock:
                 assert self._conn is not None
                 now = time.monotonic()
-                for cache_id in [c for c, h in self._caches.items() if now - h.heard >= GONE_AFTER_S]:
+                for cache_id in [c for c, h in self._caches.items() if not h.live(now)]:
                     for position in self._caches.pop(cache_id).waiting:
                         pending = self._pending.get(position)
                         if pending is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import socket
@@ -189,6 +190,14 @@ class Service:
 
     def delete(self, headers: dict[str, str], key_id: Any) -> httpx.Response:
         return self.post("api-key/delete", headers, json={"keyId": key_id})
+
+
+
+def metric(service: Service, name: str) -> float | None:
+    """One unlabelled sample of a service's /metrics, or None if it has none."""
+    text = httpx.get(f"{service.url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
 
 
 def count_events(database_url: str, key_id: str | None = None, type_: str | None = None) -> int:

@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ import nats
 import psycopg
 import pytest
 
-from harness import Service, delete_streams, read_stream_messages, unique_topology, wait_for, wait_until
+from harness import (Service, delete_streams, metric, read_stream_messages, unique_topology, wait_for,
+                     wait_until)
 from keyledger.core import records
 from keyledger.storage import store
 from keyledger.client import KeyCache
@@ -60,12 +60,6 @@ def _hard_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def ready(service: Service) -> httpx.Response:
     return httpx.get(f"{service.url}/ready", timeout=5)
-
-
-def metric(service: Service, name: str) -> float | None:
-    text = httpx.get(f"{service.url}/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else None
 
 
 def is_leader(service: Service) -> bool:

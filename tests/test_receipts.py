@@ -26,7 +26,7 @@ import uvloop
 from psycopg import sql
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from harness import ROOT, Service, delete_streams, free_port, unique_topology, wait_for, wait_until
+from harness import ROOT, Service, delete_streams, free_port, metric, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
 from keyledger.core.events import (ApiKeyRevoked, ApiKeyRotated, RecordedEvent, decode_envelope_head,
                                    encode_envelope, encode_reduced_envelope)
@@ -385,14 +385,6 @@ def test_a_receipt_that_outran_the_revocation_confirms_it_once_it_is_projected(d
     assert {c["state"] for c in caches.values()} == {"confirmed"}, answer
     assert at(caches["ahead"]["effectiveAt"]) < at(answer["revokedAt"]) < at(caches["behind"]["effectiveAt"]), answer
     assert answer["effectiveEverywhereAt"] == caches["behind"]["effectiveAt"], answer
-
-
-def metric(svc: Service, name: str) -> float:
-    """One unlabelled sample of the service's /metrics."""
-    for line in httpx.get(f"{svc.url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} is not in /metrics")
 
 
 def test_metrics_count_the_live_caches_and_what_waits_for_them(deployment: Service) -> None:

@@ -1031,14 +1031,16 @@ def outbox_and_log(db_url: str, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def revocation_receipts(db_url: str) -> dict[str, int] | None:
-    """Revocations (the receipts projection's table) and how many of them every live cache confirmed; None
-    where this revision has no such table."""
-    try:
-        with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
-            total, done = conn.execute("SELECT count(*), count(effective_everywhere_at) FROM revocations").fetchone()
-        return {"revocations": total, "effective_everywhere": done}
-    except psycopg.Error:
-        return None
+    """Revocations written by the receipts projection (its view ``receipts``, or its one table in revisions before
+    it) and how many of them every live cache confirmed; None where this revision has neither."""
+    for table in ("receipts", "revocations"):
+        try:
+            with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+                total, done = conn.execute(f"SELECT count(*), count(effective_everywhere_at) FROM {table}").fetchone()
+            return {"revocations": total, "effective_everywhere": done}
+        except psycopg.Error:
+            continue
+    return None
 
 
 def hottest_frames(path: Path, top: int = 15) -> list[tuple[float, float, str]]:

@@ -8,22 +8,28 @@ Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` (positions only: no key
   the freshness checkpoints, freshness.py): this keeps a cache live while nothing is revoked, and confirms
   whatever an applied receipt left out (a lost message, a cache that predates ``applied``).
 
-This projection (in the background leader) keeps two tables (schema.sql):
+This projection (in the background leader) keeps three tables (schema.sql):
 
 * ``receipt_caches``: every cache heard of, its confirmed position and when it was last heard (a cache silent
   for ``GONE_AFTER_S`` is *gone*: listed, but it no longer blocks "everywhere");
-* ``revocations``: each revocation-like event (revoked, disabled, expired, rotated without grace), from the
-  event stream (the batches of the active-keys subscriber's durable consumer, which acks none before ``record``
-  took it in: subscriber.py), with ``caches``: every cache that was live when it was projected -> the moment
-  keyledger received the first receipt covering its position (naming it in ``applied``, or proving every
-  position up to it), or null.
+* ``revocations`` and ``revocation_batches``: each revocation-like event (revoked, disabled, expired, rotated
+  without grace), from the event stream (the batches of the active-keys subscriber's durable consumer, which acks
+  none before ``record`` took it in: subscriber.py), with every cache that was live when it was projected -> the
+  moment keyledger received the first receipt covering its position (naming it in ``applied``, or proving every
+  position up to it), or null. Those in effect everywhere when first written (nearly all) share one row of
+  ``revocation_batches`` per write (and set of caches); a slow cache's are written pending, a row each in
+  ``revocations``, and updated as confirmations come. The view ``receipts`` shows both, a row per revocation.
+  (Below, a revocation's "row" is its entry, in either table.)
 
-The bookkeeping lives in memory, and each revocation's row is written once, as a rule: when the last live cache
-confirmed it (or the last pending one was declared gone), with ``effective_everywhere_at``, then
+The bookkeeping lives in memory, and each revocation is written once, as a rule: when the last live cache
+confirmed it (or the last pending one was declared gone), with when it took effect everywhere, then
 ``<prefix>.revocation.effective`` announces it. One still pending after ``WRITE_AFTER_S`` (a hung cache) is written
 by the sweeper, pending, and its later confirmations once a second. (Written when projected and again once
 confirmed, a revocation cost PostgreSQL two row versions and their WAL while caches were live; a row per
-(revocation, cache), inserted then updated, cost it more than the revocation itself: docs/benchmarks.md.)
+(revocation, cache), inserted then updated, cost it more than the revocation itself; a row per revocation, more
+than a batch's row with arrays: docs/benchmarks.md.) A batch row has no key that a second write of the same
+revocation would conflict on, so the projection keeps what it settled above the cursor (a redelivered event of it
+is not taken in again), and the read takes the first row that holds a position.
 
 What is held but not written yet would be lost with this process (its events are acked), so the log is the
 backstop: ``receipts_written`` keeps a position at or below which every revocation-like event has its row (or needs
@@ -50,8 +56,9 @@ arrive before the revocation's event is projected (it raced through the invalida
 each cache's recent receipts (``HeardCache``) and dates such a cache's confirmation from the first one that covered
 the position. The revoke path does none of this work (what it costs a machine that runs both: docs/benchmarks.md).
 
-Storage: one ``revocations`` row per revocation-like event projected while caches were live, holding one entry per
-such cache, kept ``RETENTION_DAYS`` (30) days; ``receipt_caches`` rows of caches silent for that long go too.
+Storage: an entry per revocation-like event projected while caches were live (its position and when it took
+effect everywhere) and per such event and cache (a timestamp), kept ``RETENTION_DAYS`` (30) days; ``receipt_caches``
+rows of caches silent for that long go too.
 """
 
 from __future__ import annotations
@@ -116,6 +123,15 @@ ON CONFLICT (position) DO UPDATE
 WHERE r.effective_everywhere_at IS NULL
 RETURNING r.position, r.effective_everywhere_at
 """.format(NO_WAIT=NO_WAIT)
+# Revocations every cache confirmed by their first write (nearly all, under load): one row for all of them that had
+# the same caches live, where WRITE costs PostgreSQL a row, its index entry and its conflict check each (~800 bytes
+# of WAL a revocation against ~30: docs/benchmarks.md). The times go as integers, and the arrays of integers as
+# text made by msgspec (``_array``): psycopg dumps a list element by element in Python, which cost more than the
+# rows saved (the caches' ids, a few, are left to psycopg: any text may be one).
+BATCH = """
+INSERT INTO revocation_batches (span, positions, caches, effective_us)
+SELECT int8range(%s, %s, '[]'), %s::bigint[], %s::text[], %s::bigint[] WHERE {NO_WAIT}
+""".format(NO_WAIT=NO_WAIT)
 # Every revocation-like event at or below it has its row, or needs none (the module docstring); moved by the sweeper.
 CURSOR = "SELECT position FROM receipts_written"
 ADVANCE = "UPDATE receipts_written SET position = %s WHERE {NO_WAIT}".format(NO_WAIT=NO_WAIT)
@@ -124,7 +140,15 @@ PENDING = ("SELECT position, key_id, type, revoked_at, caches FROM revocations"
            " WHERE effective_everywhere_at IS NULL")
 # A revocation-like event, as a condition on an events row (a rotation is one only without grace: ``_revocation``).
 REVOCATION_LIKE = "type = ANY(%(types)s) AND (type <> 'ApiKeyRotated' OR data->>'graceUntil' IS NULL)"
-# ... and the revocation-like events above the cursor that have no row (held unwritten by the term before).
+# ... those above the cursor already in effect everywhere (a redelivered event of one is not taken in again) ...
+SETTLED = """
+SELECT p FROM revocation_batches, unnest(positions) AS p
+WHERE span && int8range(%(after)s, NULL, '()') AND p > %(after)s
+UNION ALL
+SELECT position FROM revocations WHERE position > %(after)s AND effective_everywhere_at IS NOT NULL
+"""
+# ... and the revocation-like events above the cursor that have no row in revocations (held unwritten by the term
+# before, once those SETTLED lists are left out).
 # A range of the events' primary key.
 REVOKING_EVENTS = f"""
 SELECT position, stream_id, type, recorded_at FROM events e
@@ -155,29 +179,42 @@ WITH noted AS (
 SELECT clock_timestamp()
 """.format(NO_WAIT=NO_WAIT)
 PRUNE = """
-WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day')
+WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(days)s * interval '1 day'),
+     old AS (DELETE FROM revocation_batches WHERE written_at < clock_timestamp() - %(days)s * interval '1 day')
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
-# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, whether it
-# has its row, and whether it is above the cursor (no row yet: pending, if caches are live). Found through the
+# The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, where it is
+# written (its row in revocations, or the first row of revocation_batches that holds it: the span's GiST index, then
+# the array; first by written_at, which has no index, as ordering by id let the planner walk the primary key through
+# every row), and whether it is above the cursor (not written yet: pending, if caches are live). Found through the
 # key's events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
 # (key_id) would cost every revocation one more index insert for this rare read. One older than RETENTION_DAYS
 # without a row is left out: its row, if it had one, was pruned.
 LATEST = f"""
 WITH mine AS MATERIALIZED (
     SELECT position, type, recorded_at FROM events WHERE stream_id = %(key)s AND {REVOCATION_LIKE})
-SELECT m.position, m.type, coalesce(r.revoked_at, m.recorded_at), r.effective_everywhere_at, r.position IS NOT NULL,
-       m.position > (SELECT position FROM receipts_written)
+SELECT m.position, m.type, m.recorded_at, coalesce(r.effective_everywhere_at, keyledger_at_micros(b.last)),
+       r.position IS NOT NULL, b.id, m.position > (SELECT position FROM receipts_written)
 FROM mine m LEFT JOIN revocations r ON r.position = m.position
-WHERE r.position IS NOT NULL OR m.recorded_at > clock_timestamp() - %(days)s * interval '1 day'
+LEFT JOIN LATERAL (SELECT id, (SELECT max(us) FROM unnest(effective_us[i:i]) AS us) AS last
+                   FROM revocation_batches, array_position(positions, m.position) AS i
+                   WHERE span @> m.position AND i IS NOT NULL ORDER BY written_at, id LIMIT 1) b ON true
+WHERE r.position IS NOT NULL OR b.id IS NOT NULL OR m.recorded_at > clock_timestamp() - %(days)s * interval '1 day'
 ORDER BY m.position DESC LIMIT 1
 """
-# Its caches: those of its row, or (no row yet) those live now that were heard of before it, pending.
-CACHES_OF = """
-SELECT e.key, c.service, (e.value #>> '{}')::timestamptz, c.last_seen_at,
-       c.last_seen_at IS NULL OR c.last_seen_at <= clock_timestamp() - %s * interval '1 second'
+# Its caches: those of its row (in either table), or (no row yet) those live now that were heard of before it.
+SILENT = "c.last_seen_at IS NULL OR c.last_seen_at <= clock_timestamp() - %(gone)s * interval '1 second'"
+CACHES_OF = f"""
+SELECT e.key, c.service, (e.value #>> '{{}}')::timestamptz, c.last_seen_at, {SILENT}
 FROM revocations r CROSS JOIN jsonb_each(r.caches) e LEFT JOIN receipt_caches c ON c.cache_id = e.key
-WHERE r.position = %s ORDER BY e.key
+WHERE r.position = %(position)s ORDER BY e.key
+"""
+CACHES_OF_BATCH = f"""
+SELECT x.cache_id, c.service, keyledger_at_micros(b.effective_us[array_position(b.positions, %(position)s)][x.n]),
+       c.last_seen_at, {SILENT}
+FROM revocation_batches b CROSS JOIN unnest(b.caches) WITH ORDINALITY AS x(cache_id, n)
+LEFT JOIN receipt_caches c ON c.cache_id = x.cache_id
+WHERE b.id = %(batch)s ORDER BY x.cache_id
 """
 CACHES_NOW = """
 SELECT cache_id, service, NULL::timestamptz, last_seen_at, false FROM receipt_caches
@@ -186,6 +223,14 @@ ORDER BY cache_id
 """
 
 _encoder = msgspec.json.Encoder()
+_EPOCH, _MICROSECOND = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), dt.timedelta(microseconds=1)
+_JSON_TO_ARRAY = bytes.maketrans(b"[]", b"{}")
+
+
+def _array(values: list[Any]) -> str:
+    """A PostgreSQL array literal of integers (nested lists: more dimensions), the JSON array's brackets turned to
+    braces: msgspec writes it in one call, where psycopg dumps each element in Python."""
+    return _encoder.encode(values).translate(_JSON_TO_ARRAY).decode()
 
 
 def _iso(at: dt.datetime | None) -> str | None:
@@ -204,9 +249,10 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
                                              "days": RETENTION_DAYS})).fetchone()
     if row is None:
         return None
-    position, type_, revoked_at, everywhere, written, unsettled = row
-    if written:
-        caches = await (await conn.execute(CACHES_OF, (GONE_AFTER_S, position))).fetchall()
+    position, type_, revoked_at, everywhere, written, batch, unsettled = row
+    if written or batch is not None:
+        caches = await (await conn.execute(CACHES_OF if written else CACHES_OF_BATCH,
+                                           {"gone": GONE_AFTER_S, "position": position, "batch": batch})).fetchall()
     else:
         caches = await (await conn.execute(CACHES_NOW, (GONE_AFTER_S, revoked_at))).fetchall() if unsettled else []
         everywhere = None if caches else revoked_at
@@ -333,13 +379,16 @@ class Pending:
         """What ``_announce`` says of it once it took effect everywhere."""
         return self.key_id, position, everywhere, len(self.caches)
 
-    def row(self, position: int) -> dict[str, Any]:
-        """Its WRITE row: done once nothing is waiting; everywhere = the last confirmation if every cache
-        confirmed, else None (now: a cache was declared gone)."""
+    def everywhere(self) -> dt.datetime | None:
+        """The last confirmation if every cache confirmed, else None (once done: a cache was declared gone, and
+        the write dates it with the database's clock)."""
         confirmed = [at for at in self.caches.values() if at is not None]
-        everywhere = max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
+        return max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
+
+    def row(self, position: int) -> dict[str, Any]:
+        """Its WRITE row: done once nothing is waiting."""
         return {"position": position, "key_id": self.key_id, "type": self.type, "revoked_at": self.revoked_at,
-                "caches": self.caches, "done": not self.waiting, "everywhere": everywhere}
+                "caches": self.caches, "done": not self.waiting, "everywhere": self.everywhere()}
 
 
 class ReceiptsProjection:
@@ -362,6 +411,11 @@ class ReceiptsProjection:
         self._loaded = asyncio.Event()  # the memory above is the tables' state, and ``_conn`` is open
         self._clock = DbClock()
         self._written_through = 0  # the cursor as last written (receipts_written)
+        # Positions above the cursor whose revocations left memory in effect everywhere (written, or no cache was
+        # live): a redelivered event of one is not taken in again (nor one at or below the cursor: all settled).
+        # revocation_batches has no per-position key that a second write would conflict on. A second or so of
+        # revocations: the cursor follows the forwarded checkpoints, held back only by what is held unwritten.
+        self._settled: set[int] = set()
         self._forwarded = 0  # the newest freshness checkpoint's position this process forwarded
 
     async def run(self) -> None:
@@ -397,9 +451,12 @@ class ReceiptsProjection:
             self._hold(position, Pending(key_id, type_, revoked_at, confirmed, since=now, written=True))
         (self._written_through,) = await (await conn.execute(CURSOR)).fetchone()
         self._forwarded = max(self._forwarded, self._written_through)
-        unwritten = await (await conn.execute(REVOKING_EVENTS, {"after": self._written_through,
-                                                                 "types": list(REVOKING)})).fetchall()
+        after = {"after": self._written_through, "types": list(REVOKING)}
+        self._settled = {p for (p,) in await (await conn.execute(SETTLED, after)).fetchall()}
+        unwritten = await (await conn.execute(REVOKING_EVENTS, after)).fetchall()
         for position, key_id, type_, revoked_at in unwritten:  # (a cache heard of only after it is not waited for)
+            if position in self._settled:
+                continue
             caches = dict.fromkeys(c for c, _, first_seen in live if first_seen is None or first_seen <= revoked_at)
             self._hold(position, Pending(key_id, type_, revoked_at, caches, since=now))
 
@@ -453,8 +510,9 @@ class ReceiptsProjection:
             ahead = [c for c in live if self._caches[c].reach >= lowest]
             fresh = {}
             for position, key_id, type_, revoked_at in revocations:
-                if position in self._pending or position in fresh:
-                    continue  # a redelivery of one already waiting (or twice in this batch)
+                if (position in self._pending or position in fresh or position in self._settled
+                        or position <= self._written_through):
+                    continue  # a redelivery of one already waiting or settled (or twice in this batch)
                 caches = dict.fromkeys(live)
                 for c in ahead:
                     caches[c] = self._caches[c].covered_at(position)
@@ -559,7 +617,7 @@ class ReceiptsProjection:
     async def _advance(self) -> None:
         """Move the cursor to the newest forwarded checkpoint, short of the first revocation held unwritten (that
         checkpoint's events all passed ``record``: each is written, or held, and what is held holds the cursor
-        back). It may go back (a redelivered event held again): that only widens the next term's look at the log.
+        back). It never goes back: ``record`` takes in nothing at or below it, so whatever is held is above it.
         Written after the rows it vouches for, each commit not waiting for the disk: WAL is flushed in order."""
         assert self._conn is not None
         unwritten = [position for position, pending in self._pending.items() if not pending.written]
@@ -567,19 +625,33 @@ class ReceiptsProjection:
         if cursor != self._written_through:
             await self._conn.execute(ADVANCE, (cursor,))
             self._written_through = cursor
+            self._settled = {position for position in self._settled if position > cursor}
 
     async def _save(self, pendings: dict[int, Pending]) -> list[tuple[str, int, dt.datetime, int]]:
-        """Write these revocations' rows (new, or their confirmations since), completing those nothing waits for
-        any more; those leave memory, as do those an earlier term completed (a redelivery: not returned), and those
-        no cache was live for (no row). Returns what took effect everywhere; the caller holds the lock."""
+        """Write these revocations (new, or their confirmations since), completing those nothing waits for any
+        more; those leave memory, as do those an earlier term completed (a redelivery: not returned), and those no
+        cache was live for (nothing written). Those in effect everywhere by their first write go in one row of
+        revocation_batches per set of caches (BATCH), the others in a row each (WRITE). Returns what took effect
+        everywhere; the caller holds the lock."""
         assert self._conn is not None
-        done, rows = [], []
+        done, rows, batches = [], [], {}
         for position, pending in pendings.items():
-            if pending.caches:
-                rows.append(pending.row(position))
-            else:  # no cache was live: in effect everywhere at its commit, and no row says so
-                del self._pending[position]
+            if not pending.caches:  # no cache was live: in effect everywhere at its commit, and nothing says so
+                self._settle(position)
                 done.append(pending.announcement(position, pending.revoked_at))
+            elif pending.written or pending.waiting or None in pending.caches.values():
+                rows.append(pending.row(position))  # (null: a cache declared gone; WRITE dates it now)
+            else:
+                batches.setdefault(tuple(pending.caches), []).append(position)
+        micros: dict[dt.datetime, int] = {}  # (a receipt dates everything it confirms alike: a few distinct times)
+        for caches, positions in batches.items():
+            effective = [[micros.get(at) or micros.setdefault(at, (at - _EPOCH) // _MICROSECOND)
+                          for at in pendings[p].caches.values()] for p in positions]
+            await self._conn.execute(BATCH, (min(positions), max(positions), _array(positions), list(caches),
+                                             _array(effective)))
+            for position in positions:
+                self._settle(position)
+                done.append(pendings[position].announcement(position, pendings[position].everywhere()))
         if not rows:
             return done
         saved = dict(await (await self._conn.execute(WRITE, (_encoder.encode(rows).decode(),))).fetchall())
@@ -588,11 +660,16 @@ class ReceiptsProjection:
             pending = pendings[position]
             pending.written, pending.dirty = True, False
             if position not in saved:
-                del self._pending[position]  # completed before, by an earlier term: it stays as it was
+                self._settle(position)  # completed before, by an earlier term: it stays as it was
             elif saved[position] is not None:
-                del self._pending[position]
+                self._settle(position)
                 done.append(pending.announcement(position, saved[position]))
         return done
+
+    def _settle(self, position: int) -> None:
+        """``position`` leaves memory in effect everywhere."""
+        del self._pending[position]
+        self._settled.add(position)
 
     async def _announce(self, done: list[tuple[str, int, dt.datetime, int]]) -> None:
         """Say on NATS which revocations just took effect everywhere (after their commit)."""

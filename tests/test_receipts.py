@@ -28,10 +28,13 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from harness import ROOT, Service, delete_streams, free_port, metric, unique_topology, wait_for, wait_until
 from keyledger.client import KeyCache
-from keyledger.core.events import (ApiKeyRevoked, ApiKeyRotated, RecordedEvent, decode_envelope_head,
+from keyledger.background.bus import Bus
+from keyledger.core.events import (ApiKeyRevoked, ApiKeyRotated, EnvelopeHead, RecordedEvent, decode_envelope_head,
                                    encode_envelope, encode_reduced_envelope)
 from keyledger.core.records import hash_key
-from keyledger.projections.receipts import GONE_AFTER_S, LATEST, REVOKING, WRITE, DbClock, HeardCache, _revocation
+from keyledger.projections.receipts import (BATCH, GONE_AFTER_S, LATEST, REVOKING, WRITE, DbClock, HeardCache,
+                                            ReceiptsProjection, _revocation)
+from keyledger.projections.receipts import read as read_receipt
 
 
 def receipt(svc: Service, headers: dict[str, str], key_id: str) -> httpx.Response:
@@ -421,12 +424,22 @@ def test_metrics_count_the_live_caches_and_what_waits_for_them(deployment: Servi
     asyncio.run(scenario())
 
 
-# A trigger of the test's own (its database is a clone of its own): every write of a revocation's row, in order.
+# Triggers of the test's own (its database is a clone of its own): every write of a revocation, in order, with
+# its table (a row of its own in revocations, or a place in a row of revocation_batches).
 NOTE_WRITES = """
-CREATE TABLE revocation_writes (n bigserial, op text NOT NULL, position bigint NOT NULL);
+CREATE TABLE revocation_writes (n bigserial, tab text NOT NULL, op text NOT NULL, position bigint NOT NULL);
 CREATE FUNCTION note_revocation_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO revocation_writes (op, position) VALUES (TG_OP, NEW.position); RETURN NULL; END $$;
+BEGIN
+    IF TG_TABLE_NAME = 'revocations' THEN
+        INSERT INTO revocation_writes (tab, op, position) VALUES (TG_TABLE_NAME, TG_OP, NEW.position);
+    ELSE
+        INSERT INTO revocation_writes (tab, op, position) SELECT TG_TABLE_NAME, TG_OP, unnest(NEW.positions);
+    END IF;
+    RETURN NULL;
+END $$;
 CREATE TRIGGER note_writes AFTER INSERT OR UPDATE ON revocations
+    FOR EACH ROW EXECUTE FUNCTION note_revocation_write();
+CREATE TRIGGER note_writes AFTER INSERT OR UPDATE ON revocation_batches
     FOR EACH ROW EXECUTE FUNCTION note_revocation_write();
 """
 
@@ -436,9 +449,9 @@ def note_writes(svc: Service) -> None:
         conn.execute(NOTE_WRITES)
 
 
-def writes(svc: Service) -> list[tuple[str, int]]:
+def writes(svc: Service) -> list[tuple[str, str, int]]:
     with psycopg.connect(svc.database_url, autocommit=True) as conn:
-        return conn.execute("SELECT op, position FROM revocation_writes ORDER BY n").fetchall()
+        return conn.execute("SELECT tab, op, position FROM revocation_writes ORDER BY n").fetchall()
 
 
 def cursor(svc: Service) -> int:
@@ -452,10 +465,11 @@ async def forwarded_positions(nc: Any, svc: Service) -> list[int]:
 
 
 def test_a_revocation_confirmed_within_a_second_is_written_once(deployment: Service) -> None:
-    """The projection holds a revocation until its caches confirm it and writes its row then, once: one INSERT,
-    no UPDATE (it used to be inserted when projected and updated when confirmed: two row versions and their WAL per
-    revocation while caches were live). Meanwhile the receipt answers from the log, pending on the live caches,
-    never a 404 (the row is not there yet). Then the cursor passes it."""
+    """The projection holds a revocation until its caches confirm it and writes it then, once, in effect
+    everywhere: one INSERT of a row of revocation_batches, no UPDATE (it used to be inserted when projected and
+    updated when confirmed: two row versions and their WAL per revocation while caches were live). Meanwhile the
+    receipt answers from the log, pending on the live caches, never a 404 (the row is not there yet). Then the
+    cursor passes it."""
     svc = deployment
     note_writes(svc)
     me = svc.session()
@@ -482,7 +496,7 @@ def test_a_revocation_confirmed_within_a_second_is_written_once(deployment: Serv
     assert {c["cacheId"]: c["state"] for c in early.json()["caches"]} == {"slow": "pending"}, early.json()
     assert before == [], before  # held, not written, while the cache had not confirmed
     assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"slow": "confirmed"}, answer
-    assert writes(svc) == [("INSERT", position)]
+    assert writes(svc) == [("revocation_batches", "INSERT", position)]  # in effect everywhere when written
     wait_until(lambda: cursor(svc) >= position, timeout=10, what="the cursor past the written revocation")
 
 
@@ -581,7 +595,9 @@ def test_a_revocation_held_unwritten_when_the_leader_dies_is_taken_from_the_log(
     assert pending["effectiveEverywhereAt"] is None and pending["position"] == position, pending
     assert {c["cacheId"]: c["state"] for c in pending["caches"]} == {"slow": "pending"}, pending
     assert {c["cacheId"]: c["state"] for c in answer["caches"]} == {"slow": "confirmed"}, answer
-    assert [op for op, p in writes(svc) if p == position] == ["INSERT", "UPDATE"]  # pending after 1 s, then done
+    # pending after 1 s, then done: a row of its own
+    assert [(t, op) for t, op, p in writes(svc) if p == position] == [("revocations", "INSERT"),
+                                                                       ("revocations", "UPDATE")]
 
 
 def test_a_chatty_cache_is_noted_at_most_once_a_second_and_its_receipts_still_count(deployment: Service) -> None:
@@ -717,6 +733,67 @@ def test_hostile_receipts_change_nothing_and_stop_nothing(deployment: Service) -
     assert "receipts projection" not in svc.log_tail(400), svc.log_tail(40)
 
 
+def test_a_redelivered_revocation_already_in_effect_everywhere_is_neither_written_nor_announced_again(
+        db_factory: Any, nats_url: str) -> None:
+    """Revocations every cache confirmed are written together, in one row of revocation_batches, which has no key a
+    second write of one would conflict on. So when the consumer delivers such an event again (its ack was lost, or a
+    new term's consumer starts below it), the projection must know it settled it: not held again, not written again,
+    not announced again, even as the caches name it once more; a new term learns it from the table. The projection
+    runs alone here, on a real database and NATS, fed as the active-keys subscriber feeds it (``record``, with a
+    delivery batch's envelope heads); the caches speak the wire by hand."""
+    url = db_factory.create("receipts_redelivered")
+    topology = unique_topology("redelivered")
+    wire = SimpleNamespace(topology=topology)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def revocations(*positions: int) -> tuple[list[None], list[EnvelopeHead]]:
+        return [None] * len(positions), [EnvelopeHead(id=str(uuid.uuid4()), type="ApiKeyRevoked", key_id=f"k{p}",
+                                                      version=2, position=p, occurred_at=now) for p in positions]
+
+    async def scenario() -> tuple[list[int], list[tuple[list[int], list[str]]]]:
+        bus = Bus(nats_url, topology)
+        bus.start()
+        nc = await nats.connect(nats_url)
+        announced = await positions_on(nc, topology.effective_subject)
+        projection = ReceiptsProjection(url, bus)
+        task = asyncio.create_task(projection.run())
+        both = [{"cacheId": c, "position": 0, "applied": [10, 12, 14, 16]} for c in ("a", "b")]
+        try:
+            deadline = time.monotonic() + 10
+            while projection.gauges()[0] < 2:  # heartbeats, as caches send, until the projection listens
+                assert time.monotonic() < deadline, "two caches live"
+                await send_receipts(nc, wire, *({"cacheId": c, "position": 0} for c in ("a", "b")))
+                await asyncio.sleep(0.1)
+            await projection.record(*revocations(10, 12))
+            await send_receipts(nc, wire, *({"cacheId": c, "position": 0, "applied": [10, 12]} for c in ("a", "b")))
+            await wait_for(lambda: sorted(announced) == [10, 12], 5, "both announced")
+            await projection.record(*revocations(12, 10, 14))  # two delivered again, with a new one
+            await send_receipts(nc, wire, *both)
+            await wait_for(lambda: 14 in announced, 5, "the new one announced")
+            task.cancel()  # the term ends; the next one's consumer delivers the three again, and a fourth
+            await asyncio.gather(task, return_exceptions=True)
+            projection = ReceiptsProjection(url, bus)
+            task = asyncio.create_task(projection.run())
+            await projection.record(*revocations(10, 12, 14, 16))
+            await send_receipts(nc, wire, *both)
+            await wait_for(lambda: 16 in announced, 5, "the fourth announced")
+            await asyncio.sleep(0.2)  # (anything announced twice would have come with it)
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                rows = await (await conn.execute("SELECT positions, caches FROM revocation_batches ORDER BY id")
+                              ).fetchall()
+            return announced, rows
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await nc.close()
+            await bus.close()
+            await delete_streams(nats_url, topology)
+
+    announced, rows = asyncio.run(scenario())
+    assert sorted(announced) == [10, 12, 14, 16], announced
+    assert rows == [([10, 12], ["a", "b"]), ([14], ["a", "b"]), ([16], ["a", "b"])], rows
+
+
 def test_a_receipt_that_outran_its_revocation_dates_it() -> None:
     """The projection's memory of a cache's receipts (pure, no servers): a revocation projected after receipts
     that covered it is dated from the first one that did, by proving its position or naming it in ``applied``."""
@@ -813,3 +890,55 @@ def test_writing_and_reading_revocations_find_each_by_its_key_however_many_were_
         assert len(conn.execute(WRITE, (rows(4990, 5051, done=True),)).fetchall()) == 50  # 4990-5000: done before
         count = "SELECT count(*) FILTER (WHERE effective_everywhere_at IS NULL), count(*) FROM revocations"
         assert conn.execute(count).fetchone() == (0, 5050)
+
+
+def test_revocations_written_together_read_back_each_by_its_key_and_the_first_row_holding_one_counts(
+        db_factory: Any) -> None:
+    """A row of revocation_batches holds several revocations, each cache's time for each (microseconds since 1970):
+    the receipt of each key reads its own, in effect everywhere at its last cache's time; the view ``receipts``
+    shows the same, a row per revocation. Should one be written twice (a deposed leader's last write racing its
+    successor's), the first row counts. However many rows there are, the read finds a key's through the index on
+    their spans, never by reading them all."""
+    url = db_factory.create("receipts_batches")
+    t0 = dt.datetime(2026, 12, 7, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+
+    def us(ms: int) -> int:
+        return (t0 + dt.timedelta(milliseconds=ms) - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // \
+            dt.timedelta(microseconds=1)
+
+    def iso(ms: int) -> str:
+        return (t0 + dt.timedelta(milliseconds=ms)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        a, b = (conn.execute("INSERT INTO events (id, stream_id, version, type, data) VALUES (gen_random_uuid(), %s,"
+                             " 1, 'ApiKeyRevoked', '{}') RETURNING position", (k,)).fetchone()[0] for k in ("ka", "kb"))
+        conn.execute(BATCH, (a, b, f"{{{a},{b}}}", ["x", "y"], f"{{{{{us(1)},{us(3)}}},{{{us(2)},{us(2)}}}}}"))
+        conn.execute(BATCH, (b, b, f"{{{b}}}", ["x", "y"], f"{{{{{us(9)},{us(9)}}}}}"))  # b again, later
+
+    async def receipts() -> list[dict[str, Any] | None]:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            return [await read_receipt(conn, k) for k in ("ka", "kb")]
+
+    ra, rb = asyncio.run(receipts())
+    assert ra is not None and rb is not None
+    assert (ra["position"], ra["effectiveEverywhereAt"]) == (a, iso(3)), ra
+    assert [(c["cacheId"], c["effectiveAt"], c["state"]) for c in ra["caches"]] == [("x", iso(1), "confirmed"),
+                                                                                    ("y", iso(3), "confirmed")], ra
+    assert (rb["position"], rb["effectiveEverywhereAt"]) == (b, iso(2)), rb
+    assert [c["effectiveAt"] for c in rb["caches"]] == [iso(2), iso(2)], rb
+    with psycopg.connect(url, autocommit=True) as conn:
+        view = conn.execute("SELECT position, key_id, effective_everywhere_at, caches FROM receipts ORDER BY position"
+                            ).fetchall()
+        assert [(p, k, e) for p, k, e, _ in view] == [(a, "ka", t0 + dt.timedelta(milliseconds=3)),
+                                                      (b, "kb", t0 + dt.timedelta(milliseconds=2))], view
+        assert {c: at(v) for c, v in view[0][3].items()} == {"x": t0 + dt.timedelta(milliseconds=1),
+                                                              "y": t0 + dt.timedelta(milliseconds=3)}, view
+        # 2,000 more rows, 20 revocations each, as a busy deployment writes them; none analyzed.
+        conn.execute("""INSERT INTO revocation_batches (span, positions, caches, effective_us)
+                        SELECT int8range(n * 20, n * 20 + 19, '[]'), ARRAY(SELECT generate_series(n * 20, n * 20 + 19)),
+                               '{x,y}', array_fill(0::bigint, ARRAY[20, 2])
+                        FROM generate_series(1000, 2999) AS n""")
+        statement = LATEST.replace("%(key)s", "{}").replace("%(types)s", "{}").replace("%(days)s", "{}")
+        explain = sql.SQL("EXPLAIN (COSTS OFF) " + statement).format(*map(sql.Literal, ("kb", list(REVOKING), 30)))
+        p = "\n".join(r[0] for r in conn.execute(explain))
+        assert "revocation_batches_span_idx" in p and "Seq Scan on revocation_batches" not in p, p

@@ -551,12 +551,12 @@ INSERT INTO receipts_written (position) SELECT coalesce(max(position), 0) FROM r
 DROP INDEX IF EXISTS revocations_key_idx;
 CREATE INDEX IF NOT EXISTS revocations_pending_idx ON revocations (position) WHERE effective_everywhere_at IS NULL;
 -- Revocations that took effect everywhere by the time they were first written, nearly all of them: one row per
--- write, not per revocation (a row each cost PostgreSQL an insert, its index entry and ~800 bytes of WAL per revoke
+-- write, not per revocation (a row each cost PostgreSQL an insert, its index entry and ~700 bytes of WAL per revoke
 -- while caches were live: docs/benchmarks.md). ``revocations`` keeps the others: those written pending (a slow
 -- cache, or one declared gone), whose confirmations come later. A revocation is in one of the two; the read looks in
 -- both (receipts.py). Every revocation in a row had the same caches live, and every one of them confirmed it.
--- Times are microseconds since 1970 on the database's clock (keyledger_at_micros turns them into timestamps): a
--- write in that form costs the projection a third of what timestamps cost it to send.
+-- Times are microseconds since 1970 on the database's clock (keyledger_at_micros turns them into timestamps):
+-- timestamps, sent as lists, doubled the projection's CPU per revocation (receipts.py, BATCH).
 CREATE TABLE IF NOT EXISTS revocation_batches (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     span         int8range   NOT NULL,  -- [lowest, highest] of its positions: what the index finds it by

@@ -124,8 +124,8 @@ WHERE r.effective_everywhere_at IS NULL
 RETURNING r.position, r.effective_everywhere_at
 """.format(NO_WAIT=NO_WAIT)
 # Revocations every cache confirmed by their first write (nearly all, under load): one row for all of them that had
-# the same caches live, where WRITE costs PostgreSQL a row, its index entry and its conflict check each (~800 bytes
-# of WAL a revocation against ~30: docs/benchmarks.md). The times go as integers, and the arrays of integers as
+# the same caches live, where WRITE costs PostgreSQL a row, its index entry and its conflict check each (~700 bytes
+# of WAL a revocation against ~20: docs/benchmarks.md). The times go as integers, and the arrays of integers as
 # text made by msgspec (``_array``): psycopg dumps a list element by element in Python, which cost more than the
 # rows saved (the caches' ids, a few, are left to psycopg: any text may be one).
 BATCH = """

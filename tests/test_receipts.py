@@ -912,8 +912,8 @@ def test_revocations_written_together_read_back_each_by_its_key_and_the_first_ro
     with psycopg.connect(url, autocommit=True) as conn:
         a, b = (conn.execute("INSERT INTO events (id, stream_id, version, type, data) VALUES (gen_random_uuid(), %s,"
                              " 1, 'ApiKeyRevoked', '{}') RETURNING position", (k,)).fetchone()[0] for k in ("ka", "kb"))
-        conn.execute(BATCH, (a, b, f"{{{a},{b}}}", ["x", "y"], f"{{{{{us(1)},{us(3)}}},{{{us(2)},{us(2)}}}}}"))
-        conn.execute(BATCH, (b, b, f"{{{b}}}", ["x", "y"], f"{{{{{us(9)},{us(9)}}}}}"))  # b again, later
+        conn.execute(BATCH, (a, b, [a, b], ["x", "y"], [[us(1), us(3)], [us(2), us(2)]]))
+        conn.execute(BATCH, (b, b, [b], ["x", "y"], [[us(9), us(9)]]))  # b again, later
 
     async def receipts() -> list[dict[str, Any] | None]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:

@@ -35,7 +35,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ORIGIN, Servers, Service  # noqa: E402  (bench/run.py: servers, service, session)
+from run import ORIGIN, Servers, Service, receipts_relation  # noqa: E402  (bench/run.py)
 
 from keyledger.client import KeyCache  # noqa: E402
 from keyledger.config import Topology  # noqa: E402
@@ -101,9 +101,7 @@ async def measure(service: Service, servers: Servers, caches_n: int, revokes: in
 def breakdown(servers: Servers, walls: dict[str, tuple[float, float]]) -> None:
     """Print where the time went (``--breakdown``): see the module docstring."""
     with psycopg.connect(servers.db_url, autocommit=True) as conn:
-        # (the view of every receipt written; revisions before it had the one table)
-        view = conn.execute("SELECT coalesce(to_regclass('receipts'), to_regclass('revocations'))::text").fetchone()[0]
-        rows = conn.execute(f"SELECT key_id, revoked_at, caches FROM {view}").fetchall()
+        rows = conn.execute(f"SELECT key_id, revoked_at, caches FROM {receipts_relation(conn)}").fetchall()
     parts: dict[str, list[float]] = {"transaction -> 200": [], "transaction -> first receipt": [],
                                      "first -> last receipt": [], "last receipt -> announcement": []}
     for key_id, revoked_at, caches in rows:

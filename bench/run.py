@@ -1030,17 +1030,20 @@ def outbox_and_log(db_url: str, timeout: float = 10.0) -> dict[str, Any]:
             "events": events, "events_by_type": by_type}
 
 
+def receipts_relation(conn: psycopg.Connection[Any]) -> str | None:
+    """Where the receipts projection's revocations are read, a row each: its view ``receipts``, or its one table in
+    revisions before the view; None where this revision has neither."""
+    return conn.execute("SELECT coalesce(to_regclass('receipts'), to_regclass('revocations'))::text").fetchone()[0]
+
+
 def revocation_receipts(db_url: str) -> dict[str, int] | None:
-    """Revocations written by the receipts projection (its view ``receipts``, or its one table in revisions before
-    it) and how many of them every live cache confirmed; None where this revision has neither."""
-    for table in ("receipts", "revocations"):
-        try:
-            with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
-                total, done = conn.execute(f"SELECT count(*), count(effective_everywhere_at) FROM {table}").fetchone()
-            return {"revocations": total, "effective_everywhere": done}
-        except psycopg.Error:
-            continue
-    return None
+    """Revocations written by the receipts projection and how many of them every live cache confirmed; None where
+    this revision has no receipts."""
+    with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+        if (relation := receipts_relation(conn)) is None:
+            return None
+        total, done = conn.execute(f"SELECT count(*), count(effective_everywhere_at) FROM {relation}").fetchone()
+    return {"revocations": total, "effective_everywhere": done}
 
 
 def hottest_frames(path: Path, top: int = 15) -> list[tuple[float, float, str]]:

@@ -53,7 +53,7 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 from .. import tasks
 from ..background.bus import Bus, ensure_streams
 from ..core.events import (EVENT_TYPES, ApiKeyRotated, ApiKeyUpdated, EnvelopeHead, RecordedEvent,
-                           decode_envelope)
+                           decode_envelope, decode_envelope_head)
 from ..core.freshness import Checkpoint, decode_checkpoint, encode_checkpoint, merge_probes
 from .consumer import consume, run_forever, term_consumer
 
@@ -205,9 +205,9 @@ class InvalidationProjection:
         self._in_hand_from = msgs[0].metadata.sequence.stream if msgs else None  # (one parse per batch)
         try:
             delivered = len(msgs)
-            if heads is not None:
-                msgs = [msg for msg, head in zip(msgs, heads) if head.reduced or head.type not in NEVER_INVALIDATE]
-            todo = [inv for inv in map(self._invalidation, msgs) if inv is not None]
+            pairs = [(msg, None) for msg in msgs] if heads is None else [
+                (msg, head) for msg, head in zip(msgs, heads) if head.reduced or head.type not in NEVER_INVALIDATE]
+            todo = [inv for inv in (self._invalidation(msg, head) for msg, head in pairs) if inv is not None]
             self.ignored += delivered - len(todo)
             deadline = time.monotonic() + RETRY_FOR_S
             while todo and (todo := await self._publish(todo)):  # those not acknowledged, again
@@ -223,13 +223,14 @@ class InvalidationProjection:
         self._in_hand_from = None
         self._acked.set()
 
-    def _invalidation(self, msg: Any) -> Invalidation | None:
-        """(invalidation, event id) for an event message, or None if it calls for none."""
+    def _invalidation(self, msg: Any, head: EnvelopeHead | None) -> Invalidation | None:
+        """(invalidation, event id) for an event message (and its head, if decoded already), or None if it calls
+        for none. A reduced envelope (relay.py), known by its own ``reduced`` field as the subscriber's filter knows
+        it, kept only the key hashes of its data: it invalidates conservatively, undecoded."""
         try:
-            recorded = decode_envelope(msg.data)
-            reduced = bool(msg.headers and msg.headers.get("Keyledger-Reduced"))
-            inv = _fallback(msg.data) if reduced else invalidation_for(recorded)
-            return None if inv is None else (inv, recorded.id)
+            head = head or decode_envelope_head(msg.data)
+            inv = _fallback(msg.data) if head.reduced else invalidation_for(decode_envelope(msg.data))
+            return None if inv is None else (inv, head.id)
         except Exception as exc:
             log.error("undecodable event %s (%s); invalidating conservatively", msg.subject, exc)
             inv = _fallback(msg.data)

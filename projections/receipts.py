@@ -184,19 +184,19 @@ WITH gone AS (DELETE FROM revocations WHERE revoked_at < clock_timestamp() - %(d
 DELETE FROM receipt_caches WHERE last_seen_at < clock_timestamp() - %(days)s * interval '1 day'
 """
 # The read side (the revocation endpoint, `keyledger receipts`): a key's latest revocation-like event, where it is
-# written (its row in revocations, or the first row of revocation_batches that holds it: the span's GiST index, then
-# the array; first by written_at, which has no index, as ordering by id let the planner walk the primary key through
-# every row), and whether it is above the cursor (not written yet: pending, if caches are live). Found through the
-# key's events (their (stream_id, version) index; a key has a handful), then by position: an index on revocations
-# (key_id) would cost every revocation one more index insert for this rare read. One older than RETENTION_DAYS
-# without a row is left out: its row, if it had one, was pruned.
+# written (its row in revocations, or the first row of revocation_batches that holds it, and its place in that row's
+# arrays: the span's GiST index, then the array; first by written_at, which has no index, as ordering by id let the
+# planner walk the primary key through every row), and whether it is above the cursor (not written yet: pending, if
+# caches are live). Found through the key's events (their (stream_id, version) index; a key has a handful), then by
+# position: an index on revocations (key_id) would cost every revocation one more index insert for this rare read.
+# One older than RETENTION_DAYS without a row is left out: its row, if it had one, was pruned.
 LATEST = f"""
 WITH mine AS MATERIALIZED (
     SELECT position, type, recorded_at FROM events WHERE stream_id = %(key)s AND {REVOCATION_LIKE})
 SELECT m.position, m.type, m.recorded_at, coalesce(r.effective_everywhere_at, keyledger_at_micros(b.last)),
-       r.position IS NOT NULL, b.id, m.position > (SELECT position FROM receipts_written)
+       r.position IS NOT NULL, b.id, b.i, m.position > (SELECT position FROM receipts_written)
 FROM mine m LEFT JOIN revocations r ON r.position = m.position
-LEFT JOIN LATERAL (SELECT id, (SELECT max(us) FROM unnest(effective_us[i:i]) AS us) AS last
+LEFT JOIN LATERAL (SELECT id, i, (SELECT max(us) FROM unnest(effective_us[i:i]) AS us) AS last
                    FROM revocation_batches, array_position(positions, m.position) AS i
                    WHERE span @> m.position AND i IS NOT NULL ORDER BY written_at, id LIMIT 1) b ON true
 WHERE r.position IS NOT NULL OR b.id IS NOT NULL OR m.recorded_at > clock_timestamp() - %(days)s * interval '1 day'
@@ -210,8 +210,7 @@ FROM revocations r CROSS JOIN jsonb_each(r.caches) e LEFT JOIN receipt_caches c 
 WHERE r.position = %(position)s ORDER BY e.key
 """
 CACHES_OF_BATCH = f"""
-SELECT x.cache_id, c.service, keyledger_at_micros(b.effective_us[array_position(b.positions, %(position)s)][x.n]),
-       c.last_seen_at, {SILENT}
+SELECT x.cache_id, c.service, keyledger_at_micros(b.effective_us[%(index)s][x.n]), c.last_seen_at, {SILENT}
 FROM revocation_batches b CROSS JOIN unnest(b.caches) WITH ORDINALITY AS x(cache_id, n)
 LEFT JOIN receipt_caches c ON c.cache_id = x.cache_id
 WHERE b.id = %(batch)s ORDER BY x.cache_id
@@ -249,10 +248,11 @@ async def read(conn: psycopg.AsyncConnection[Any], key_id: str) -> dict[str, Any
                                              "days": RETENTION_DAYS})).fetchone()
     if row is None:
         return None
-    position, type_, revoked_at, everywhere, written, batch, unsettled = row
-    if written or batch is not None:
+    position, type_, revoked_at, everywhere, written, batch, index, unsettled = row
+    if written or batch is not None:  # (index: its place in the batch row's arrays)
         caches = await (await conn.execute(CACHES_OF if written else CACHES_OF_BATCH,
-                                           {"gone": GONE_AFTER_S, "position": position, "batch": batch})).fetchall()
+                                           {"gone": GONE_AFTER_S, "position": position, "batch": batch,
+                                            "index": index})).fetchall()
     else:
         caches = await (await conn.execute(CACHES_NOW, (GONE_AFTER_S, revoked_at))).fetchall() if unsettled else []
         everywhere = None if caches else revoked_at

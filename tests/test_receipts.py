@@ -733,6 +733,39 @@ def test_hostile_receipts_change_nothing_and_stop_nothing(deployment: Service) -
     assert "receipts projection" not in svc.log_tail(400), svc.log_tail(40)
 
 
+def test_cache_ids_that_look_like_array_syntax_are_written_together_and_read_back_as_sent(
+        deployment: Service) -> None:
+    """Any text without NUL is a valid cache id, and the caches of revocations written together go into one row's
+    text[]: quotes, braces, commas, backslashes, the word NULL, the empty id and one over the 200 characters kept
+    (cut to 200, in characters not bytes) must come back from the receipt exactly as the caches sent them, all
+    confirmed, from that one batch row."""
+    svc = deployment
+    me = svc.session()
+    key = svc.create_key(me)
+    ids = ['say "hi"', "{a,b}", "back\\slash\\", "NULL", "", "ε" * 300, "comma, space "]
+
+    async def scenario() -> dict[str, Any]:
+        nc = await nats.connect(svc.nats_url)
+        positions = await invalidated_positions(nc, svc)
+        try:
+            await send_receipts(nc, svc, *({"cacheId": c, "position": 0} for c in ids))
+            await wait_for(lambda: len(live_caches(svc)) == len(ids), 10, "every hand-made cache live")
+            assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+            await wait_for(lambda: positions, 5, "the invalidation")
+            await send_receipts(nc, svc, *({"cacheId": c, "position": 0, "applied": positions} for c in ids))
+            return await effective_everywhere(svc, me, key["id"], within=GONE_AFTER_S - 2)
+        finally:
+            await nc.close()
+
+    answer = asyncio.run(scenario())
+    kept = sorted(c[:200] for c in ids)
+    assert sorted((c["cacheId"], c["state"]) for c in answer["caches"]) == [(c, "confirmed") for c in kept], answer
+    with psycopg.connect(svc.database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT caches FROM revocation_batches WHERE %s = ANY(positions)",
+                            (answer["position"],)).fetchall()
+    assert [sorted(caches) for (caches,) in rows] == [kept], rows
+
+
 def test_a_redelivered_revocation_already_in_effect_everywhere_is_neither_written_nor_announced_again(
         db_factory: Any, nats_url: str) -> None:
     """Revocations every cache confirmed are written together, in one row of revocation_batches, which has no key a

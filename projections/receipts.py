@@ -67,7 +67,6 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
-import heapq
 import logging
 import time
 from collections import OrderedDict
@@ -301,15 +300,18 @@ class HeardCache:
     named while held confirms it and is not remembered, and ``reach`` lets a batch skip every cache that cannot
     have covered it (a lookup is a bisection and a dict get).
 
-    ``waiting``: a heap of the positions of pending revocations that wait for this cache, so that a receipt
-    proving position P confirms exactly those up to P (popped), without looking at any other."""
+    A receipt proving position P confirms the pending revocations above the position it proved before, up to P,
+    that wait for it (``prove`` returns that position; the projection keeps its pending positions in order). Each
+    pending revocation that waits for a cache is above that cache's proven position: ``record`` dates those at or
+    below it from its receipts. (A heap per cache of the positions waiting for it cost each revocation a push and a
+    pop per cache, most popped long after an applied receipt had confirmed it: a fifth of the receipts' work here,
+    docs/benchmarks.md.)"""
 
     KEEP = 1024  # receipts remembered (the oldest go: a revocation that old is dated by a later receipt)
 
     def __init__(self, heard: float) -> None:
         self.heard = heard
         self.noted = float("-inf")  # when its row in receipt_caches was last written (the monotonic clock)
-        self.waiting: list[int] = []
         self.reach = 0  # the highest position its receipts covered (proven, or named while not held)
         self._proven: list[int] = []  # strictly increasing proven positions ...
         self._proven_at: list[dt.datetime] = []  # ... and when each was first proven
@@ -326,19 +328,17 @@ class HeardCache:
         if len(self._applied) > self.KEEP:  # the oldest goes (O(1): a plain dict's first item is not)
             self._applied.popitem(last=False)
 
-    def prove(self, position: int, at: dt.datetime) -> list[int]:
-        """A receipt proved every position up to ``position`` at ``at``: pop the waiting positions it covers
-        (some may be settled already: the caller checks)."""
-        if not self._proven or position > self._proven[-1]:
+    def prove(self, position: int, at: dt.datetime) -> int:
+        """A receipt proved every position up to ``position`` at ``at``. Returns the position proven before (0 if
+        none): what waits for this cache above it, up to ``position``, is confirmed now."""
+        before = self._proven[-1] if self._proven else 0
+        if position > before:
             self._proven.append(position)
             self._proven_at.append(at)
             self.reach = max(self.reach, position)
             if len(self._proven) > 2 * self.KEEP:
                 del self._proven[:self.KEEP], self._proven_at[:self.KEEP]
-        out = []
-        while self.waiting and self.waiting[0] <= position:
-            out.append(heapq.heappop(self.waiting))
-        return out
+        return before
 
     def covered_at(self, position: int) -> dt.datetime | None:
         """When a receipt first covered ``position`` (proved it or named it), or None."""
@@ -353,7 +353,7 @@ class Pending:
     """A revocation's confirmations by the caches that were live when it was projected; held in memory until
     none of them is left to wait for (each confirmed it, or was declared gone)."""
 
-    __slots__ = ("key_id", "type", "revoked_at", "caches", "waiting", "since", "written", "dirty")
+    __slots__ = ("key_id", "type", "revoked_at", "caches", "waiting", "last", "since", "written", "dirty")
 
     def __init__(self, key_id: str, type_: str, revoked_at: dt.datetime, caches: dict[str, dt.datetime | None],
                  *, since: float, written: bool = False) -> None:
@@ -361,7 +361,10 @@ class Pending:
         self.type = type_
         self.revoked_at = revoked_at
         self.caches = caches  # every cache live at projection -> when a receipt covered the position, or None
-        self.waiting = {c for c, at in caches.items() if at is None}  # neither confirmed nor declared gone
+        confirmed = [at for at in caches.values() if at is not None]
+        # Neither confirmed nor declared gone (usually all of them: ``set`` copies the keys at C speed).
+        self.waiting = {c for c, at in caches.items() if at is None} if confirmed else set(caches)
+        self.last = max(confirmed, default=None)  # the latest confirmation
         self.since = since  # when it was projected (the monotonic clock)
         self.written = written  # its row exists
         self.dirty = not written  # its row, or confirmations in it, not written yet
@@ -372,6 +375,8 @@ class Pending:
             return False
         self.waiting.discard(cache_id)
         self.caches[cache_id] = at
+        if self.last is None or at > self.last:
+            self.last = at
         self.dirty = True
         return True
 
@@ -382,8 +387,7 @@ class Pending:
     def everywhere(self) -> dt.datetime | None:
         """The last confirmation if every cache confirmed, else None (once done: a cache was declared gone, and
         the write dates it with the database's clock)."""
-        confirmed = [at for at in self.caches.values() if at is not None]
-        return max(confirmed) if confirmed and len(confirmed) == len(self.caches) else None
+        return self.last if None not in self.caches.values() else None
 
     def row(self, position: int) -> dict[str, Any]:
         """Its WRITE row: done once nothing is waiting."""
@@ -406,6 +410,7 @@ class ReceiptsProjection:
         # path's machine, and a row per (revocation, cache) cost PostgreSQL more than the revocation itself.
         self._caches: dict[str, HeardCache] = {}
         self._pending: dict[int, Pending] = {}
+        self._order: list[int] = []  # the positions held, ascending (and some settled since: ``_hold``)
         self._lock = asyncio.Lock()  # one connection, shared by ``record`` and the two loops, and the memory above
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._loaded = asyncio.Event()  # the memory above is the tables' state, and ``_conn`` is open
@@ -445,8 +450,8 @@ class ReceiptsProjection:
         self._clock = DbClock()  # (read again on this connection, every cache due: it may be another server's)
         live = await (await conn.execute(LIVE_CACHES, (GONE_AFTER_S,))).fetchall()
         self._caches = {cache_id: HeardCache(now - age) for cache_id, age, _ in live}
-        self._pending = {}
-        for position, key_id, type_, revoked_at, caches in await (await conn.execute(PENDING)).fetchall():
+        self._pending, self._order = {}, []
+        for position, key_id, type_, revoked_at, caches in sorted(await (await conn.execute(PENDING)).fetchall()):
             confirmed = {c: None if at is None else dt.datetime.fromisoformat(at) for c, at in caches.items()}
             self._hold(position, Pending(key_id, type_, revoked_at, confirmed, since=now, written=True))
         (self._written_through,) = await (await conn.execute(CURSOR)).fetchone()
@@ -474,15 +479,27 @@ class ReceiptsProjection:
         self._forwarded = max(self._forwarded, position)
 
     def _hold(self, position: int, pending: Pending) -> None:
-        """Keep ``pending`` until its caches confirm: each one it waits for gets its position in its heap; one
-        no longer live counts as gone (the next sweep completes what that frees)."""
+        """Keep ``pending`` until its caches confirm (a cache it waits for that is no longer live counts as gone:
+        the next sweep completes what that frees), its position in ``_order``."""
         self._pending[position] = pending
-        for cache_id in list(pending.waiting):
-            cache = self._caches.get(cache_id)
-            if cache is not None:
-                heapq.heappush(cache.waiting, position)
-            else:
-                pending.waiting.discard(cache_id)
+        pending.waiting.intersection_update(self._caches)
+        order = self._order
+        if order and position < order[-1]:
+            bisect.insort(order, position)  # (rare: positions are taken in ascending, but for a redelivery)
+        else:
+            order.append(position)
+        if len(order) > 2 * len(self._pending) + 64:  # settled positions are dropped here, in O(1) amortized
+            self._order = [p for p in order if p in self._pending]
+
+    def _confirm_proven(self, cache_id: str, since: int, position: int, at: dt.datetime,
+                        touched: dict[int, Pending]) -> None:
+        """``cache_id`` proved every position up to ``position`` at ``at``, and ``since`` before: confirm what
+        waits for it in between (mostly settled already, by its applied receipts: a dict miss each)."""
+        order, pending_at = self._order, self._pending.get
+        for i in range(bisect.bisect_right(order, since), bisect.bisect_right(order, position)):
+            pending = pending_at(order[i])
+            if pending is not None and pending.confirm(cache_id, at):
+                touched[order[i]] = pending
 
     async def record(self, msgs: list[Any], heads: list[EnvelopeHead]) -> None:
         """Take in a delivery batch's revocations; the active-keys subscriber calls it with each batch of its
@@ -493,7 +510,8 @@ class ReceiptsProjection:
         if revocations:
             # At a term's start (or a reconnection) the first batch can come before the pending revocations
             # were loaded; it waits for them rather than fail into a redelivery seconds later.
-            await asyncio.wait_for(self._loaded.wait(), LOAD_WAIT_S)
+            if not self._loaded.is_set():  # (wait_for's task costs more than the rest of a batch)
+                await asyncio.wait_for(self._loaded.wait(), LOAD_WAIT_S)
             await self._record(revocations)
 
     async def _record(self, revocations: list[tuple[int, str, str, dt.datetime]]) -> None:
@@ -582,10 +600,9 @@ class ReceiptsProjection:
                         cache.named(position, at)
                     elif pending.confirm(cache_id, at):
                         touched[position] = pending
-                for position in cache.prove(receipt.position, at):
-                    pending = self._pending.get(position)
-                    if pending is not None and pending.confirm(cache_id, at):
-                        touched[position] = pending
+                since = cache.prove(receipt.position, at)
+                if receipt.position > since:
+                    self._confirm_proven(cache_id, since, receipt.position, at, touched)
             for receipt in due:
                 self._caches[receipt.cache_id].noted = now
             done = await self._save({p: pending for p, pending in touched.items() if not pending.waiting})
@@ -601,11 +618,12 @@ class ReceiptsProjection:
             async with self._lock:
                 assert self._conn is not None
                 now = time.monotonic()
-                for cache_id in [c for c, h in self._caches.items() if not h.live(now)]:
-                    for position in self._caches.pop(cache_id).waiting:
-                        pending = self._pending.get(position)
-                        if pending is not None:
-                            pending.waiting.discard(cache_id)
+                gone = [c for c, h in self._caches.items() if not h.live(now)]
+                for cache_id in gone:
+                    del self._caches[cache_id]
+                if gone:  # (rare: a cache stopped, or hung)
+                    for pending in self._pending.values():
+                        pending.waiting.difference_update(gone)
                 done = await self._save({p: pending for p, pending in self._pending.items() if not pending.waiting
                                          or pending.dirty and now - pending.since >= WRITE_AFTER_S})
                 await self._advance()

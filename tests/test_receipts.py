@@ -766,65 +766,125 @@ def test_cache_ids_that_look_like_array_syntax_are_written_together_and_read_bac
     assert [sorted(caches) for (caches,) in rows] == [kept], rows
 
 
+class LoneProjection:
+    """A ``ReceiptsProjection`` run alone on a real database and NATS, fed as the active-keys subscriber feeds it
+    (``record``, with a delivery batch's envelope heads); the caches speak the receipts wire by hand. ``announced``:
+    the positions on ``<prefix>.revocation.effective``, as they come."""
+
+    def __init__(self, url: str, nats_url: str, name: str) -> None:
+        self.url, self.nats_url = url, nats_url
+        self.topology = unique_topology(name)
+        self.now = dt.datetime.now(dt.timezone.utc)
+
+    async def __aenter__(self) -> "LoneProjection":
+        self.bus = Bus(self.nats_url, self.topology)
+        self.bus.start()
+        self.nc = await nats.connect(self.nats_url)
+        self.announced = await positions_on(self.nc, self.topology.effective_subject)
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+        await self.nc.close()
+        await self.bus.close()
+        await delete_streams(self.nats_url, self.topology)
+
+    def start(self) -> None:
+        """A term starts: a new projection (what it knows comes from the tables)."""
+        self.projection = ReceiptsProjection(self.url, self.bus)
+        self.task = asyncio.create_task(self.projection.run())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def record(self, *positions: int) -> None:
+        """A delivery batch of revocations at these positions (of keys k<position>)."""
+        await self.projection.record([None] * len(positions), [
+            EnvelopeHead(id=str(uuid.uuid4()), type="ApiKeyRevoked", key_id=f"k{p}", version=2, position=p,
+                         occurred_at=self.now) for p in positions])
+
+    async def send(self, *receipts: dict[str, Any]) -> None:
+        await send_receipts(self.nc, SimpleNamespace(topology=self.topology), *receipts)
+
+    async def live(self, *caches: str) -> None:
+        """Heartbeats from these caches, as they send them, until the projection counts them live."""
+        deadline = time.monotonic() + 10
+        while self.projection.gauges()[0] < len(caches):
+            assert time.monotonic() < deadline, f"{caches} live"
+            await self.send(*({"cacheId": c, "position": 0} for c in caches))
+            await asyncio.sleep(0.1)
+
+    async def batches(self) -> list[tuple[list[int], list[str], list[list[int]]]]:
+        """revocation_batches' rows, in the order written: positions, caches, each one's time (us since 1970)."""
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            return await (await conn.execute("SELECT positions, caches, effective_us FROM revocation_batches"
+                                             " ORDER BY id")).fetchall()
+
+
 def test_a_redelivered_revocation_already_in_effect_everywhere_is_neither_written_nor_announced_again(
         db_factory: Any, nats_url: str) -> None:
     """Revocations every cache confirmed are written together, in one row of revocation_batches, which has no key a
     second write of one would conflict on. So when the consumer delivers such an event again (its ack was lost, or a
     new term's consumer starts below it), the projection must know it settled it: not held again, not written again,
-    not announced again, even as the caches name it once more; a new term learns it from the table. The projection
-    runs alone here, on a real database and NATS, fed as the active-keys subscriber feeds it (``record``, with a
-    delivery batch's envelope heads); the caches speak the wire by hand."""
+    not announced again, even as the caches name it once more; a new term learns it from the table."""
     url = db_factory.create("receipts_redelivered")
-    topology = unique_topology("redelivered")
-    wire = SimpleNamespace(topology=topology)
-    now = dt.datetime.now(dt.timezone.utc)
+    both = [{"cacheId": c, "position": 0, "applied": [10, 12, 14, 16]} for c in ("a", "b")]
 
-    def revocations(*positions: int) -> tuple[list[None], list[EnvelopeHead]]:
-        return [None] * len(positions), [EnvelopeHead(id=str(uuid.uuid4()), type="ApiKeyRevoked", key_id=f"k{p}",
-                                                      version=2, position=p, occurred_at=now) for p in positions]
-
-    async def scenario() -> tuple[list[int], list[tuple[list[int], list[str]]]]:
-        bus = Bus(nats_url, topology)
-        bus.start()
-        nc = await nats.connect(nats_url)
-        announced = await positions_on(nc, topology.effective_subject)
-        projection = ReceiptsProjection(url, bus)
-        task = asyncio.create_task(projection.run())
-        both = [{"cacheId": c, "position": 0, "applied": [10, 12, 14, 16]} for c in ("a", "b")]
-        try:
-            deadline = time.monotonic() + 10
-            while projection.gauges()[0] < 2:  # heartbeats, as caches send, until the projection listens
-                assert time.monotonic() < deadline, "two caches live"
-                await send_receipts(nc, wire, *({"cacheId": c, "position": 0} for c in ("a", "b")))
-                await asyncio.sleep(0.1)
-            await projection.record(*revocations(10, 12))
-            await send_receipts(nc, wire, *({"cacheId": c, "position": 0, "applied": [10, 12]} for c in ("a", "b")))
-            await wait_for(lambda: sorted(announced) == [10, 12], 5, "both announced")
-            await projection.record(*revocations(12, 10, 14))  # two delivered again, with a new one
-            await send_receipts(nc, wire, *both)
-            await wait_for(lambda: 14 in announced, 5, "the new one announced")
-            task.cancel()  # the term ends; the next one's consumer delivers the three again, and a fourth
-            await asyncio.gather(task, return_exceptions=True)
-            projection = ReceiptsProjection(url, bus)
-            task = asyncio.create_task(projection.run())
-            await projection.record(*revocations(10, 12, 14, 16))
-            await send_receipts(nc, wire, *both)
-            await wait_for(lambda: 16 in announced, 5, "the fourth announced")
+    async def scenario() -> tuple[list[int], list[Any]]:
+        async with LoneProjection(url, nats_url, "redelivered") as lone:
+            await lone.live("a", "b")
+            await lone.record(10, 12)
+            await lone.send(*({"cacheId": c, "position": 0, "applied": [10, 12]} for c in ("a", "b")))
+            await wait_for(lambda: sorted(lone.announced) == [10, 12], 5, "both announced")
+            await lone.record(12, 10, 14)  # two delivered again, with a new one
+            await lone.send(*both)
+            await wait_for(lambda: 14 in lone.announced, 5, "the new one announced")
+            await lone.stop()  # the term ends; the next one's consumer delivers the three again, and a fourth
+            lone.start()
+            await lone.record(10, 12, 14, 16)
+            await lone.send(*both)
+            await wait_for(lambda: 16 in lone.announced, 5, "the fourth announced")
             await asyncio.sleep(0.2)  # (anything announced twice would have come with it)
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                rows = await (await conn.execute("SELECT positions, caches FROM revocation_batches ORDER BY id")
-                              ).fetchall()
-            return announced, rows
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await nc.close()
-            await bus.close()
-            await delete_streams(nats_url, topology)
+            return lone.announced, await lone.batches()
 
     announced, rows = asyncio.run(scenario())
     assert sorted(announced) == [10, 12, 14, 16], announced
-    assert rows == [([10, 12], ["a", "b"]), ([14], ["a", "b"]), ([16], ["a", "b"])], rows
+    assert [(p, c) for p, c, _ in rows] == [([10, 12], ["a", "b"]), ([14], ["a", "b"]), ([16], ["a", "b"])], rows
+
+
+def test_a_cache_that_only_proves_positions_confirms_what_waits_for_it_up_to_each(db_factory: Any,
+                                                                                  nats_url: str) -> None:
+    """A cache whose receipts name nothing in ``applied`` (one that predates it, or whose applied receipt was lost)
+    confirms a revocation once its proven position reaches it: each proven position confirms the held revocations
+    that wait for it above the position it proved before, up to the new one, and no further. One taken in after the
+    cache had proved its position (a late delivery, held out of order) counts as confirmed by that cache at once,
+    dated by the receipt that proved it, earlier than the other cache's."""
+    url = db_factory.create("receipts_proven")
+
+    async def scenario() -> tuple[list[int], list[int], list[Any]]:
+        async with LoneProjection(url, nats_url, "proven") as lone:
+            await lone.live("a", "b")
+            await lone.record(10, 12, 14)
+            await lone.send({"cacheId": "a", "position": 0, "applied": [10, 12, 14]}, {"cacheId": "b", "position": 12})
+            await wait_for(lambda: sorted(lone.announced) == [10, 12], 5, "10 and 12 announced")
+            await asyncio.sleep(0.2)
+            first = list(lone.announced)  # 14 waits for b
+            await lone.record(11)  # b proved 12 already
+            await lone.send({"cacheId": "a", "position": 0, "applied": [11]})
+            await wait_for(lambda: 11 in lone.announced, 5, "11 announced")
+            await lone.send({"cacheId": "b", "position": 20})
+            await wait_for(lambda: 14 in lone.announced, 5, "14 announced")
+            return first, lone.announced, await lone.batches()
+
+    first, announced, rows = asyncio.run(scenario())
+    assert sorted(first) == [10, 12] and announced[2:] == [11, 14], announced
+    assert [(p, c) for p, c, _ in rows] == [([10, 12], ["a", "b"]), ([11], ["a", "b"]), ([14], ["a", "b"])], rows
+    (a11, b11), = rows[1][2]
+    (a14, b14), = rows[2][2]
+    assert b11 < a11 and b11 == rows[0][2][1][1], rows  # 11: b's time is its receipt proving 12
+    assert b14 > a14, rows
 
 
 def test_a_receipt_that_outran_its_revocation_dates_it() -> None:

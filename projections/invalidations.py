@@ -29,8 +29,9 @@ Guarantees, and how:
   ``<prefix>.cache.checkpoint`` only once the consumer it reads through has acknowledged everything up to ``S``
   (its ack floor): every one of those events has had its invalidation acknowledged by JetStream, whoever
   handled it (an earlier leader, a redelivery). The server is asked only once the batch in hand here, if it
-  begins at or below ``S``, was acked (usually one ``consumer_info`` per checkpoint, not a poll). The projection keeps only the newest waiting
-  checkpoint (merging the probes it answers), so a stalled event holds back proofs, never piles them up.
+  begins at or below ``S``, was acked (usually one ``consumer_info`` per checkpoint, not a poll). The projection
+  keeps only the newest waiting checkpoint (merging the probes it answers), so a stalled event holds back proofs,
+  never piles them up.
 * **Reduced events** (too large for NATS, see ``relay.py``) always invalidate, conservatively.
 
 No framework imports here; the service's runtime (``runtime.py``) hands ``follow`` and ``acked`` to the
@@ -228,7 +229,7 @@ class InvalidationProjection:
         for none. A reduced envelope (relay.py), known by its own ``reduced`` field as the subscriber's filter knows
         it, kept only the key hashes of its data: it invalidates conservatively, undecoded."""
         try:
-            head = head or decode_envelope_head(msg.data)
+            head = head if head is not None else decode_envelope_head(msg.data)
             inv = _fallback(msg.data) if head.reduced else invalidation_for(decode_envelope(msg.data))
             return None if inv is None else (inv, head.id)
         except Exception as exc:

@@ -100,7 +100,7 @@ def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers
         pytest.fail("no connection reached the leading worker in 200 attempts")
     keys = []
     try:
-        for _ in range(40):
+        for _ in range(10):
             response = creator.post("/api/auth/api-key/create", json={}, headers=me)
             assert response.status_code == 200, response.text
             keys.append(response.json())
@@ -110,8 +110,18 @@ def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers
     served: dict[str, list[str]] = {"leader": [], "other": []}
     with WakePings(workers.nats_url, workers.topology.prefix) as pings:
         for key in keys:
-            with _connection(workers) as client:  # a fresh connection: either worker may take it
+            # A fresh connection: either worker may take it, the idler more often (a loaded CI machine once gave all
+            # 40 to the non-leader, the leader busy with its background work). One that lands on a worker that has
+            # served its five is dropped unused, so each serves five.
+            for _ in range(200):
+                client = _connection(workers)
                 role = "leader" if _metric(client, "keyledger_leader") == 1 else "other"
+                if len(served[role]) < 5:
+                    break
+                client.close()
+            else:
+                pytest.fail(f"no connection reached the worker that served fewer than five in 200 attempts: {served}")
+            try:
                 metric = 'keyledger_events_appended_total{type="ApiKeyRevoked"}'
                 appended = _metric(client, metric)
                 pinged = pings.count
@@ -121,11 +131,10 @@ def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers
                 assert _metric(client, metric) == appended + 1
                 if role == "other":  # ...and, not leading, pinged the leader's relay on NATS
                     wait_until(lambda: pings.count > pinged, timeout=10, what="the non-leader's wake ping")
+            finally:
+                client.close()
             served[role].append(key["id"])
-            if served["leader"] and len(served["other"]) >= 3 and len(served["leader"]) + len(served["other"]) >= 10:
-                break
-    assert served["other"], "no revocation reached the non-leading worker"
-    assert served["leader"], "no revocation reached the leading worker"
+    assert len(served["leader"]) == len(served["other"]) == 5, served
     revoked = served["leader"] + served["other"]
     assert all(workers.verify(k["key"])["valid"] is False for k in keys if k["id"] in revoked)
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -808,6 +808,15 @@ class LoneProjection:
     async def send(self, *receipts: dict[str, Any]) -> None:
         await send_receipts(self.nc, SimpleNamespace(topology=self.topology), *receipts)
 
+    async def send_until(self, done: Callable[[], bool], what: str, *receipts: dict[str, Any]) -> None:
+        """Send ``receipts`` every 0.1 s until ``done()`` (failing after 5 s), as caches repeat what they proved: a
+        projection subscribes once loaded, so what a test sends right after ``start`` may go unheard."""
+        deadline = time.monotonic() + 5
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await self.send(*receipts)
+            await asyncio.sleep(0.1)
+
     async def live(self, *caches: str) -> None:
         """Heartbeats from these caches, as they send them, until the projection counts them live."""
         deadline = time.monotonic() + 10
@@ -836,16 +845,14 @@ def test_a_redelivered_revocation_already_in_effect_everywhere_is_neither_writte
         async with LoneProjection(url, nats_url, "redelivered") as lone:
             await lone.live("a", "b")
             await lone.record(10, 12)
-            await lone.send(*({"cacheId": c, "position": 0, "applied": [10, 12]} for c in ("a", "b")))
-            await wait_for(lambda: sorted(lone.announced) == [10, 12], 5, "both announced")
+            await lone.send_until(lambda: sorted(lone.announced) == [10, 12], "both announced",
+                                  *({"cacheId": c, "position": 0, "applied": [10, 12]} for c in ("a", "b")))
             await lone.record(12, 10, 14)  # two delivered again, with a new one
-            await lone.send(*both)
-            await wait_for(lambda: 14 in lone.announced, 5, "the new one announced")
+            await lone.send_until(lambda: 14 in lone.announced, "the new one announced", *both)
             await lone.stop()  # the term ends; the next one's consumer delivers the three again, and a fourth
             lone.start()
             await lone.record(10, 12, 14, 16)
-            await lone.send(*both)
-            await wait_for(lambda: 16 in lone.announced, 5, "the fourth announced")
+            await lone.send_until(lambda: 16 in lone.announced, "the fourth announced", *both)
             await asyncio.sleep(0.2)  # (anything announced twice would have come with it)
             return lone.announced, await lone.batches()
 
@@ -867,15 +874,15 @@ def test_a_cache_that_only_proves_positions_confirms_what_waits_for_it_up_to_eac
         async with LoneProjection(url, nats_url, "proven") as lone:
             await lone.live("a", "b")
             await lone.record(10, 12, 14)
-            await lone.send({"cacheId": "a", "position": 0, "applied": [10, 12, 14]}, {"cacheId": "b", "position": 12})
-            await wait_for(lambda: sorted(lone.announced) == [10, 12], 5, "10 and 12 announced")
+            await lone.send_until(lambda: sorted(lone.announced) == [10, 12], "10 and 12 announced",
+                                  {"cacheId": "a", "position": 0, "applied": [10, 12, 14]},
+                                  {"cacheId": "b", "position": 12})
             await asyncio.sleep(0.2)
             first = list(lone.announced)  # 14 waits for b
             await lone.record(11)  # b proved 12 already
-            await lone.send({"cacheId": "a", "position": 0, "applied": [11]})
-            await wait_for(lambda: 11 in lone.announced, 5, "11 announced")
-            await lone.send({"cacheId": "b", "position": 20})
-            await wait_for(lambda: 14 in lone.announced, 5, "14 announced")
+            await lone.send_until(lambda: 11 in lone.announced, "11 announced",
+                                  {"cacheId": "a", "position": 0, "applied": [11]})
+            await lone.send_until(lambda: 14 in lone.announced, "14 announced", {"cacheId": "b", "position": 20})
             return first, lone.announced, await lone.batches()
 
     first, announced, rows = asyncio.run(scenario())

@@ -667,9 +667,9 @@ class ReceiptsProjection:
                           for at in pendings[p].caches.values()] for p in positions]
             await self._conn.execute(BATCH, (min(positions), max(positions), _array(positions), list(caches),
                                              _array(effective)))
-            for position in positions:
+            for position in positions:  # (every cache confirmed each: in effect everywhere at its last confirmation)
                 self._settle(position)
-                done.append(pendings[position].announcement(position, pendings[position].everywhere()))
+                done.append(pendings[position].announcement(position, pendings[position].last))
         if not rows:
             return done
         saved = dict(await (await self._conn.execute(WRITE, (_encoder.encode(rows).decode(),))).fetchall())

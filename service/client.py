@@ -67,12 +67,35 @@ __all__ = ["Invalidation", "KeyAuthMiddleware", "KeyCache", "VerifyResult", "lit
 VERIFY_PATH = "/api/auth/api-key/verify"
 UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 
-# Receipts (positions only): at once after an invalidation, else a heartbeat this often (liveness).
+# Receipts (positions only): at once after an invalidation while the budget lasts (RECEIPT_BURST, refilled at
+# RECEIPT_RATE a second), else a heartbeat this often (liveness).
 RECEIPT_EVERY_S = 1.0
-RECEIPT_MAX_APPLIED = 256  # positions per receipt; older ones wait for the checkpoint that covers them
+RECEIPT_RATE = 4.0
+RECEIPT_BURST = 8
+RECEIPT_MAX_APPLIED = 1024  # positions per receipt (keyledger reads as many); older ones wait for a checkpoint
 
 _sha256 = hashlib.sha256
 _monotonic = time.monotonic
+
+
+class _Budget:
+    """A token bucket: ``burst`` at once, then ``rate`` a second."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if not rate >= 1 or burst < 1:  # (a heartbeat a second must not overdraw it)
+            raise ValueError("receipt_rate and receipt_burst must be at least 1")
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = float(burst), _monotonic()
+
+    def wait(self) -> float:
+        """Seconds until one token is there (0: now)."""
+        now = _monotonic()
+        self._tokens, self._at = min(self.burst, self._tokens + (now - self._at) * self.rate), now
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+    def take(self) -> None:
+        self.wait()
+        self._tokens -= 1.0
 
 
 class VerifyResult(msgspec.Struct, frozen=True):
@@ -160,6 +183,11 @@ class KeyCache:
     :param on_invalidation: called (synchronously) after each invalidation was applied.
     :param cache_id: this cache's stable name in keyledger's revocation receipts (default: host, pid and a
         number); ``service``: the service it belongs to. ``receipts=False`` reports nothing.
+    :param receipt_rate: receipts a second this cache sends at most (at least 1), beyond ``receipt_burst`` at once
+        (defaults 4 and 8). A revocation among the first ``receipt_burst`` in a while is confirmed as soon as it is
+        applied; in a storm of them, one receipt every ``1 / receipt_rate`` seconds names all applied since, so a
+        fleet's receipts cost keyledger at most ``receipt_rate`` messages a second per cache, however many keys are
+        revoked.
     """
 
     def __init__(
@@ -182,6 +210,8 @@ class KeyCache:
         cache_id: str | None = None,
         service: str = "",
         receipts: bool = True,
+        receipt_rate: float = RECEIPT_RATE,
+        receipt_burst: int = RECEIPT_BURST,
     ) -> None:
         bases = [base_url] if isinstance(base_url, str) else list(base_url)
         self.base_urls = [b.strip().rstrip("/") for u in bases for b in u.split(",") if b.strip()]
@@ -200,6 +230,8 @@ class KeyCache:
         # Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint).
         self._unreported: collections.deque[int] = collections.deque(maxlen=RECEIPT_MAX_APPLIED)
         self._receipt_task: asyncio.Task[None] | None = None
+        self._receipt_budget = _Budget(receipt_rate, receipt_burst)
+        self.receipts_sent = 0
         self.topology = topology or Topology()
         self.staleness = staleness
         self.negative_ttl = negative_ttl
@@ -324,6 +356,7 @@ class KeyCache:
                     ("evictions", cache.evictions, "Entries removed by invalidations and flushes"),
                     ("invalidations", cache.invalidations_applied, "Invalidations applied"),
                     ("flushes", cache.flushes, "Whole-cache flushes"),
+                    ("receipts", cache.receipts_sent, "Revocation receipts sent, heartbeats included"),
                 ):
                     yield CounterMetricFamily(f"{prefix}_{name}", doc, value=value)
 
@@ -498,9 +531,10 @@ class KeyCache:
 
     async def _report_applied(self) -> None:
         """Receipt for the invalidations just applied: keyledger can date their revocations at once, without
-        waiting for the checkpoint that will cover them."""
+        waiting for the checkpoint that will cover them. Once the budget is spent, it waits for the next receipt
+        the budget allows, naming what was applied meanwhile too."""
         try:
-            await asyncio.sleep(0)
+            await asyncio.sleep(self._receipt_budget.wait())  # (0: the next loop turn)
             applied = list(self._unreported)
             self._unreported.clear()
             await self._send_receipt(applied)
@@ -509,6 +543,8 @@ class KeyCache:
 
     async def _send_receipt(self, applied: list[int] | None = None) -> None:
         self._receipt_sent_at = _monotonic()
+        self._receipt_budget.take()  # (a heartbeat too: it comes a second after the last receipt, budget refilled)
+        self.receipts_sent += 1
         receipt = Receipt(cache_id=self.cache_id, service=self.service, position=self._prober.seen_position or 0,
                           applied=applied or [])
         try:

@@ -300,6 +300,47 @@ def test_a_cache_reports_each_applied_invalidation_at_once(deployment: Service) 
     assert all(set(r) <= {"cacheId", "service", "position", "applied"} for r in heard)  # positions only
 
 
+def test_a_storm_of_revocations_costs_a_cache_no_more_receipts_than_its_budget_and_each_is_confirmed(
+        deployment: Service) -> None:
+    """A cache allowed 2 receipts at once and 1 a second: ten revocations in a row bring at most that many of its
+    receipts onto the wire (the later ones naming several positions), and every revocation is confirmed by it."""
+    svc = deployment
+    me = svc.session()
+    keys = [svc.create_key(me) for _ in range(10)]
+
+    async def scenario() -> tuple[list[dict[str, Any]], float, list[dict[str, Any]]]:
+        heard: list[tuple[float, dict[str, Any]]] = []
+        nc = await nats.connect(svc.nats_url)
+
+        async def on_receipt(msg: Any) -> None:
+            receipt = json.loads(msg.data)
+            if receipt["cacheId"] == "frugal":
+                heard.append((time.monotonic(), receipt))
+
+        await nc.subscribe(svc.topology.receipts_subject, cb=on_receipt)
+        try:
+            async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="frugal",
+                                receipt_rate=1.0, receipt_burst=2) as cache:
+                await wait_for(lambda: cache.trusted, 15, "the cache trusted")
+                for key in keys:
+                    assert (await cache.verify(key["key"])).valid
+                await wait_for(lambda: bool(heard), 5, "a heartbeat: the cache is live")
+                start = time.monotonic()
+                for key in keys:
+                    assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
+                answers = [await effective_everywhere(svc, me, key["id"], within=15) for key in keys]
+                took = time.monotonic() - start
+                return [r for t, r in heard if t >= start], took, answers
+        finally:
+            await nc.close()
+
+    sent, took, answers = asyncio.run(scenario())
+    assert len(sent) <= 2 + 1.0 * took + 1, (len(sent), took)  # (+1: one sent just before it was counted)
+    assert len([r for r in sent if r["applied"]]) < len(keys)  # some named several revocations together
+    for answer in answers:
+        assert [(c["cacheId"], c["state"]) for c in answer["caches"]] == [("frugal", "confirmed")], answer
+
+
 async def send_receipts(nc: Any, svc: Service, *receipts: dict[str, Any] | bytes) -> None:
     """Speak the receipts wire by hand: each receipt (a dict sent as JSON, bytes as they are), then a flush."""
     for r in receipts:

@@ -39,10 +39,13 @@ import { Topology, type TopologyOptions } from "./topology.js";
 
 export const VERIFY_PATH = "/api/auth/api-key/verify";
 
-/** Receipts (positions only): at once after an invalidation, else a heartbeat this often (ms). */
+/** Receipts (positions only): at once after an invalidation while the budget lasts, else a heartbeat this often (ms). */
 const RECEIPT_EVERY_MS = 1000;
-/** Positions per receipt of applied invalidations; older ones wait for the checkpoint that covers them. */
-const RECEIPT_MAX_APPLIED = 256;
+/** The receipt budget's defaults: this many at once, refilled at this many a second (as the Python cache's). */
+const RECEIPT_BURST = 8;
+const RECEIPT_RATE = 4;
+/** Positions per receipt of applied invalidations (keyledger reads as many); older ones wait for a checkpoint. */
+const RECEIPT_MAX_APPLIED = 1024;
 /** Replay reads this many stream messages at a time. */
 const REPLAY_BATCH = 64;
 /** Evictions remembered for the "no fill after eviction" rule. */
@@ -135,6 +138,14 @@ export interface KeyCacheOptions {
   service?: string;
   /** Report revocation receipts. Default true. */
   receipts?: boolean;
+  /**
+   * Receipts a second this cache sends at most (at least 1), beyond `receiptBurst` at once. Default 4 and 8. A
+   * revocation among the first `receiptBurst` in a while is confirmed as soon as it is applied; in a storm, one
+   * receipt every `1 / receiptRate` s names all applied since, so a fleet's receipts cost keyledger at most
+   * `receiptRate` messages a second per cache, however many keys are revoked.
+   */
+  receiptRate?: number;
+  receiptBurst?: number;
   /** Default: warnings to `console.warn`. Pass `{ warn() {} }` for silence. */
   logger?: Logger;
   /** The `fetch` to use (default: the global one). */
@@ -311,6 +322,9 @@ export class KeyCache {
   /** Positions of invalidations applied since the last receipt (the newest; older ones wait for a checkpoint). */
   private unreported: number[] = [];
   private receiptQueued = false;
+  private readonly receiptBudget: Budget;
+  /** Receipts sent (heartbeats included). */
+  receiptsSent = 0;
 
   private nc: NatsConnection | null = null;
   private jsm: JetStreamManager | null = null;
@@ -337,6 +351,7 @@ export class KeyCache {
     this.cacheId = options.cacheId || `${os.hostname()}-${process.pid}-${crypto.randomInt(10_000).toString().padStart(4, "0")}`;
     this.service = options.service ?? "";
     this.receipts = options.receipts ?? true;
+    this.receiptBudget = new Budget(options.receiptRate ?? RECEIPT_RATE, options.receiptBurst ?? RECEIPT_BURST);
     this.staleness = options.staleness ?? 1.0;
     this.negativeTtl = options.negativeTtl ?? 1.0;
     this.maxAge = options.maxAge === undefined ? 300.0 : options.maxAge;
@@ -628,9 +643,12 @@ export class KeyCache {
       // burst costs O(1) per invalidation rather than a shift of the whole array each time.
       if (this.unreported.length >= 2 * RECEIPT_MAX_APPLIED) this.unreported.splice(0, RECEIPT_MAX_APPLIED);
       if (!this.receiptQueued) {
-        // One receipt per burst: sent once the rest of what arrived in this read is applied too.
+        // One receipt per burst: sent once the rest of what arrived in this read is applied too, or, the budget
+        // spent, when it allows the next (naming what was applied meanwhile too).
         this.receiptQueued = true;
-        setImmediate(() => this.reportApplied());
+        const wait = this.receiptBudget.wait();
+        if (wait === 0) setImmediate(() => this.reportApplied());
+        else setTimeout(() => this.reportApplied(), wait * 1000).unref();
       }
     }
     if (this.onInvalidation !== undefined) {
@@ -801,6 +819,8 @@ export class KeyCache {
     const nc = this.nc;
     if (nc === null) return;
     this.receiptSentAt = performance.now();
+    this.receiptBudget.take(); // (a heartbeat too: it comes a second after the last receipt, the budget refilled)
+    this.receiptsSent += 1;
     try {
       nc.publish(this.topology.receiptsSubject, encodeReceipt({
         cacheId: this.cacheId, service: this.service, position: this.prober.seenPosition ?? 0, applied,
@@ -888,4 +908,28 @@ export class KeyCache {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}
+
+/** A token bucket: `burst` at once, then `rate` a second. */
+class Budget {
+  private tokens: number;
+  private at = performance.now();
+
+  constructor(private readonly rate: number, private readonly burst: number) {
+    if (!(rate >= 1) || !(burst >= 1)) throw new Error("receiptRate and receiptBurst must be at least 1");
+    this.tokens = burst;
+  }
+
+  /** Seconds until one token is there (0: now). */
+  wait(): number {
+    const now = performance.now();
+    this.tokens = Math.min(this.burst, this.tokens + ((now - this.at) / 1000) * this.rate);
+    this.at = now;
+    return Math.max(0, (1 - this.tokens) / this.rate);
+  }
+
+  take(): void {
+    this.wait();
+    this.tokens -= 1;
+  }
 }

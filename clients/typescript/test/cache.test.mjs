@@ -105,33 +105,68 @@ test("a revocation reaches the cache: evicted, then refused; its receipt confirm
   }
 });
 
-test("a burst of invalidations: each receipt names at most 256 applied positions, the newest", { timeout: TEST_TIMEOUT }, async () => {
+test("a burst of invalidations: each receipt names at most 1,024 applied positions, the newest", { timeout: TEST_TIMEOUT }, async () => {
   const receipts = [];
   const sub = watcher.subscribe("apikey.cache.receipts", { callback: (err, msg) => err || receipts.push(msg.json()) });
   const cache = newCache({ cacheId: "ts-burst" });
   try {
     await cache.start();
     await waitFor(() => cache.caughtUp, WAIT_MS, "cache caught up");
-    // 1,000 invalidations in one flush (hand-made: positions far beyond the log's, so keyledger ignores them),
-    // most of them applied in a few socket reads, so one receipt would otherwise name hundreds (how many a
-    // read holds is up to the machine: on a slow one, reads may stay under the cap).
+    // 3,000 invalidations in one flush (hand-made: positions far beyond the log's, so keyledger ignores them):
+    // once the receipt budget's first 8 are spent (a receipt per socket read), the next receipt, 0.25 s later,
+    // would name all applied meanwhile, thousands.
     const first = 5_000_000_000_000;
-    for (let i = 0; i < 1000; i++) {
+    for (let i = 0; i < 3000; i++) {
       watcher.publish("apikey.cache.invalidate", JSON.stringify({
         keyId: `burst-${i}`, keyHash: "0".repeat(64), reason: "revoked", position: first + i,
         occurredAt: new Date().toISOString(),
       }));
     }
     await watcher.flush();
-    const last = first + 999;
+    const last = first + 2999;
     await waitFor(() => receipts.some((r) => r.cacheId === "ts-burst" && r.applied.includes(last)), WAIT_MS,
       "a receipt naming the last invalidation");
     const burst = receipts.filter((r) => r.cacheId === "ts-burst" && r.applied.length > 0);
-    assert.ok(burst.every((r) => r.applied.length <= 256), `${burst.map((r) => r.applied.length)}`);
+    assert.ok(burst.every((r) => r.applied.length <= 1024), `${burst.map((r) => r.applied.length)}`);
     for (const r of burst) {  // the newest of each read, in order
       assert.deepEqual(r.applied, [...r.applied].sort((a, b) => a - b));
     }
-    assert.equal(cache.invalidationsApplied >= 1000, true);
+    assert.equal(cache.invalidationsApplied >= 3000, true);
+  } finally {
+    sub.unsubscribe();
+    await cache.close();
+  }
+});
+
+test("a storm of invalidations costs no more receipts than the budget; each is named", { timeout: TEST_TIMEOUT }, async () => {
+  const receipts = [];
+  const sub = watcher.subscribe("apikey.cache.receipts", {
+    callback: (err, msg) => err || receipts.push({ at: performance.now(), receipt: msg.json() }),
+  });
+  const cache = newCache({ cacheId: "ts-frugal", receiptBurst: 2, receiptRate: 1 });
+  try {
+    await cache.start();
+    await waitFor(() => cache.caughtUp, WAIT_MS, "cache caught up");
+    // Ten invalidations 20 ms apart (hand-made, as above), each its own socket read: a receipt each without the
+    // budget (2 at once, then 1 a second).
+    const first = 6_000_000_000_000;
+    const start = performance.now();
+    for (let i = 0; i < 10; i++) {
+      watcher.publish("apikey.cache.invalidate", JSON.stringify({
+        keyId: `frugal-${i}`, keyHash: "0".repeat(64), reason: "revoked", position: first + i,
+        occurredAt: new Date().toISOString(),
+      }));
+      await watcher.flush();
+      await sleep(20);
+    }
+    await waitFor(() => receipts.some((r) => r.receipt.cacheId === "ts-frugal" && r.receipt.applied.includes(first + 9)),
+      WAIT_MS, "a receipt naming the last invalidation");
+    const took = (performance.now() - start) / 1000;
+    const mine = receipts.filter((r) => r.at >= start && r.receipt.cacheId === "ts-frugal").map((r) => r.receipt);
+    assert.ok(mine.length <= 2 + took + 1, `${mine.length} receipts in ${took} s`); // (+1: one sent just before)
+    const named = mine.flatMap((r) => r.applied).sort((a, b) => a - b);
+    assert.deepEqual(named, Array.from({ length: 10 }, (_, i) => first + i));
+    assert.equal(cache.receiptsSent >= mine.length, true);
   } finally {
     sub.unsubscribe();
     await cache.close();

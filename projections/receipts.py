@@ -3,7 +3,8 @@
 Each ``KeyCache`` reports on ``<prefix>.cache.receipts`` (positions only: no key ids, no hashes):
 
 * at once after it applied invalidations, their positions (``applied``): each such revocation is in effect in
-  that cache (the key evicted, and a verify in flight cannot put it back), no checkpoint awaited;
+  that cache (the key evicted, and a verify in flight cannot put it back), no checkpoint awaited; within the
+  cache's budget (8 at once, then 4 a second: in a storm, one receipt every 0.25 s names all applied since);
 * every second, as a heartbeat, the log position through which it has applied every invalidation (proven by
   the freshness checkpoints, freshness.py): this keeps a cache live while nothing is revoked, and confirms
   whatever an applied receipt left out (a lost message, a cache that predates ``applied``).

@@ -11,12 +11,14 @@ import asyncio
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -36,6 +38,7 @@ from keyledger.core.events import (
     EVENT_TYPES,
     RecordedEvent,
     encode_envelope,
+    encode_reduced_envelope,
     kind,
 )
 from keyledger.projections.invalidations import NEVER_INVALIDATE, InvalidationProjection, invalidation_for
@@ -89,6 +92,23 @@ def test_the_types_skipped_by_their_head_are_exactly_those_that_never_invalidate
             continue
         event = cls(**{f.name: fills[f.name] for f in msgspec.structs.fields(cls) if f.required})
         assert (invalidation_for(recorded(event, position=7)) is None) == (name in NEVER_INVALIDATE), name
+
+
+def test_a_reduced_envelope_is_known_by_its_own_field_without_the_relays_header(caplog: Any) -> None:
+    """An event too large for NATS travels reduced (relay.py), its data only the key hashes; the projection knows it
+    by the envelope's own ``reduced`` field, as the subscriber's filter does, so a message without the relay's
+    ``Keyledger-Reduced`` header still invalidates conservatively ("updated"), never decoded as whole, logging
+    nothing. (Taken for whole, a reduced revocation would decode, its data being its key hash alone.)"""
+    rec = recorded(ApiKeyRevoked(key_hash=hash_key("r" * 64)), position=9)
+    projection = InvalidationProjection(bus=None)  # type: ignore[arg-type]  (_invalidation does no I/O)
+    with caplog.at_level(logging.ERROR, logger="keyledger"):
+        inv, event_id = projection._invalidation(SimpleNamespace(data=encode_reduced_envelope(rec), headers=None,
+                                                                 subject="x"), None)
+        whole, _ = projection._invalidation(SimpleNamespace(data=encode_envelope(rec), headers=None, subject="x"),
+                                            None)
+    assert (inv["reason"], inv["position"], inv["keyHash"], event_id) == ("updated", 9, hash_key("r" * 64), rec.id)
+    assert whole["reason"] == "revoked"
+    assert not caplog.records
 
 
 def test_invalidation_is_a_pure_function_of_the_event_and_matches_the_envelope_time() -> None:

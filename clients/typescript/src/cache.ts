@@ -39,7 +39,7 @@ import { Topology, type TopologyOptions } from "./topology.js";
 
 export const VERIFY_PATH = "/api/auth/api-key/verify";
 
-/** Receipts (positions only): at once after an invalidation while the budget lasts, else a heartbeat this often (ms). */
+/** Receipts (positions only): at once after an invalidation while the budget lasts, else a heartbeat this often. */
 const RECEIPT_EVERY_MS = 1000;
 /** The receipt budget's defaults: this many at once, refilled at this many a second (as the Python cache's). */
 const RECEIPT_BURST = 8;

@@ -138,7 +138,7 @@ test("a burst of invalidations: each receipt names at most 1,024 applied positio
   }
 });
 
-test("a storm of invalidations costs no more receipts than the budget; each is named", { timeout: TEST_TIMEOUT }, async () => {
+test("a storm of invalidations: no more receipts than the budget, each named", { timeout: TEST_TIMEOUT }, async () => {
   const receipts = [];
   const sub = watcher.subscribe("apikey.cache.receipts", {
     callback: (err, msg) => err || receipts.push({ at: performance.now(), receipt: msg.json() }),
@@ -159,8 +159,8 @@ test("a storm of invalidations costs no more receipts than the budget; each is n
       await watcher.flush();
       await sleep(20);
     }
-    await waitFor(() => receipts.some((r) => r.receipt.cacheId === "ts-frugal" && r.receipt.applied.includes(first + 9)),
-      WAIT_MS, "a receipt naming the last invalidation");
+    const mineNames = (position) => (r) => r.receipt.cacheId === "ts-frugal" && r.receipt.applied.includes(position);
+    await waitFor(() => receipts.some(mineNames(first + 9)), WAIT_MS, "a receipt naming the last invalidation");
     const took = (performance.now() - start) / 1000;
     const mine = receipts.filter((r) => r.at >= start && r.receipt.cacheId === "ts-frugal").map((r) => r.receipt);
     assert.ok(mine.length <= 2 + took + 1, `${mine.length} receipts in ${took} s`); // (+1: one sent just before)

@@ -274,15 +274,8 @@ def test_a_cache_reports_each_applied_invalidation_at_once(deployment: Service) 
     key = svc.create_key(me)
 
     async def scenario() -> list[dict[str, Any]]:
-        heard: list[dict[str, Any]] = []
         nc = await nats.connect(svc.nats_url)
-
-        async def on_receipt(msg: Any) -> None:
-            receipt = json.loads(msg.data)
-            if receipt["cacheId"] == "reporter":
-                heard.append(receipt)
-
-        await nc.subscribe(svc.topology.receipts_subject, cb=on_receipt)
+        heard = await receipts_of(nc, svc, "reporter")
         try:
             async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="reporter") as cache:
                 await wait_for(lambda: cache.trusted, 15, "the cache trusted")
@@ -309,15 +302,8 @@ def test_a_storm_of_revocations_costs_a_cache_no_more_receipts_than_its_budget_a
     keys = [svc.create_key(me) for _ in range(10)]
 
     async def scenario() -> tuple[list[dict[str, Any]], float, list[dict[str, Any]]]:
-        heard: list[tuple[float, dict[str, Any]]] = []
         nc = await nats.connect(svc.nats_url)
-
-        async def on_receipt(msg: Any) -> None:
-            receipt = json.loads(msg.data)
-            if receipt["cacheId"] == "frugal":
-                heard.append((time.monotonic(), receipt))
-
-        await nc.subscribe(svc.topology.receipts_subject, cb=on_receipt)
+        heard = await receipts_of(nc, svc, "frugal")
         try:
             async with KeyCache(svc.url, svc.nats_url, topology=svc.topology, cache_id="frugal",
                                 receipt_rate=1.0, receipt_burst=2) as cache:
@@ -325,12 +311,12 @@ def test_a_storm_of_revocations_costs_a_cache_no_more_receipts_than_its_budget_a
                 for key in keys:
                     assert (await cache.verify(key["key"])).valid
                 await wait_for(lambda: bool(heard), 5, "a heartbeat: the cache is live")
-                start = time.monotonic()
+                start, before = time.monotonic(), len(heard)
                 for key in keys:
                     assert (await asyncio.to_thread(svc.delete, me, key["id"])).status_code == 200
                 answers = [await effective_everywhere(svc, me, key["id"], within=15) for key in keys]
                 took = time.monotonic() - start
-                return [r for t, r in heard if t >= start], took, answers
+                return heard[before:], took, answers
         finally:
             await nc.close()
 
@@ -357,6 +343,19 @@ async def positions_on(nc: Any, subject: str) -> list[int]:
 
     await nc.subscribe(subject, cb=arrived)
     return positions
+
+
+async def receipts_of(nc: Any, svc: Service, cache_id: str) -> list[dict[str, Any]]:
+    """The receipts ``cache_id`` sends from now on, appended as they arrive."""
+    heard: list[dict[str, Any]] = []
+
+    async def arrived(msg: Any) -> None:
+        receipt = json.loads(msg.data)
+        if receipt["cacheId"] == cache_id:
+            heard.append(receipt)
+
+    await nc.subscribe(svc.topology.receipts_subject, cb=arrived)
+    return heard
 
 
 async def invalidated_positions(nc: Any, svc: Service) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -47,6 +47,18 @@ def _connection(service: Service) -> httpx.Client:
     """A client holding exactly one keep-alive connection, hence talking to one worker process."""
     return httpx.Client(base_url=service.url, timeout=10, limits=httpx.Limits(max_connections=1,
                                                                               max_keepalive_connections=1))
+
+
+def _connection_to(service: Service, wanted: Callable[[str], bool], what: str) -> tuple[httpx.Client, str]:
+    """A fresh connection (and its worker's role, "leader" or "other") that landed on a worker ``wanted`` takes;
+    those that did not are closed unused. Which worker takes a connection is the kernel's choice: up to 200 tries."""
+    for _ in range(200):
+        client = _connection(service)
+        role = "leader" if _metric(client, "keyledger_leader") == 1 else "other"
+        if wanted(role):
+            return client, role
+        client.close()
+    pytest.fail(f"no connection reached {what} in 200 attempts")
 
 
 class WakePings:
@@ -91,13 +103,7 @@ def _revoked_in_stream(service: Service) -> set[str]:
 def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers: Service) -> None:
     me = workers.session()
     # Keys created on a connection to the leader (it nudges its relay in-process: no ping).
-    for _ in range(200):
-        creator = _connection(workers)
-        if _metric(creator, "keyledger_leader") == 1:
-            break
-        creator.close()
-    else:
-        pytest.fail("no connection reached the leading worker in 200 attempts")
+    creator, _ = _connection_to(workers, lambda role: role == "leader", "the leading worker")
     keys = []
     try:
         for _ in range(10):
@@ -113,14 +119,8 @@ def test_every_revocation_is_published_promptly_whichever_worker_took_it(workers
             # A fresh connection: either worker may take it, the idler more often (a loaded CI machine once gave all
             # 40 to the non-leader, the leader busy with its background work). One that lands on a worker that has
             # served its five is dropped unused, so each serves five.
-            for _ in range(200):
-                client = _connection(workers)
-                role = "leader" if _metric(client, "keyledger_leader") == 1 else "other"
-                if len(served[role]) < 5:
-                    break
-                client.close()
-            else:
-                pytest.fail(f"no connection reached the worker that served fewer than five in 200 attempts: {served}")
+            client, role = _connection_to(workers, lambda role: len(served[role]) < 5,
+                                          f"a worker that served fewer than five ({served})")
             try:
                 metric = 'keyledger_events_appended_total{type="ApiKeyRevoked"}'
                 appended = _metric(client, metric)

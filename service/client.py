@@ -46,6 +46,7 @@ import collections
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -82,8 +83,9 @@ class _Budget:
     """A token bucket: ``burst`` at once, then ``rate`` a second."""
 
     def __init__(self, rate: float, burst: int) -> None:
-        if not rate >= 1 or burst < 1:  # (a heartbeat a second must not overdraw it)
-            raise ValueError("receipt_rate and receipt_burst must be at least 1")
+        # At least 1 (a heartbeat a second must not overdraw it), and finite (NaN and infinity are no budget).
+        if not (1 <= rate < math.inf and 1 <= burst < math.inf):
+            raise ValueError("receipt_rate and receipt_burst must be finite numbers of at least 1")
         self.rate, self.burst = rate, burst
         self._tokens, self._at = float(burst), _monotonic()
 

@@ -530,3 +530,15 @@ def test_cached_verify_hot_path_is_served_from_memory(private: Private) -> None:
     sync_rate, async_rate = asyncio.run(scenario())
     print(f"cached verify: verify_cached {sync_rate:,.0f}/s, await verify {async_rate:,.0f}/s")
     assert sync_rate > 10_000 and async_rate > 10_000
+
+
+@pytest.mark.parametrize("budget", [{"receipt_rate": 0.5}, {"receipt_rate": 0}, {"receipt_rate": -4},
+                                    {"receipt_rate": float("nan")}, {"receipt_rate": float("inf")},
+                                    {"receipt_burst": 0}, {"receipt_burst": float("nan")},
+                                    {"receipt_burst": float("inf")}])
+def test_a_receipt_budget_that_is_no_budget_is_refused(budget: dict[str, float]) -> None:
+    """Below 1 a second the heartbeat alone would overdraw the budget (applied receipts would starve); NaN and
+    infinity would make its arithmetic meaningless. Refused when the cache is made, before anything runs."""
+    with pytest.raises(ValueError, match="receipt_rate and receipt_burst"):
+        KeyCache("http://127.0.0.1:1", **budget)  # type: ignore[arg-type]
+    KeyCache("http://127.0.0.1:1", receipt_rate=1, receipt_burst=1)  # the least budget there is

@@ -916,7 +916,10 @@ class Budget {
   private at = performance.now();
 
   constructor(private readonly rate: number, private readonly burst: number) {
-    if (!(rate >= 1) || !(burst >= 1)) throw new Error("receiptRate and receiptBurst must be at least 1");
+    // At least 1 (a heartbeat a second must not overdraw it), and finite (NaN and Infinity are no budget).
+    if (!(rate >= 1 && rate < Infinity && burst >= 1 && burst < Infinity)) {
+      throw new Error("receiptRate and receiptBurst must be finite numbers of at least 1");
+    }
     this.tokens = burst;
   }
 

@@ -73,3 +73,12 @@ test("defaults as in keyledger's Python KeyCache", () => {
   assert.deepEqual([c.hits, c.httpVerifications, c.invalidationsApplied, c.evictions, c.flushes], [0, 0, 0, 0, 0]);
   assert.throws(() => new KeyCache({ baseUrl: " , " }));
 });
+
+test("a receipt budget that is no budget is refused (below 1, zero, NaN, Infinity), as in Python", () => {
+  for (const budget of [{ receiptRate: 0.5 }, { receiptRate: 0 }, { receiptRate: -4 }, { receiptRate: NaN },
+    { receiptRate: Infinity }, { receiptBurst: 0 }, { receiptBurst: NaN }, { receiptBurst: Infinity }]) {
+    assert.throws(() => new KeyCache({ baseUrl: "http://127.0.0.1:1", ...budget }), /receiptRate and receiptBurst/,
+      JSON.stringify(budget));
+  }
+  new KeyCache({ baseUrl: "http://127.0.0.1:1", receiptRate: 1, receiptBurst: 1 }); // the least budget there is
+});
